@@ -1,0 +1,494 @@
+//! The node runtime: runs one task as a process in its own process group, streams its
+//! output as it comes, and makes sure that when the task ends, for whatever reason
+//! (exit, timeout, kill, server shutdown), no process of its group is left behind.
+//!
+//! The server embeds one [`Runtime`] as its "local" node; remote agents run the same
+//! runtime, so a task behaves the same wherever it is placed.
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use opsbox_api::Stream;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio::sync::{mpsc, Notify};
+
+/// What to run. Built by the job service from a script and its parameters.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    /// Key under which the task can be killed (the job name).
+    pub id: String,
+    /// Executable, run directly (never through a shell).
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// The whole environment of the process: nothing is inherited from the server.
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    /// After this, the process group gets SIGTERM, then SIGKILL after [`Runtime::grace`].
+    pub timeout: Option<Duration>,
+    /// Give stdout and stderr one pipe, so that the merged output keeps its real order.
+    pub combined_output: bool,
+}
+
+/// A piece of output, in the order it was read from its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputPiece {
+    pub stream: Stream,
+    pub data: Bytes,
+}
+
+/// Why a task ended other than by exiting on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// Its timeout passed.
+    TimedOut(Duration),
+    /// [`Runtime::kill`] (or shutdown) asked for it.
+    Killed,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit status when the process exited normally.
+    pub code: Option<i32>,
+    /// Signal number when a signal ended it.
+    pub signal: Option<i32>,
+    pub interrupted: Option<Interruption>,
+}
+
+impl Exit {
+    /// The Pyjojo-style return code: the exit status, or minus the signal number.
+    pub fn retcode(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => -signal,
+            (None, None) => -1,
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.code == Some(0) && self.interrupted.is_none()
+    }
+}
+
+/// Errors that prevent a task from starting at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the output pipe: {0}")]
+    Pipe(#[source] std::io::Error),
+    #[error("a task with id {0} is already running")]
+    Duplicate(String),
+}
+
+/// Runs tasks and keeps track of the running ones, so that they can be killed.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Running tasks by id: the kill switch of each.
+    running: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Time between SIGTERM and SIGKILL when a task is stopped.
+    grace: Duration,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(2))
+    }
+}
+
+impl Runtime {
+    /// A runtime that waits `grace` after SIGTERM before it sends SIGKILL.
+    pub fn new(grace: Duration) -> Self {
+        Runtime {
+            inner: Arc::new(Inner {
+                running: Mutex::new(HashMap::new()),
+                grace,
+            }),
+        }
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.inner.grace
+    }
+
+    /// Ids of the tasks running now.
+    pub fn running(&self) -> Vec<String> {
+        self.lock_running().keys().cloned().collect()
+    }
+
+    /// Asks a running task to stop. Returns false when no task has that id.
+    pub fn kill(&self, id: &str) -> bool {
+        match self.lock_running().get(id) {
+            Some(switch) => {
+                // notify_one stores a permit, so a kill that races the task's start
+                // is not lost.
+                switch.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every running task (server shutdown).
+    pub fn kill_all(&self) {
+        for switch in self.lock_running().values() {
+            switch.notify_one();
+        }
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        // A panic while holding this lock cannot leave the map half-updated (every
+        // critical section is one insert/remove/read), so a poisoned lock is still sound.
+        self.inner.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs a task to its end, sending its output to `output` as it comes.
+    ///
+    /// When this returns, the process and every process left in its group are gone.
+    pub async fn run(
+        &self,
+        spec: TaskSpec,
+        output: mpsc::Sender<OutputPiece>,
+    ) -> Result<Exit, RunError> {
+        self.prepare(spec)?.run(output).await
+    }
+
+    /// Registers a task under its id without starting it. From now on [`Runtime::kill`]
+    /// reaches it: a kill before [`Prepared::run`] makes the run stop at once. Callers
+    /// that must not lose a kill racing the start register first, then check their own
+    /// flags, then run.
+    pub fn prepare(&self, spec: TaskSpec) -> Result<Prepared, RunError> {
+        let switch = Arc::new(Notify::new());
+        let mut running = self.lock_running();
+        if running.contains_key(&spec.id) {
+            return Err(RunError::Duplicate(spec.id));
+        }
+        running.insert(spec.id.clone(), switch.clone());
+        Ok(Prepared {
+            runtime: self.clone(),
+            spec,
+            switch,
+        })
+    }
+
+    async fn run_registered(
+        &self,
+        spec: &TaskSpec,
+        output: mpsc::Sender<OutputPiece>,
+        switch: &Notify,
+    ) -> Result<Exit, RunError> {
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            // Its own process group, so a timeout or kill reaches every descendant.
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(cwd) = &spec.cwd {
+            cmd.current_dir(cwd);
+        }
+
+        let mut readers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        let mut child = if spec.combined_output {
+            let (reader, writer) = os_pipe::pipe().map_err(RunError::Pipe)?;
+            let writer2 = writer.try_clone().map_err(RunError::Pipe)?;
+            cmd.stdout(Stdio::from(writer)).stderr(Stdio::from(writer2));
+            let child = spawn(&mut cmd, spec)?;
+            // Our copies of the write end must be closed, or the reader never sees EOF.
+            drop(cmd);
+            let receiver =
+                tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(reader))
+                    .map_err(RunError::Pipe)?;
+            readers.push(tokio::spawn(pump(receiver, Stream::Stdout, output)));
+            child
+        } else {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            let mut child = spawn(&mut cmd, spec)?;
+            drop(cmd);
+            if let Some(out) = child.stdout.take() {
+                readers.push(tokio::spawn(pump(out, Stream::Stdout, output.clone())));
+            }
+            if let Some(err) = child.stderr.take() {
+                readers.push(tokio::spawn(pump(err, Stream::Stderr, output)));
+            }
+            child
+        };
+        let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+
+        let timeout = async {
+            match spec.timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let (status, interrupted) = tokio::select! {
+            status = child.wait() => (status, None),
+            _ = timeout => {
+                let t = spec.timeout.unwrap_or_default();
+                (self.stop(&mut child, pgid).await, Some(Interruption::TimedOut(t)))
+            }
+            _ = switch.notified() => {
+                (self.stop(&mut child, pgid).await, Some(Interruption::Killed))
+            }
+        };
+        // The main process is gone; whatever it left running in its group goes too.
+        if let Some(pgid) = pgid {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        // Readers end at EOF, which comes once every holder of the pipe is gone. A process
+        // that left the group (setsid) could hold it open forever: bound the wait.
+        for reader in readers {
+            let abort = reader.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), reader)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+
+        let status = status.map_err(|source| RunError::Spawn {
+            program: spec.program.display().to_string(),
+            source,
+        })?;
+        Ok(Exit {
+            code: status.code(),
+            signal: status.signal(),
+            interrupted,
+        })
+    }
+
+    /// SIGTERM to the group, then SIGKILL after the grace period; returns the exit status.
+    async fn stop(
+        &self,
+        child: &mut tokio::process::Child,
+        pgid: Option<Pid>,
+    ) -> std::io::Result<std::process::ExitStatus> {
+        if let Some(pgid) = pgid {
+            let _ = killpg(pgid, Signal::SIGTERM);
+        }
+        match tokio::time::timeout(self.inner.grace, child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                if let Some(pgid) = pgid {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                }
+                child.wait().await
+            }
+        }
+    }
+}
+
+/// A registered task, ready to run. Dropping it unregisters the id.
+#[derive(Debug)]
+pub struct Prepared {
+    runtime: Runtime,
+    spec: TaskSpec,
+    switch: Arc<Notify>,
+}
+
+impl Prepared {
+    pub async fn run(self, output: mpsc::Sender<OutputPiece>) -> Result<Exit, RunError> {
+        self.runtime
+            .run_registered(&self.spec, output, &self.switch)
+            .await
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        self.runtime.lock_running().remove(&self.spec.id);
+    }
+}
+
+fn spawn(cmd: &mut Command, spec: &TaskSpec) -> Result<tokio::process::Child, RunError> {
+    cmd.spawn().map_err(|source| RunError::Spawn {
+        program: spec.program.display().to_string(),
+        source,
+    })
+}
+
+/// Copies a stream into the output channel until EOF.
+async fn pump<R: AsyncRead + Unpin>(
+    mut reader: R,
+    stream: Stream,
+    output: mpsc::Sender<OutputPiece>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let piece = OutputPiece {
+                    stream,
+                    data: Bytes::copy_from_slice(&buf[..n]),
+                };
+                if output.send(piece).await.is_err() {
+                    // Nobody listens any more; keep draining so the process never blocks
+                    // on a full pipe.
+                    continue;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn script(dir: &std::path::Path, body: &str) -> PathBuf {
+        let path = dir.join("t.sh");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn spec(program: PathBuf) -> TaskSpec {
+        TaskSpec {
+            id: "t".into(),
+            program,
+            args: vec![],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: None,
+            timeout: None,
+            combined_output: false,
+        }
+    }
+
+    async fn collect(rt: &Runtime, spec: TaskSpec) -> (Exit, Vec<OutputPiece>) {
+        let (tx, mut rx) = mpsc::channel(16);
+        let collector = tokio::spawn(async move {
+            let mut all = Vec::new();
+            while let Some(p) = rx.recv().await {
+                all.push(p);
+            }
+            all
+        });
+        let exit = rt.run(spec, tx).await.unwrap();
+        (exit, collector.await.unwrap())
+    }
+
+    fn text(pieces: &[OutputPiece], stream: Stream) -> String {
+        pieces
+            .iter()
+            .filter(|p| p.stream == stream)
+            .map(|p| String::from_utf8_lossy(&p.data).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn captures_both_streams_and_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::default();
+        let (exit, out) = collect(
+            &rt,
+            spec(script(dir.path(), "echo out; echo err >&2; exit 3")),
+        )
+        .await;
+        assert_eq!(exit.code, Some(3));
+        assert_eq!(text(&out, Stream::Stdout), "out\n");
+        assert_eq!(text(&out, Stream::Stderr), "err\n");
+    }
+
+    #[tokio::test]
+    async fn combined_output_keeps_order_in_one_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::default();
+        let mut s = spec(script(dir.path(), "echo one; echo two >&2; echo three"));
+        s.combined_output = true;
+        let (exit, out) = collect(&rt, s).await;
+        assert!(exit.success());
+        assert_eq!(text(&out, Stream::Stdout), "one\ntwo\nthree\n");
+        assert_eq!(text(&out, Stream::Stderr), "");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("pid");
+        let rt = Runtime::new(Duration::from_millis(200));
+        let body = format!("sleep 300 & echo $! > {}; wait", marker.display());
+        let mut s = spec(script(dir.path(), &body));
+        s.timeout = Some(Duration::from_millis(300));
+        let (exit, _) = collect(&rt, s).await;
+        assert_eq!(
+            exit.interrupted,
+            Some(Interruption::TimedOut(Duration::from_millis(300)))
+        );
+        let pid: i32 = std::fs::read_to_string(&marker)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(!alive(pid), "background child {pid} survived the timeout");
+    }
+
+    /// True while the process exists and is not a zombie waiting for a reaper (in a
+    /// container, PID 1 may never reap orphans).
+    fn alive(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => {
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                !state.starts_with('Z')
+            }
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn kill_stops_a_running_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(Duration::from_millis(200));
+        let s = spec(script(dir.path(), "sleep 300"));
+        let rt2 = rt.clone();
+        let killer = tokio::spawn(async move {
+            while !rt2.kill("t") {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let (exit, _) = collect(&rt, s).await;
+        killer.await.unwrap();
+        assert_eq!(exit.interrupted, Some(Interruption::Killed));
+        assert_eq!(exit.signal, Some(15));
+        assert_eq!(exit.retcode(), -15);
+        assert!(rt.running().is_empty());
+    }
+
+    #[tokio::test]
+    async fn environment_is_exactly_what_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::default();
+        let mut s = spec(script(dir.path(), "echo \"[$TEXT]\"; echo \"[$HOME]\""));
+        s.env.push(("TEXT".into(), "$(id); `id` 'q'\nx".into()));
+        let (_, out) = collect(&rt, s).await;
+        assert_eq!(text(&out, Stream::Stdout), "[$(id); `id` 'q'\nx]\n[]\n");
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_spawn_error() {
+        let rt = Runtime::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let err = rt.run(spec("/nonexistent/x".into()), tx).await.unwrap_err();
+        assert!(matches!(err, RunError::Spawn { .. }), "{err}");
+    }
+}

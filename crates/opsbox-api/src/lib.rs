@@ -1,0 +1,463 @@
+//! Wire types of the opsbox native API (`/v1`).
+//!
+//! This crate owns the JSON shapes that the server renders and the client parses, so the
+//! two can never drift apart. It holds no behaviour beyond small helpers on the types
+//! (a state knows whether it is terminal, a role whether it may write).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The path prefix of the native API.
+pub const API_PREFIX: &str = "/v1";
+
+// ---------------------------------------------------------------------------------------
+// Scripts
+// ---------------------------------------------------------------------------------------
+
+/// HTTP method a script declares for the Jojo face (`http_method:` in its metadata block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpMethod {
+    Get,
+    #[default]
+    Post,
+    Put,
+    Delete,
+}
+
+impl HttpMethod {
+    /// The lowercase word used in metadata blocks and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Get => "get",
+            HttpMethod::Post => "post",
+            HttpMethod::Put => "put",
+            HttpMethod::Delete => "delete",
+        }
+    }
+
+    /// Parses a method word case-insensitively; `None` for anything but the four.
+    pub fn parse(word: &str) -> Option<Self> {
+        match word.trim().to_ascii_lowercase().as_str() {
+            "get" => Some(HttpMethod::Get),
+            "post" => Some(HttpMethod::Post),
+            "put" => Some(HttpMethod::Put),
+            "delete" => Some(HttpMethod::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// How a script's output is captured: stdout and stderr apart, or merged into stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputMode {
+    #[default]
+    Split,
+    Combined,
+}
+
+/// One declared script parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Param {
+    pub name: String,
+    /// `None` when the metadata declared no description.
+    pub description: Option<String>,
+    /// A run without this parameter is refused (opsbox extension: `required:` key).
+    #[serde(default)]
+    pub required: bool,
+    /// Its value is masked in job records, logs and events (`filtered_params:` key).
+    #[serde(default)]
+    pub filtered: bool,
+}
+
+/// A script of the catalog with its metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Script {
+    pub name: String,
+    /// Absolute path of the executable on the server.
+    pub filename: String,
+    pub description: Option<String>,
+    pub http_method: HttpMethod,
+    pub params: Vec<Param>,
+    pub filtered_params: Vec<String>,
+    pub tags: Vec<String>,
+    pub output: OutputMode,
+    /// At most one run of this script at a time; later runs queue.
+    pub lock: bool,
+    /// The run is killed (whole process group) after this many seconds.
+    pub timeout_secs: Option<u64>,
+}
+
+/// A file of the scripts directory that could not be loaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ScriptProblem {
+    pub file: String,
+    pub message: String,
+}
+
+/// `GET /v1/scripts`: the catalog and the files that failed to load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ScriptList {
+    pub scripts: Vec<Script>,
+    pub problems: Vec<ScriptProblem>,
+}
+
+/// `POST /v1/reload`: what the rescan found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReloadReport {
+    pub scripts: usize,
+    pub problems: Vec<ScriptProblem>,
+    /// Revision of the `scripts.reloaded` event.
+    pub revision: u64,
+}
+
+/// `POST /v1/scripts/{name}/run` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunRequest {
+    /// Parameter values by name. They reach the script as environment variables.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+/// Answer to a run: the job, and its output when the request waited for the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunResponse {
+    pub job: Job,
+    /// Present when the run was synchronous (the default).
+    pub output: Option<JobOutput>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Jobs
+// ---------------------------------------------------------------------------------------
+
+/// Life cycle of a job. `succeeded`, `failed`, `killed` and `lost` are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Killed,
+    Lost,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Killed,
+        JobState::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Killed => "killed",
+            JobState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == word)
+    }
+
+    /// True once the job will never change state again.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A file a job wrote into its results directory (`$OPSBOX_RESULTS`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResultFile {
+    /// Path relative to the results directory, `/`-separated.
+    pub path: String,
+    pub size: u64,
+}
+
+/// One run, as `GET /v1/jobs/{name}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    /// `script@<hex megaseconds>:<hex seconds>:<hex microseconds>`, unique.
+    pub name: String,
+    pub script: String,
+    pub state: JobState,
+    /// Parameter values; filtered parameters show as `FILTERED`.
+    pub params: BTreeMap<String, String>,
+    /// Node that ran (or runs) it.
+    pub node: Option<String>,
+    /// Identity that submitted it; `None` when auth is off.
+    pub submitted_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    /// Signal that ended the process, if one did.
+    pub signal: Option<i32>,
+    /// Why the job failed, was killed or lost, in words.
+    pub reason: Option<String>,
+    /// `jojo_return_value key=value` lines of stdout.
+    pub return_values: BTreeMap<String, String>,
+    pub results: Vec<ResultFile>,
+}
+
+/// What was asked for: everything needed to run the job again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobSpec {
+    pub name: String,
+    pub script: String,
+    pub filename: String,
+    pub params: BTreeMap<String, String>,
+    pub output: OutputMode,
+    pub lock: bool,
+    pub timeout_secs: Option<u64>,
+    pub submitted_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Which stream an output chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// A piece of output as it was produced. `seq` orders chunks within a job, from 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogChunk {
+    pub seq: u64,
+    pub stream: Stream,
+    /// The bytes, decoded as UTF-8 (invalid sequences replaced by U+FFFD).
+    pub data: String,
+}
+
+/// A job's whole output as line arrays (line breaks `\n`, `\r`, `\r\n` removed).
+/// With `output: combined`, both streams are merged into `stdout` and `stderr` is empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobOutput {
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+}
+
+/// `GET /v1/jobs`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}
+
+/// `GET /v1/jobs/{name}/results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResultList {
+    pub job: String,
+    pub files: Vec<ResultFile>,
+}
+
+/// `GET /v1/jobs/{name}/wait?timeout=S`: the job as it is when it ended or the wait ran out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WaitResponse {
+    /// True when the job reached a terminal state.
+    pub done: bool,
+    pub job: Job,
+}
+
+/// Events of a followed log (`GET /v1/jobs/{name}/log?follow=true`), one per SSE message
+/// or WebSocket text frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum LogEvent {
+    /// A chunk of output.
+    Output(LogChunk),
+    /// The job ended; no more output follows.
+    End(Job),
+}
+
+// ---------------------------------------------------------------------------------------
+// Events (the watch stream)
+// ---------------------------------------------------------------------------------------
+
+/// One state change from the revisioned event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// Global, strictly increasing revision.
+    pub rev: u64,
+    pub at: DateTime<Utc>,
+    /// What happened: `job.created`, `job.started`, `job.finished`, `job.cleaned`,
+    /// `scripts.reloaded`, `user.added`, `token.created`, ...
+    pub kind: String,
+    /// What it happened to (a job name, a user name...).
+    pub subject: String,
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+/// `GET /v1/events?since=REV` without following: a page of the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    /// The newest revision of the log when the page was read.
+    pub current_revision: u64,
+}
+
+// ---------------------------------------------------------------------------------------
+// Identities
+// ---------------------------------------------------------------------------------------
+
+/// What an identity may do. Admin ⊃ operator ⊃ reader.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read catalogs, jobs, logs, events.
+    Reader,
+    /// Also run, kill, clean, reload.
+    Operator,
+    /// Also manage users and tokens.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Self> {
+        match word {
+            "reader" => Some(Role::Reader),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    /// True when this role includes `needed`.
+    pub fn allows(self, needed: Role) -> bool {
+        self >= needed
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct User {
+    pub name: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/users`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NewUser {
+    pub name: String,
+    pub password: String,
+    #[serde(default = "default_user_role")]
+    pub role: Role,
+}
+
+fn default_user_role() -> Role {
+    Role::Operator
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UserList {
+    pub users: Vec<User>,
+}
+
+/// An API token as listed (never with its secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    /// Public id; the secret is `<id>.<random>`.
+    pub id: String,
+    pub role: Role,
+    /// Node ids a node token may act as (empty for user tokens).
+    pub nodes: Vec<String>,
+    pub description: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NewToken {
+    pub role: Role,
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// Answer to `POST /v1/tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub secret: String,
+    pub token: Token,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<Token>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Server and errors
+// ---------------------------------------------------------------------------------------
+
+/// `GET /v1/info`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServerInfo {
+    pub version: String,
+    pub revision: u64,
+    pub nodes: Vec<String>,
+    pub scripts: usize,
+    /// Whether requests must carry credentials.
+    pub auth_required: bool,
+    /// The identity of the caller, when it gave one.
+    pub you: Option<String>,
+}
+
+/// Body of every native error answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code: `not_found`, `bad_request`, `unauthorized`,
+    /// `forbidden`, `conflict`, `gone`, `payload_too_large`, `internal`...
+    pub error: String,
+    /// A sentence for people.
+    pub message: String,
+    /// With `gone`: the revision to re-list from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_revision: Option<u64>,
+}
