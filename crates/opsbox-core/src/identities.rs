@@ -1,0 +1,360 @@
+//! The one identity store every face authenticates against: users with password
+//! hashes, and API tokens with roles (and, for node tokens, the node ids they may act
+//! as). Faces turn their own credential forms into [`Credentials`].
+//!
+//! Password hashes are argon2id (PHC strings). Verifying one costs tens of
+//! milliseconds by design, and old clients send HTTP Basic on every request, so a
+//! successful check is remembered, keyed by a SHA-256 of name and password, for as long
+//! as the user's stored hash stays the same.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use chrono::Utc;
+use opsbox_api::{CreatedToken, NewToken, NewUser, Role, Token, User};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::error::{CoreError, CoreResult};
+use crate::store::{NewEvent, Store, TokenRecord, UserRecord};
+
+/// Prefix of every token secret, so leaked ones are easy to grep for.
+pub const TOKEN_PREFIX: &str = "obx_";
+
+/// What a caller presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    Password { user: String, password: String },
+    Token(String),
+}
+
+/// Who a caller is, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// A user name, or `token:<id>`.
+    pub name: String,
+    pub role: Role,
+    /// Node ids a node token may act as.
+    pub nodes: Vec<String>,
+}
+
+impl Identity {
+    pub fn require(&self, role: Role) -> CoreResult<()> {
+        if self.role.allows(role) {
+            Ok(())
+        } else {
+            Err(CoreError::Forbidden(format!(
+                "{} has role {}, this needs {}",
+                self.name, self.role, role
+            )))
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Identities {
+    store: Arc<dyn Store>,
+    /// SHA-256(name, 0, password) → the stored hash it was verified against.
+    verified: Arc<Mutex<HashMap<[u8; 32], String>>>,
+}
+
+fn valid_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
+}
+
+impl Identities {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Identities {
+            store,
+            verified: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// True once any user or token exists: from then on every request needs credentials.
+    pub async fn auth_required(&self) -> CoreResult<bool> {
+        Ok(self.store.count_identities().await? > 0)
+    }
+
+    pub async fn authenticate(&self, credentials: &Credentials) -> CoreResult<Identity> {
+        match credentials {
+            Credentials::Password { user, password } => {
+                let record = self
+                    .store
+                    .get_user(user)
+                    .await?
+                    .ok_or(CoreError::Unauthenticated)?;
+                let key: [u8; 32] = Sha256::new()
+                    .chain_update(user.as_bytes())
+                    .chain_update([0u8])
+                    .chain_update(password.as_bytes())
+                    .finalize()
+                    .into();
+                let cached = self
+                    .verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&key)
+                    .is_some_and(|h| *h == record.password_hash);
+                if !cached {
+                    let hash = record.password_hash.clone();
+                    let password = password.clone();
+                    let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+                        .await
+                        .unwrap_or(false);
+                    if !ok {
+                        return Err(CoreError::Unauthenticated);
+                    }
+                    let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+                    if verified.len() > 10_000 {
+                        verified.clear();
+                    }
+                    verified.insert(key, record.password_hash.clone());
+                }
+                Ok(Identity {
+                    name: record.name,
+                    role: record.role,
+                    nodes: Vec::new(),
+                })
+            }
+            Credentials::Token(secret) => {
+                let id = token_id(secret).ok_or(CoreError::Unauthenticated)?;
+                let record = self
+                    .store
+                    .get_token(id)
+                    .await?
+                    .ok_or(CoreError::Unauthenticated)?;
+                if record.secret_hash != hash_secret(secret) {
+                    return Err(CoreError::Unauthenticated);
+                }
+                Ok(Identity {
+                    name: format!("token:{}", record.id),
+                    role: record.role,
+                    nodes: record.nodes,
+                })
+            }
+        }
+    }
+
+    pub async fn add_user(&self, user: NewUser) -> CoreResult<User> {
+        self.write_user(user, false).await
+    }
+
+    /// Adds the user, or replaces its password and role.
+    pub async fn set_user(&self, user: NewUser) -> CoreResult<User> {
+        self.write_user(user, true).await
+    }
+
+    async fn write_user(&self, user: NewUser, replace: bool) -> CoreResult<User> {
+        if !valid_user_name(&user.name) {
+            return Err(CoreError::Invalid(format!(
+                "user name '{}' must be 1-64 of letters, digits, '_', '-', '.', '@'",
+                user.name
+            )));
+        }
+        if user.password.is_empty() {
+            return Err(CoreError::Invalid("the password is empty".into()));
+        }
+        let password = user.password.clone();
+        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .map_err(|e| CoreError::Invalid(format!("cannot hash the password: {e}")))??;
+        let record = UserRecord {
+            name: user.name.clone(),
+            password_hash: hash,
+            role: user.role,
+            created_at: Utc::now(),
+        };
+        self.store_user(record, replace).await
+    }
+
+    /// Stores a user whose hash was made elsewhere (an imported htpasswd line).
+    pub async fn import_user(&self, name: &str, hash: &str, role: Role) -> CoreResult<User> {
+        if !valid_user_name(name) {
+            return Err(CoreError::Invalid(format!(
+                "user name '{name}' is not valid"
+            )));
+        }
+        let record = UserRecord {
+            name: name.to_owned(),
+            password_hash: hash.to_owned(),
+            role,
+            created_at: Utc::now(),
+        };
+        self.store_user(record, true).await
+    }
+
+    async fn store_user(&self, record: UserRecord, replace: bool) -> CoreResult<User> {
+        let user = User {
+            name: record.name.clone(),
+            role: record.role,
+            created_at: record.created_at,
+        };
+        let event = NewEvent::new(
+            "user.added",
+            &user.name,
+            serde_json::json!({"name": user.name, "role": user.role}),
+        );
+        if replace {
+            self.store.upsert_user(&record, event).await?;
+        } else {
+            self.store
+                .insert_user(&record, event)
+                .await
+                .map_err(|e| match e {
+                    crate::store::StoreError::Conflict(_) => {
+                        CoreError::Conflict(format!("user '{}'", user.name))
+                    }
+                    e => e.into(),
+                })?;
+        }
+        Ok(user)
+    }
+
+    pub async fn remove_user(&self, name: &str) -> CoreResult<()> {
+        let event = NewEvent::new("user.removed", name, serde_json::json!({"name": name}));
+        self.store
+            .delete_user(name, event)
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::NotFound(_) => {
+                    CoreError::NotFound(format!("user '{name}'"))
+                }
+                e => e.into(),
+            })?;
+        Ok(())
+    }
+
+    pub async fn users(&self) -> CoreResult<Vec<User>> {
+        Ok(self
+            .store
+            .list_users()
+            .await?
+            .into_iter()
+            .map(|u| User {
+                name: u.name,
+                role: u.role,
+                created_at: u.created_at,
+            })
+            .collect())
+    }
+
+    pub async fn create_token(&self, new: NewToken) -> CoreResult<CreatedToken> {
+        let mut bytes = [0u8; 6];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        let id = hex::encode(bytes);
+        let mut secret_bytes = [0u8; 24];
+        rand::thread_rng().fill_bytes(&mut secret_bytes);
+        let secret = format!("{TOKEN_PREFIX}{id}_{}", hex::encode(secret_bytes));
+        let record = TokenRecord {
+            id: id.clone(),
+            secret_hash: hash_secret(&secret),
+            role: new.role,
+            nodes: new.nodes,
+            description: new.description,
+            created_at: Utc::now(),
+        };
+        let token = token_from_record(&record);
+        let event = NewEvent::new(
+            "token.created",
+            &id,
+            serde_json::json!({"id": id, "role": token.role, "nodes": token.nodes}),
+        );
+        self.store.insert_token(&record, event).await?;
+        Ok(CreatedToken { secret, token })
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> CoreResult<()> {
+        let event = NewEvent::new("token.revoked", id, serde_json::json!({"id": id}));
+        self.store
+            .delete_token(id, event)
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::NotFound(_) => {
+                    CoreError::NotFound(format!("token '{id}'"))
+                }
+                e => e.into(),
+            })?;
+        Ok(())
+    }
+
+    pub async fn tokens(&self) -> CoreResult<Vec<Token>> {
+        Ok(self
+            .store
+            .list_tokens()
+            .await?
+            .iter()
+            .map(token_from_record)
+            .collect())
+    }
+}
+
+fn token_from_record(record: &TokenRecord) -> Token {
+    Token {
+        id: record.id.clone(),
+        role: record.role,
+        nodes: record.nodes.clone(),
+        description: record.description.clone(),
+        created_at: record.created_at,
+    }
+}
+
+/// The id part of `obx_<id>_<secret>`.
+fn token_id(secret: &str) -> Option<&str> {
+    let rest = secret.strip_prefix(TOKEN_PREFIX)?;
+    let (id, _) = rest.split_once('_')?;
+    Some(id)
+}
+
+fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// An argon2id PHC string for a new password.
+pub fn hash_password(password: &str) -> CoreResult<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| CoreError::Invalid(format!("cannot hash the password: {e}")))
+}
+
+/// Checks a password against a stored hash.
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    if hash.starts_with("$argon2") {
+        return PasswordHash::new(hash)
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
+            .unwrap_or(false);
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argon2_round_trip() {
+        let hash = hash_password("a good: password").unwrap();
+        assert!(verify_password(&hash, "a good: password"));
+        assert!(!verify_password(&hash, "a good password"));
+        assert!(!verify_password("plain", "plain"));
+    }
+
+    #[test]
+    fn token_ids() {
+        assert_eq!(token_id("obx_abc_def"), Some("abc"));
+        assert_eq!(token_id("abc_def"), None);
+        assert_eq!(token_id("obx_nounderscore"), None);
+    }
+}

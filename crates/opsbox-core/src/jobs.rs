@@ -1,0 +1,822 @@
+//! Jobs: every run of a script, from submission to its end.
+//!
+//! A job is written to the store before anything runs (state `queued`), waits for its
+//! script's lock (scripts with `lock: true` run one at a time) and then for a free run
+//! slot (a global limit), runs on the local node through the agent runtime, and ends
+//! `succeeded`, `failed`, `killed` or `lost`. Output is stored while it is produced, in
+//! small batches, so it can be followed live and survives the job. Files the script
+//! writes into `$OPSBOX_RESULTS` are listed on the job and served by the faces.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::Stream;
+use opsbox_agent::{Exit, Interruption, OutputPiece, RunError, Runtime, TaskSpec};
+use opsbox_api::{
+    Job, JobOutput, JobSpec, JobState, LogChunk, LogEvent, OutputMode, ResultFile, Script,
+    Stream as OutStream,
+};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+
+use crate::error::{CoreError, CoreResult};
+use crate::names::NameGen;
+use crate::output::{split_lines, ReturnValueScanner};
+use crate::scripts::{env_name, Scripts};
+use crate::store::{JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError};
+
+/// The node name of the runtime embedded in the server.
+pub const LOCAL_NODE: &str = "local";
+
+/// What a filtered parameter's value shows as outside the process.
+pub const FILTERED: &str = "FILTERED";
+
+/// Output is written to the store at least this often while a job runs.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// ...or as soon as this much is waiting.
+const FLUSH_BYTES: usize = 256 * 1024;
+
+/// Limits and places of the job service.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// Where each job's results directory is made (`<dir>/<job name>/`).
+    pub results_dir: PathBuf,
+    /// Runs at once over all scripts; the rest wait in `queued`.
+    pub max_concurrent_runs: usize,
+    /// Output kept per job; the rest is dropped with a note on stderr.
+    pub max_output_bytes: u64,
+    /// Time between SIGTERM and SIGKILL when a job is stopped.
+    pub kill_grace: Duration,
+}
+
+/// A job that runs (or waits to run) in this process.
+struct Active {
+    /// Set by kill; checked before the process starts.
+    killed: AtomicBool,
+    /// Who asked for the kill, for the job's reason.
+    killed_by: Mutex<Option<String>>,
+    /// Wakes a job that waits in the queue when it is killed.
+    wake: Notify,
+    /// The final record, once the job has ended.
+    done: watch::Sender<Option<JobRecord>>,
+}
+
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    scripts: Arc<Scripts>,
+    runtime: Runtime,
+    names: NameGen,
+    config: JobsConfig,
+    /// Free run slots.
+    slots: Arc<Semaphore>,
+    /// One mutex per locked script name.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    active: Mutex<HashMap<String, Arc<Active>>>,
+}
+
+/// A submitted job: its record now, and a way to wait for its end.
+pub struct Submitted {
+    pub job: Job,
+    done: watch::Receiver<Option<JobRecord>>,
+}
+
+impl Submitted {
+    /// Waits until the job has ended and returns its final record.
+    pub async fn finished(mut self) -> Job {
+        loop {
+            if let Some(record) = self.done.borrow_and_update().clone() {
+                return to_job(&record);
+            }
+            if self.done.changed().await.is_err() {
+                // The runner is gone without a word: only possible if it panicked.
+                let mut job = self.job.clone();
+                job.state = JobState::Lost;
+                job.reason = Some("the job runner stopped unexpectedly".into());
+                return job;
+            }
+        }
+    }
+}
+
+impl Jobs {
+    pub fn new(store: Arc<dyn Store>, scripts: Arc<Scripts>, config: JobsConfig) -> Self {
+        Jobs {
+            inner: Arc::new(Inner {
+                runtime: Runtime::new(config.kill_grace),
+                slots: Arc::new(Semaphore::new(config.max_concurrent_runs.max(1))),
+                store,
+                scripts,
+                names: NameGen::default(),
+                config,
+                locks: Mutex::new(HashMap::new()),
+                active: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Marks jobs that were queued or running when the server last stopped as lost.
+    pub async fn recover(&self) -> CoreResult<usize> {
+        let events = self
+            .inner
+            .store
+            .mark_unfinished_lost(
+                "the server stopped while the job was queued or running",
+                Utc::now(),
+                |record| event("job.finished", record),
+            )
+            .await?;
+        Ok(events.len())
+    }
+
+    /// Checks params against the script: unknown names, missing required ones and
+    /// values an environment cannot carry are refused.
+    pub fn check_params(script: &Script, params: &BTreeMap<String, String>) -> CoreResult<()> {
+        for name in params.keys() {
+            if !script.params.iter().any(|p| &p.name == name) {
+                let known: Vec<&str> = script.params.iter().map(|p| p.name.as_str()).collect();
+                return Err(CoreError::Invalid(if known.is_empty() {
+                    format!(
+                        "unknown param '{name}': script '{}' takes none",
+                        script.name
+                    )
+                } else {
+                    format!(
+                        "unknown param '{name}': script '{}' takes {}",
+                        script.name,
+                        known.join(", ")
+                    )
+                }));
+            }
+        }
+        for param in script.params.iter().filter(|p| p.required) {
+            if !params.contains_key(&param.name) {
+                return Err(CoreError::Invalid(format!(
+                    "missing required param '{}' of script '{}'",
+                    param.name, script.name
+                )));
+            }
+        }
+        if let Some((name, _)) = params.iter().find(|(_, v)| v.contains('\0')) {
+            return Err(CoreError::Invalid(format!(
+                "param '{name}' contains a NUL byte, which no environment variable can hold"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Validates and queues a run of `script` and returns at once.
+    pub async fn submit(
+        &self,
+        script: &str,
+        params: BTreeMap<String, String>,
+        submitted_by: Option<String>,
+    ) -> CoreResult<Submitted> {
+        let script = self
+            .inner
+            .scripts
+            .catalog()
+            .get(script)
+            .ok_or_else(|| CoreError::UnknownScript(script.to_owned()))?;
+        Self::check_params(&script, &params)?;
+        let name = self.inner.names.next(&script.name);
+        let now = Utc::now();
+        let shown: BTreeMap<String, String> = params
+            .iter()
+            .map(|(k, v)| {
+                let filtered = script.filtered_params.iter().any(|f| f == k);
+                (
+                    k.clone(),
+                    if filtered { FILTERED.into() } else { v.clone() },
+                )
+            })
+            .collect();
+        let spec = JobSpec {
+            name: name.clone(),
+            script: script.name.clone(),
+            filename: script.filename.clone(),
+            params: shown.clone(),
+            output: script.output,
+            lock: script.lock,
+            timeout_secs: script.timeout_secs,
+            submitted_by: submitted_by.clone(),
+            created_at: now,
+        };
+        let record = JobRecord {
+            name: name.clone(),
+            script: script.name.clone(),
+            state: JobState::Queued,
+            params: shown,
+            node: None,
+            submitted_by,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            return_values: BTreeMap::new(),
+            results: Vec::new(),
+            spec: serde_json::to_value(&spec).unwrap_or_default(),
+        };
+        let (done_tx, done) = watch::channel(None);
+        let active = Arc::new(Active {
+            killed: AtomicBool::new(false),
+            killed_by: Mutex::new(None),
+            wake: Notify::new(),
+            done: done_tx,
+        });
+        self.inner
+            .store
+            .insert_job(&record, event("job.created", &record))
+            .await?;
+        self.lock_active().insert(name.clone(), active.clone());
+        let job = to_job(&record);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let name = record.name.clone();
+            let finished = inner.run(record, script, params, &active).await;
+            inner
+                .active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+            active.done.send_replace(Some(finished));
+        });
+        Ok(Submitted { job, done })
+    }
+
+    /// Runs `script` and waits for its end; returns the job and its output.
+    pub async fn run(
+        &self,
+        script: &str,
+        params: BTreeMap<String, String>,
+        submitted_by: Option<String>,
+    ) -> CoreResult<(Job, JobOutput)> {
+        let job = self
+            .submit(script, params, submitted_by)
+            .await?
+            .finished()
+            .await;
+        let output = self.output(&job.name).await?;
+        Ok((job, output))
+    }
+
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Active>>> {
+        self.inner.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn record(&self, name: &str) -> CoreResult<JobRecord> {
+        self.inner
+            .store
+            .get_job(name)
+            .await?
+            .ok_or_else(|| CoreError::UnknownJob(name.to_owned()))
+    }
+
+    pub async fn get(&self, name: &str) -> CoreResult<Job> {
+        Ok(to_job(&self.record(name).await?))
+    }
+
+    pub async fn spec(&self, name: &str) -> CoreResult<JobSpec> {
+        let record = self.record(name).await?;
+        serde_json::from_value(record.spec)
+            .map_err(|e| CoreError::Store(StoreError::Corrupt(format!("spec of {name}: {e}"))))
+    }
+
+    pub async fn list(&self, filter: &JobFilter) -> CoreResult<Vec<Job>> {
+        Ok(self
+            .inner
+            .store
+            .list_jobs(filter)
+            .await?
+            .iter()
+            .map(to_job)
+            .collect())
+    }
+
+    /// Waits up to `timeout` for the job to end; returns whether it did, and the job.
+    pub async fn wait(&self, name: &str, timeout: Duration) -> CoreResult<(bool, Job)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let active = self.lock_active().get(name).cloned();
+        if let Some(active) = active {
+            let mut done = active.done.subscribe();
+            let ended = tokio::time::timeout_at(deadline, async {
+                loop {
+                    if done.borrow_and_update().is_some() {
+                        return;
+                    }
+                    if done.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            let job = self.get(name).await?;
+            return Ok((ended.is_ok() && job.state.is_terminal(), job));
+        }
+        // Not run here: follow the store until it ends.
+        let mut changes = self.inner.store.changes();
+        loop {
+            changes.borrow_and_update();
+            let job = self.get(name).await?;
+            if job.state.is_terminal() {
+                return Ok((true, job));
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Ok((false, job));
+            }
+        }
+    }
+
+    /// Stops a job: a queued one never starts, a running one gets SIGTERM, then SIGKILL,
+    /// on its whole process group. Returns the job once it has ended. Killing a job that
+    /// has already ended changes nothing.
+    pub async fn kill(&self, name: &str, by: Option<&str>) -> CoreResult<Job> {
+        let active = self.lock_active().get(name).cloned();
+        let Some(active) = active else {
+            return self.get(name).await;
+        };
+        *active.killed_by.lock().unwrap_or_else(|e| e.into_inner()) = by.map(str::to_owned);
+        active.killed.store(true, Ordering::SeqCst);
+        active.wake.notify_one();
+        self.inner.runtime.kill(name);
+        let (_, job) = self
+            .wait(name, self.inner.config.kill_grace + Duration::from_secs(10))
+            .await?;
+        Ok(job)
+    }
+
+    /// Deletes an ended job, its output and its result files.
+    pub async fn clean(&self, name: &str) -> CoreResult<()> {
+        let record = self.record(name).await?;
+        if !record.state.is_terminal() {
+            return Err(CoreError::JobActive {
+                name: name.to_owned(),
+                state: record.state,
+            });
+        }
+        self.inner
+            .store
+            .delete_job(
+                name,
+                NewEvent::new("job.cleaned", name, serde_json::json!({"name": name})),
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => CoreError::UnknownJob(name.to_owned()),
+                e => e.into(),
+            })?;
+        let dir = self.results_dir(name);
+        if dir.exists() {
+            tokio::fs::remove_dir_all(&dir)
+                .await
+                .map_err(|source| CoreError::Io {
+                    action: format!("remove {}", dir.display()),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The whole output as lines.
+    pub async fn output(&self, name: &str) -> CoreResult<JobOutput> {
+        self.record(name).await?;
+        let (out, err) = self.inner.store.output_bytes(name).await?;
+        Ok(JobOutput {
+            stdout: split_lines(&String::from_utf8_lossy(&out)),
+            stderr: split_lines(&String::from_utf8_lossy(&err)),
+        })
+    }
+
+    /// Output chunks after `after`, as stored.
+    pub async fn chunks(&self, name: &str, after: u64, limit: u32) -> CoreResult<Vec<LogChunk>> {
+        self.record(name).await?;
+        Ok(self.inner.store.output_since(name, after, limit).await?)
+    }
+
+    /// The output from chunk `after` on, then live until the job ends; the last item is
+    /// [`LogEvent::End`] with the final job.
+    pub async fn follow(
+        &self,
+        name: &str,
+        after: u64,
+    ) -> CoreResult<impl Stream<Item = CoreResult<LogEvent>> + Send + 'static> {
+        self.record(name).await?;
+        let store = self.inner.store.clone();
+        let name = name.to_owned();
+        let mut changes = store.changes();
+        Ok(async_stream::stream! {
+            let mut after = after;
+            loop {
+                changes.borrow_and_update();
+                // Read the state first: output is always stored before the job's end, so
+                // once the job is seen ended, one more read gets all of it.
+                let job = match store.get_job(&name).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) => {
+                        yield Err(CoreError::UnknownJob(name.clone()));
+                        return;
+                    }
+                    Err(e) => {
+                        yield Err(e.into());
+                        return;
+                    }
+                };
+                loop {
+                    match store.output_since(&name, after, 1000).await {
+                        Ok(chunks) if chunks.is_empty() => break,
+                        Ok(chunks) => {
+                            for chunk in chunks {
+                                after = chunk.seq;
+                                yield Ok(LogEvent::Output(chunk));
+                            }
+                        }
+                        Err(e) => {
+                            yield Err(e.into());
+                            return;
+                        }
+                    }
+                }
+                if job.state.is_terminal() {
+                    yield Ok(LogEvent::End(to_job(&job)));
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    pub fn results_dir(&self, name: &str) -> PathBuf {
+        self.inner.config.results_dir.join(name)
+    }
+
+    /// The result files of a job: as recorded once it ended, as on disk while it runs.
+    pub async fn results(&self, name: &str) -> CoreResult<Vec<ResultFile>> {
+        let record = self.record(name).await?;
+        if record.state.is_terminal() {
+            return Ok(record.results);
+        }
+        Ok(list_results(&self.results_dir(name)))
+    }
+
+    /// The path on disk of one result file; only names the job lists are served, so no
+    /// path can reach outside the job's results directory.
+    pub async fn result_path(&self, name: &str, path: &str) -> CoreResult<PathBuf> {
+        let listed = self.results(name).await?.iter().any(|f| f.path == path);
+        if !listed {
+            return Err(CoreError::NotFound(format!(
+                "result file '{path}' of job '{name}'"
+            )));
+        }
+        Ok(self.results_dir(name).join(path))
+    }
+
+    /// Stops every running job (server shutdown); returns once they have ended.
+    pub async fn shutdown(&self) {
+        let names: Vec<String> = self.lock_active().keys().cloned().collect();
+        for name in &names {
+            let _ = self.kill(name, Some("server shutdown")).await;
+        }
+    }
+
+    /// Names of the jobs that run or wait in this process.
+    pub fn active(&self) -> Vec<String> {
+        self.lock_active().keys().cloned().collect()
+    }
+}
+
+impl Inner {
+    /// Takes a job from queued to its end; returns the final record.
+    async fn run(
+        &self,
+        mut record: JobRecord,
+        script: Arc<Script>,
+        params: BTreeMap<String, String>,
+        active: &Active,
+    ) -> JobRecord {
+        // Queue: the script's lock first (so a waiting locked run holds no slot), then a
+        // slot. A kill ends the wait.
+        let _lock = if script.lock {
+            let lock = self
+                .locks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(script.name.clone())
+                .or_default()
+                .clone();
+            tokio::select! {
+                guard = lock.lock_owned() => Some(guard),
+                _ = active.wake.notified() => None,
+            }
+        } else {
+            None
+        };
+        let _slot = if active.killed.load(Ordering::SeqCst) {
+            None
+        } else {
+            tokio::select! {
+                permit = self.slots.clone().acquire_owned() => permit.ok(),
+                _ = active.wake.notified() => None,
+            }
+        };
+
+        let results_dir = self.config.results_dir.join(&record.name);
+        let spec = TaskSpec {
+            id: record.name.clone(),
+            program: PathBuf::from(&script.filename),
+            args: Vec::new(),
+            env: self.environment(&record.name, &script, &params, &results_dir),
+            cwd: Some(self.scripts.dir().to_path_buf()),
+            timeout: script.timeout_secs.map(Duration::from_secs),
+            combined_output: script.output == OutputMode::Combined,
+        };
+        // Registered before the flag check, so a kill racing the start is never lost.
+        let prepared = self.runtime.prepare(spec);
+        if active.killed.load(Ordering::SeqCst) {
+            let by = active
+                .killed_by
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return self
+                .finish(record, JobState::Killed, Some(killed_reason(by, true)))
+                .await;
+        }
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                return self
+                    .finish(record, JobState::Failed, Some(e.to_string()))
+                    .await
+            }
+        };
+        if let Err(e) = tokio::fs::create_dir_all(&results_dir).await {
+            let reason = format!("cannot create {}: {e}", results_dir.display());
+            return self.finish(record, JobState::Failed, Some(reason)).await;
+        }
+
+        record.state = JobState::Running;
+        record.started_at = Some(Utc::now());
+        record.node = Some(LOCAL_NODE.into());
+        if let Err(e) = self
+            .store
+            .update_job(&record, event("job.started", &record))
+            .await
+        {
+            tracing::error!(job = %record.name, error = %e, "cannot record the start");
+        }
+
+        let (tx, rx) = mpsc::channel(64);
+        let collector = tokio::spawn(collect_output(
+            self.store.clone(),
+            record.name.clone(),
+            rx,
+            self.config.max_output_bytes,
+        ));
+        let outcome = prepared.run(tx).await;
+        let return_values = collector.await.unwrap_or_default();
+        record.return_values = return_values;
+        record.results = list_results(&results_dir);
+        let by = active
+            .killed_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (state, reason) = judge(&outcome, by);
+        if let Ok(exit) = &outcome {
+            record.exit_code = exit.code;
+            record.signal = exit.signal;
+        }
+        self.finish(record, state, reason).await
+    }
+
+    async fn finish(
+        &self,
+        mut record: JobRecord,
+        state: JobState,
+        reason: Option<String>,
+    ) -> JobRecord {
+        record.state = state;
+        record.reason = reason;
+        record.finished_at = Some(Utc::now());
+        if let Err(e) = self
+            .store
+            .update_job(&record, event("job.finished", &record))
+            .await
+        {
+            tracing::error!(job = %record.name, error = %e, "cannot record the end");
+        }
+        record
+    }
+
+    /// The whole environment of a run: a sane base, the params (every declared one, ""
+    /// when not given, as Jojo did), then opsbox's own variables.
+    fn environment(
+        &self,
+        job: &str,
+        script: &Script,
+        params: &BTreeMap<String, String>,
+        results_dir: &Path,
+    ) -> Vec<(String, String)> {
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert(
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
+        env.insert("LANG".into(), "C.UTF-8".into());
+        env.insert(
+            "HOME".into(),
+            std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+        );
+        for param in &script.params {
+            let value = params.get(&param.name).cloned().unwrap_or_default();
+            env.insert(env_name(&param.name), value);
+        }
+        env.insert("OPSBOX_JOB".into(), job.into());
+        env.insert("OPSBOX_SCRIPT".into(), script.name.clone());
+        env.insert("OPSBOX_NODE".into(), LOCAL_NODE.into());
+        env.insert("OPSBOX_RESULTS".into(), results_dir.display().to_string());
+        env.into_iter().collect()
+    }
+}
+
+fn killed_reason(by: Option<String>, queued: bool) -> String {
+    let when = if queued { " before it started" } else { "" };
+    match by {
+        Some(who) => format!("killed by {who}{when}"),
+        None => format!("killed{when}"),
+    }
+}
+
+/// The state and reason a run's outcome gives.
+fn judge(
+    outcome: &Result<Exit, RunError>,
+    killed_by: Option<String>,
+) -> (JobState, Option<String>) {
+    match outcome {
+        Err(e) => (JobState::Failed, Some(e.to_string())),
+        Ok(exit) => match exit.interrupted {
+            Some(Interruption::Killed) => (JobState::Killed, Some(killed_reason(killed_by, false))),
+            Some(Interruption::TimedOut(t)) => (
+                JobState::Failed,
+                Some(format!("timed out after {}s", t.as_secs())),
+            ),
+            None => match (exit.code, exit.signal) {
+                (Some(0), _) => (JobState::Succeeded, None),
+                (Some(code), _) => (JobState::Failed, Some(format!("exited with status {code}"))),
+                (None, Some(signal)) => {
+                    (JobState::Failed, Some(format!("ended by signal {signal}")))
+                }
+                (None, None) => (JobState::Failed, Some("ended for an unknown reason".into())),
+            },
+        },
+    }
+}
+
+/// Stores output as it arrives, in batches, and finds return values on the way.
+async fn collect_output(
+    store: Arc<dyn Store>,
+    job: String,
+    mut rx: mpsc::Receiver<OutputPiece>,
+    max_bytes: u64,
+) -> BTreeMap<String, String> {
+    let mut scanner = ReturnValueScanner::default();
+    let mut pending: Vec<LogChunkBytes> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let mut seq = 0u64;
+    let mut total = 0u64;
+    let mut truncated = false;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let piece = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
+                Ok(piece) => piece,
+                Err(_) => {
+                    flush(&*store, &job, &mut pending, &mut pending_bytes).await;
+                    deadline = None;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(piece) = piece else { break };
+        if piece.stream == OutStream::Stdout {
+            scanner.feed(&piece.data);
+        }
+        if total >= max_bytes {
+            if !truncated {
+                truncated = true;
+                seq += 1;
+                pending.push(LogChunkBytes {
+                    seq,
+                    stream: OutStream::Stderr,
+                    data: format!("\n[opsbox: output truncated after {max_bytes} bytes]\n")
+                        .into_bytes(),
+                });
+            }
+            continue;
+        }
+        let room = (max_bytes - total) as usize;
+        let data = &piece.data[..piece.data.len().min(room)];
+        total += data.len() as u64;
+        seq += 1;
+        pending_bytes += data.len();
+        pending.push(LogChunkBytes {
+            seq,
+            stream: piece.stream,
+            data: data.to_vec(),
+        });
+        if pending_bytes >= FLUSH_BYTES {
+            flush(&*store, &job, &mut pending, &mut pending_bytes).await;
+            deadline = None;
+        } else if deadline.is_none() {
+            deadline = Some(tokio::time::Instant::now() + FLUSH_EVERY);
+        }
+    }
+    flush(&*store, &job, &mut pending, &mut pending_bytes).await;
+    scanner.finish()
+}
+
+async fn flush(store: &dyn Store, job: &str, pending: &mut Vec<LogChunkBytes>, bytes: &mut usize) {
+    if pending.is_empty() {
+        return;
+    }
+    let chunks = std::mem::take(pending);
+    *bytes = 0;
+    if let Err(e) = store.append_output(job, chunks).await {
+        tracing::error!(job, error = %e, "cannot store output");
+    }
+}
+
+/// Files under a results directory, sorted, with `/`-separated relative paths.
+fn list_results(dir: &Path) -> Vec<ResultFile> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<ResultFile>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                walk(base, &path, out);
+            } else if kind.is_file() {
+                let relative = path.strip_prefix(base).unwrap_or(&path);
+                let parts: Vec<String> = relative
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push(ResultFile {
+                    path: parts.join("/"),
+                    size: entry.metadata().map(|m| m.len()).unwrap_or(0),
+                });
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files);
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files
+}
+
+/// The event of a job change: its kind and the whole job.
+fn event(kind: &str, record: &JobRecord) -> NewEvent {
+    NewEvent::new(
+        kind,
+        &record.name,
+        serde_json::to_value(to_job(record)).unwrap_or_default(),
+    )
+}
+
+pub fn to_job(record: &JobRecord) -> Job {
+    Job {
+        name: record.name.clone(),
+        script: record.script.clone(),
+        state: record.state,
+        params: record.params.clone(),
+        node: record.node.clone(),
+        submitted_by: record.submitted_by.clone(),
+        created_at: record.created_at,
+        started_at: record.started_at,
+        finished_at: record.finished_at,
+        exit_code: record.exit_code,
+        signal: record.signal,
+        reason: record.reason.clone(),
+        return_values: record.return_values.clone(),
+        results: record.results.clone(),
+    }
+}

@@ -1,0 +1,189 @@
+//! The `Store` trait: everything opsbox keeps, behind one interface with one
+//! implementation per database (SQLite now, PostgreSQL for scale-out).
+//!
+//! Rules every implementation keeps:
+//! - a state change and its event are written in the same transaction, and the event
+//!   gets the next global revision;
+//! - a write is durable (fsynced) before its call returns;
+//! - after each commit, [`Store::changes`] is bumped so that long-polls, log followers
+//!   and watchers re-read what they wait for.
+//!
+//! The store holds no business rule: the core decides what to write and which event
+//! describes it; the store only writes it atomically.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use opsbox_api::{Event, JobState, LogChunk, ResultFile, Role, Stream};
+use tokio::sync::watch;
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Errors of a store, in terms a caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A record with that key exists already.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// The record to change does not exist (any more).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The database failed; the change was not made.
+    #[error("store failure: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("store migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// A stored value could not be decoded (a bug or a hand-edited database).
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The store's writer is gone (the store is shutting down).
+    #[error("the store is closed")]
+    Closed,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An event to append: the store gives it its revision and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub kind: String,
+    pub subject: String,
+    pub data: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn new(kind: &str, subject: &str, data: serde_json::Value) -> Self {
+        NewEvent {
+            kind: kind.to_owned(),
+            subject: subject.to_owned(),
+            data,
+        }
+    }
+}
+
+/// A job as stored: the public [`opsbox_api::Job`] plus what is needed to run it again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub name: String,
+    pub script: String,
+    pub state: JobState,
+    pub params: BTreeMap<String, String>,
+    pub node: Option<String>,
+    pub submitted_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: Option<String>,
+    pub return_values: BTreeMap<String, String>,
+    pub results: Vec<ResultFile>,
+    /// The script metadata the job was started with ([`opsbox_api::JobSpec`] fields).
+    pub spec: serde_json::Value,
+}
+
+/// Which jobs to list.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub script: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// A user of the identity store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRecord {
+    pub name: String,
+    /// PHC string (argon2) or an imported htpasswd hash.
+    pub password_hash: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An API token; only a hash of its secret is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub secret_hash: String,
+    pub role: Role,
+    pub nodes: Vec<String>,
+    pub description: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Outcome of reading the event log from a revision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventsSince {
+    /// Events after the revision, oldest first (at most the limit asked for).
+    Events(Vec<Event>),
+    /// Events after the revision were compacted away: re-list from `current`.
+    Gone { current: u64 },
+}
+
+/// Everything opsbox keeps. See the module docs for the rules.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Bumped after every commit; the value is the newest revision of the event log.
+    fn changes(&self) -> watch::Receiver<u64>;
+
+    // -- event log ---------------------------------------------------------------------
+    async fn current_revision(&self) -> StoreResult<u64>;
+    /// Events with a revision greater than `since`.
+    async fn events_since(&self, since: u64, limit: u32) -> StoreResult<EventsSince>;
+    /// Appends an event that goes with no other change (e.g. a catalog reload).
+    async fn append_event(&self, event: NewEvent) -> StoreResult<Event>;
+    /// Drops all but the newest `keep` events; returns how many were dropped.
+    async fn compact_events(&self, keep: u64) -> StoreResult<u64>;
+
+    // -- jobs --------------------------------------------------------------------------
+    /// Inserts a new job; [`StoreError::Conflict`] if the name is taken.
+    async fn insert_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event>;
+    /// Replaces an existing job's row; [`StoreError::NotFound`] if it was cleaned.
+    async fn update_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event>;
+    async fn get_job(&self, name: &str) -> StoreResult<Option<JobRecord>>;
+    /// Newest first.
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
+    /// Deletes a job and its output; [`StoreError::NotFound`] if there is none.
+    async fn delete_job(&self, name: &str, event: NewEvent) -> StoreResult<Event>;
+    /// Marks every queued or running job lost (startup after a crash or restart), with
+    /// the event `event` makes of each updated record.
+    async fn mark_unfinished_lost(
+        &self,
+        reason: &str,
+        at: DateTime<Utc>,
+        event: for<'r> fn(&'r JobRecord) -> NewEvent,
+    ) -> StoreResult<Vec<Event>>;
+
+    // -- job output --------------------------------------------------------------------
+    /// Appends output chunks; each carries its own sequence number.
+    async fn append_output(&self, job: &str, chunks: Vec<LogChunkBytes>) -> StoreResult<()>;
+    /// Chunks with `seq > after`, in order, at most `limit`.
+    async fn output_since(&self, job: &str, after: u64, limit: u32) -> StoreResult<Vec<LogChunk>>;
+    /// All output of a job, per stream, as raw bytes.
+    async fn output_bytes(&self, job: &str) -> StoreResult<(Vec<u8>, Vec<u8>)>;
+
+    // -- identities --------------------------------------------------------------------
+    async fn insert_user(&self, user: &UserRecord, event: NewEvent) -> StoreResult<Event>;
+    /// Inserts or replaces (password change, htpasswd import).
+    async fn upsert_user(&self, user: &UserRecord, event: NewEvent) -> StoreResult<Event>;
+    async fn get_user(&self, name: &str) -> StoreResult<Option<UserRecord>>;
+    async fn list_users(&self) -> StoreResult<Vec<UserRecord>>;
+    async fn delete_user(&self, name: &str, event: NewEvent) -> StoreResult<Event>;
+    async fn insert_token(&self, token: &TokenRecord, event: NewEvent) -> StoreResult<Event>;
+    async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRecord>>;
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>>;
+    async fn delete_token(&self, id: &str, event: NewEvent) -> StoreResult<Event>;
+    /// Users plus tokens: zero means no credentials are configured.
+    async fn count_identities(&self) -> StoreResult<u64>;
+}
+
+/// An output chunk on its way into the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunkBytes {
+    pub seq: u64,
+    pub stream: Stream,
+    pub data: Vec<u8>,
+}

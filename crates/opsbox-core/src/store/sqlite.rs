@@ -1,0 +1,745 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! Writes go through one writer task that owns the only write connection and commits
+//! whatever writes are waiting as one transaction (group commit): under load, many
+//! requests share one fsync instead of paying one each, and SQLite never sees two writers
+//! fighting over its lock. Each write runs inside its own savepoint, so one failing write
+//! (a name conflict, say) does not undo the others of its group. Reads use a separate
+//! pool and never wait for the writer.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use opsbox_api::{Event, JobState, LogChunk, Role, Stream};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{
+    EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError, StoreResult,
+    TokenRecord, UserRecord,
+};
+
+/// Most writes committed in one transaction.
+const MAX_GROUP: usize = 512;
+
+type BoxFut<'c, T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'c>>;
+
+/// The SQLite [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    /// Read-only connections; WAL lets them read while the writer commits.
+    read: SqlitePool,
+    /// Queue of the writer task.
+    writes: mpsc::Sender<Box<dyn Op>>,
+    /// Bumped by the writer after each commit with the newest revision.
+    changes: watch::Receiver<u64>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and runs pending migrations.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a write acknowledged to a client survives power loss. Group commit
+            // keeps this affordable.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let mut writer = SqliteConnection::connect_with(&options).await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut writer)
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await?;
+        let revision = read_revision(&mut writer).await?;
+        let (changes_tx, changes) = watch::channel(revision);
+        let (writes, queue) = mpsc::channel(4096);
+        tokio::spawn(writer_loop(writer, queue, changes_tx));
+        Ok(SqliteStore {
+            read,
+            writes,
+            changes,
+        })
+    }
+
+    /// Runs `work` in the writer's next transaction and returns its result once that
+    /// transaction is committed.
+    async fn write<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFut<'c, T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let op = TypedOp {
+            work: Some(work),
+            result: None,
+            reply: Some(reply),
+        };
+        self.writes
+            .send(Box::new(op))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The writer: group commit with one savepoint per write.
+// ---------------------------------------------------------------------------------------
+
+trait Op: Send {
+    /// Applies the write; false when it failed (its savepoint is then rolled back).
+    fn apply<'c>(
+        &'c mut self,
+        conn: &'c mut SqliteConnection,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'c>>;
+    /// Delivers the result once the transaction is committed (or failed to commit).
+    fn finish(self: Box<Self>, committed: Result<(), String>);
+}
+
+struct TypedOp<T, F> {
+    work: Option<F>,
+    result: Option<StoreResult<T>>,
+    reply: Option<oneshot::Sender<StoreResult<T>>>,
+}
+
+impl<T, F> Op for TypedOp<T, F>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFut<'c, T> + Send + 'static,
+{
+    fn apply<'c>(
+        &'c mut self,
+        conn: &'c mut SqliteConnection,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'c>> {
+        Box::pin(async move {
+            let Some(work) = self.work.take() else {
+                return true;
+            };
+            let result = work(conn).await;
+            let ok = result.is_ok();
+            self.result = Some(result);
+            ok
+        })
+    }
+
+    fn finish(mut self: Box<Self>, committed: Result<(), String>) {
+        let result = match (committed, self.result.take()) {
+            (Ok(()), Some(result)) => result,
+            (Ok(()), None) => Err(StoreError::Closed),
+            (Err(message), Some(Err(own))) => Err(own).map_err(|e: StoreError| {
+                StoreError::Corrupt(format!("{e}; and the commit failed: {message}"))
+            }),
+            (Err(message), _) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                "commit failed: {message}"
+            )))),
+        };
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+async fn writer_loop(
+    mut conn: SqliteConnection,
+    mut queue: mpsc::Receiver<Box<dyn Op>>,
+    changes: watch::Sender<u64>,
+) {
+    let mut batch: Vec<Box<dyn Op>> = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let committed = commit_group(&mut conn, &mut batch).await;
+        if committed.is_ok() {
+            if let Ok(rev) = read_revision(&mut conn).await {
+                changes.send_replace(rev);
+            }
+        } else {
+            tracing::error!(error = ?committed, "store commit failed");
+        }
+        for op in batch.drain(..) {
+            op.finish(committed.clone());
+        }
+    }
+}
+
+async fn commit_group(
+    conn: &mut SqliteConnection,
+    batch: &mut [Box<dyn Op>],
+) -> Result<(), String> {
+    let text = |e: sqlx::Error| e.to_string();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .map_err(text)?;
+    for op in batch.iter_mut() {
+        let step = async {
+            sqlx::query("SAVEPOINT op").execute(&mut *conn).await?;
+            if op.apply(conn).await {
+                sqlx::query("RELEASE op").execute(&mut *conn).await?;
+            } else {
+                sqlx::query("ROLLBACK TO op").execute(&mut *conn).await?;
+                sqlx::query("RELEASE op").execute(&mut *conn).await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        };
+        if let Err(e) = step.await {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            return Err(e.to_string());
+        }
+    }
+    if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        return Err(e.to_string());
+    }
+    Ok(())
+}
+
+async fn read_revision(conn: &mut SqliteConnection) -> StoreResult<u64> {
+    let rev: i64 = sqlx::query_scalar(
+        "SELECT MAX(COALESCE((SELECT MAX(rev) FROM events), 0),
+                    (SELECT value FROM meta WHERE key = 'compacted_through'))",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(rev as u64)
+}
+
+// ---------------------------------------------------------------------------------------
+// Statements used inside write transactions
+// ---------------------------------------------------------------------------------------
+
+async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreResult<Event> {
+    let at = Utc::now();
+    let rev: i64 = sqlx::query_scalar(
+        "INSERT INTO events (at, kind, subject, data) VALUES (?, ?, ?, ?) RETURNING rev",
+    )
+    .bind(at)
+    .bind(&event.kind)
+    .bind(&event.subject)
+    .bind(event.data.to_string())
+    .fetch_one(conn)
+    .await?;
+    Ok(Event {
+        rev: rev as u64,
+        at,
+        kind: event.kind.clone(),
+        subject: event.subject.clone(),
+        data: event.data.clone(),
+    })
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    // Serialising plain maps and vectors of strings cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+async fn write_job(conn: &mut SqliteConnection, job: &JobRecord, insert: bool) -> StoreResult<()> {
+    let sql = if insert {
+        "INSERT INTO jobs (name, script, state, params, node, submitted_by, created_at,
+            started_at, finished_at, exit_code, signal, reason, return_values, results, spec)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+    } else {
+        "UPDATE jobs SET script = ?2, state = ?3, params = ?4, node = ?5, submitted_by = ?6,
+            created_at = ?7, started_at = ?8, finished_at = ?9, exit_code = ?10, signal = ?11,
+            reason = ?12, return_values = ?13, results = ?14, spec = ?15
+         WHERE name = ?1"
+    };
+    let done = sqlx::query(sql)
+        .bind(&job.name)
+        .bind(&job.script)
+        .bind(job.state.as_str())
+        .bind(json(&job.params))
+        .bind(&job.node)
+        .bind(&job.submitted_by)
+        .bind(job.created_at)
+        .bind(job.started_at)
+        .bind(job.finished_at)
+        .bind(job.exit_code)
+        .bind(job.signal)
+        .bind(&job.reason)
+        .bind(json(&job.return_values))
+        .bind(json(&job.results))
+        .bind(job.spec.to_string())
+        .execute(conn)
+        .await;
+    match done {
+        Ok(r) if !insert && r.rows_affected() == 0 => {
+            Err(StoreError::NotFound(format!("job {}", job.name)))
+        }
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(StoreError::Conflict(format!("job {}", job.name)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Row decoding
+// ---------------------------------------------------------------------------------------
+
+fn decode<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
+    let state: String = row.try_get("state")?;
+    let name: String = row.try_get("name")?;
+    Ok(JobRecord {
+        state: JobState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("job {name}: state {state}")))?,
+        script: row.try_get("script")?,
+        params: decode(&row.try_get::<String, _>("params")?, "params")?,
+        node: row.try_get("node")?,
+        submitted_by: row.try_get("submitted_by")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        exit_code: row.try_get("exit_code")?,
+        signal: row.try_get("signal")?,
+        reason: row.try_get("reason")?,
+        return_values: decode(&row.try_get::<String, _>("return_values")?, "return_values")?,
+        results: decode(&row.try_get::<String, _>("results")?, "results")?,
+        spec: decode(&row.try_get::<String, _>("spec")?, "spec")?,
+        name,
+    })
+}
+
+fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
+    Ok(Event {
+        rev: row.try_get::<i64, _>("rev")? as u64,
+        at: row.try_get("at")?,
+        kind: row.try_get("kind")?,
+        subject: row.try_get("subject")?,
+        data: decode(&row.try_get::<String, _>("data")?, "event data")?,
+    })
+}
+
+fn role(text: &str) -> StoreResult<Role> {
+    Role::parse(text).ok_or_else(|| StoreError::Corrupt(format!("role {text}")))
+}
+
+fn user_from_row(row: &SqliteRow) -> StoreResult<UserRecord> {
+    Ok(UserRecord {
+        name: row.try_get("name")?,
+        password_hash: row.try_get("password_hash")?,
+        role: role(&row.try_get::<String, _>("role")?)?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn token_from_row(row: &SqliteRow) -> StoreResult<TokenRecord> {
+    Ok(TokenRecord {
+        id: row.try_get("id")?,
+        secret_hash: row.try_get("secret_hash")?,
+        role: role(&row.try_get::<String, _>("role")?)?,
+        nodes: decode(&row.try_get::<String, _>("nodes")?, "nodes")?,
+        description: row.try_get("description")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn stream_code(stream: Stream) -> i64 {
+    match stream {
+        Stream::Stdout => 1,
+        Stream::Stderr => 2,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The trait
+// ---------------------------------------------------------------------------------------
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    async fn current_revision(&self) -> StoreResult<u64> {
+        let mut conn = self.read.acquire().await?;
+        read_revision(&mut conn).await
+    }
+
+    async fn events_since(&self, since: u64, limit: u32) -> StoreResult<EventsSince> {
+        let mut conn = self.read.acquire().await?;
+        // One read transaction, so the compaction mark and the rows agree.
+        let mut tx = conn.begin().await?;
+        let compacted: i64 =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'compacted_through'")
+                .fetch_one(&mut *tx)
+                .await?;
+        if (since as i64) < compacted {
+            let current = read_revision(&mut tx).await?;
+            return Ok(EventsSince::Gone { current });
+        }
+        let rows = sqlx::query("SELECT * FROM events WHERE rev > ? ORDER BY rev LIMIT ?")
+            .bind(since as i64)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<StoreResult<_>>()?;
+        Ok(EventsSince::Events(events))
+    }
+
+    async fn append_event(&self, event: NewEvent) -> StoreResult<Event> {
+        self.write(move |conn| Box::pin(async move { insert_event(conn, &event).await }))
+            .await
+    }
+
+    async fn compact_events(&self, keep: u64) -> StoreResult<u64> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let newest = read_revision(conn).await? as i64;
+                let cut = newest - keep as i64;
+                if cut <= 0 {
+                    return Ok(0);
+                }
+                let dropped = sqlx::query("DELETE FROM events WHERE rev <= ?")
+                    .bind(cut)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                sqlx::query(
+                    "UPDATE meta SET value = MAX(value, ?) WHERE key = 'compacted_through'",
+                )
+                .bind(cut)
+                .execute(&mut *conn)
+                .await?;
+                Ok(dropped)
+            })
+        })
+        .await
+    }
+
+    async fn insert_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event> {
+        let job = job.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                write_job(conn, &job, true).await?;
+                insert_event(conn, &event).await
+            })
+        })
+        .await
+    }
+
+    async fn update_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event> {
+        let job = job.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                write_job(conn, &job, false).await?;
+                insert_event(conn, &event).await
+            })
+        })
+        .await
+    }
+
+    async fn get_job(&self, name: &str) -> StoreResult<Option<JobRecord>> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs
+             WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR script = ?2)
+             ORDER BY id DESC LIMIT ?3",
+        )
+        .bind(filter.state.map(|s| s.as_str()))
+        .bind(&filter.script)
+        .bind(filter.limit.map(i64::from).unwrap_or(-1))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn delete_job(&self, name: &str, event: NewEvent) -> StoreResult<Event> {
+        let name = name.to_owned();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let gone = sqlx::query("DELETE FROM jobs WHERE name = ?")
+                    .bind(&name)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                if gone == 0 {
+                    return Err(StoreError::NotFound(format!("job {name}")));
+                }
+                sqlx::query("DELETE FROM job_output WHERE job = ?")
+                    .bind(&name)
+                    .execute(&mut *conn)
+                    .await?;
+                insert_event(conn, &event).await
+            })
+        })
+        .await
+    }
+
+    async fn mark_unfinished_lost(
+        &self,
+        reason: &str,
+        at: DateTime<Utc>,
+        event: for<'r> fn(&'r JobRecord) -> NewEvent,
+    ) -> StoreResult<Vec<Event>> {
+        let reason = reason.to_owned();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let rows = sqlx::query(
+                    "UPDATE jobs SET state = 'lost', reason = ?, finished_at = ?
+                     WHERE state IN ('queued', 'running') RETURNING *",
+                )
+                .bind(&reason)
+                .bind(at)
+                .fetch_all(&mut *conn)
+                .await?;
+                let mut events = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let job = job_from_row(row)?;
+                    events.push(insert_event(conn, &event(&job)).await?);
+                }
+                Ok(events)
+            })
+        })
+        .await
+    }
+
+    async fn append_output(&self, job: &str, chunks: Vec<LogChunkBytes>) -> StoreResult<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let job = job.to_owned();
+        self.write(move |conn| {
+            Box::pin(async move {
+                for chunk in &chunks {
+                    sqlx::query(
+                        "INSERT INTO job_output (job, seq, stream, data) VALUES (?, ?, ?, ?)",
+                    )
+                    .bind(&job)
+                    .bind(chunk.seq as i64)
+                    .bind(stream_code(chunk.stream))
+                    .bind(&chunk.data)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn output_since(&self, job: &str, after: u64, limit: u32) -> StoreResult<Vec<LogChunk>> {
+        let rows = sqlx::query(
+            "SELECT seq, stream, data FROM job_output WHERE job = ? AND seq > ?
+             ORDER BY seq LIMIT ?",
+        )
+        .bind(job)
+        .bind(after as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let stream: i64 = row.try_get("stream")?;
+                let data: Vec<u8> = row.try_get("data")?;
+                Ok(LogChunk {
+                    seq: row.try_get::<i64, _>("seq")? as u64,
+                    stream: if stream == 2 {
+                        Stream::Stderr
+                    } else {
+                        Stream::Stdout
+                    },
+                    data: String::from_utf8_lossy(&data).into_owned(),
+                })
+            })
+            .collect()
+    }
+
+    async fn output_bytes(&self, job: &str) -> StoreResult<(Vec<u8>, Vec<u8>)> {
+        let rows = sqlx::query("SELECT stream, data FROM job_output WHERE job = ? ORDER BY seq")
+            .bind(job)
+            .fetch_all(&self.read)
+            .await?;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        for row in &rows {
+            let stream: i64 = row.try_get("stream")?;
+            let data: Vec<u8> = row.try_get("data")?;
+            if stream == 2 {
+                err.extend_from_slice(&data);
+            } else {
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok((out, err))
+    }
+
+    async fn insert_user(&self, user: &UserRecord, event: NewEvent) -> StoreResult<Event> {
+        self.write_user(user, event, false).await
+    }
+
+    async fn upsert_user(&self, user: &UserRecord, event: NewEvent) -> StoreResult<Event> {
+        self.write_user(user, event, true).await
+    }
+
+    async fn get_user(&self, name: &str) -> StoreResult<Option<UserRecord>> {
+        let row = sqlx::query("SELECT * FROM users WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<UserRecord>> {
+        let rows = sqlx::query("SELECT * FROM users ORDER BY name")
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn delete_user(&self, name: &str, event: NewEvent) -> StoreResult<Event> {
+        self.delete_identity("users", "name", name, event).await
+    }
+
+    async fn insert_token(&self, token: &TokenRecord, event: NewEvent) -> StoreResult<Event> {
+        let token = token.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO tokens (id, secret_hash, role, nodes, description, created_at)
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&token.id)
+                .bind(&token.secret_hash)
+                .bind(token.role.as_str())
+                .bind(json(&token.nodes))
+                .bind(&token.description)
+                .bind(token.created_at)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| match e {
+                    sqlx::Error::Database(d) if d.is_unique_violation() => {
+                        StoreError::Conflict(format!("token {}", token.id))
+                    }
+                    e => e.into(),
+                })?;
+                insert_event(conn, &event).await
+            })
+        })
+        .await
+    }
+
+    async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
+        let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at, id")
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn delete_token(&self, id: &str, event: NewEvent) -> StoreResult<Event> {
+        self.delete_identity("tokens", "id", id, event).await
+    }
+
+    async fn count_identities(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM users) + (SELECT COUNT(*) FROM tokens)",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok(n as u64)
+    }
+}
+
+impl SqliteStore {
+    async fn write_user(
+        &self,
+        user: &UserRecord,
+        event: NewEvent,
+        replace: bool,
+    ) -> StoreResult<Event> {
+        let user = user.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let sql = if replace {
+                    "INSERT INTO users (name, password_hash, role, created_at) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,
+                        role = excluded.role"
+                } else {
+                    "INSERT INTO users (name, password_hash, role, created_at) VALUES (?, ?, ?, ?)"
+                };
+                sqlx::query(sql)
+                    .bind(&user.name)
+                    .bind(&user.password_hash)
+                    .bind(user.role.as_str())
+                    .bind(user.created_at)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| match e {
+                        sqlx::Error::Database(d) if d.is_unique_violation() => {
+                            StoreError::Conflict(format!("user {}", user.name))
+                        }
+                        e => e.into(),
+                    })?;
+                insert_event(conn, &event).await
+            })
+        })
+        .await
+    }
+
+    async fn delete_identity(
+        &self,
+        table: &'static str,
+        key: &'static str,
+        value: &str,
+        event: NewEvent,
+    ) -> StoreResult<Event> {
+        let value = value.to_owned();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let sql = format!("DELETE FROM {table} WHERE {key} = ?");
+                let gone = sqlx::query(&sql)
+                    .bind(&value)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                if gone == 0 {
+                    return Err(StoreError::NotFound(value));
+                }
+                insert_event(conn, &event).await
+            })
+        })
+        .await
+    }
+}
