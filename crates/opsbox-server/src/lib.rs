@@ -1,1 +1,307 @@
-//! placeholder
+//! opsbox server: one router with every face, served on any number of listeners
+//! (plain TCP, TLS, Unix socket).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), opsbox_server::ServerError> {
+//! let mut config = opsbox_server::ServerConfig::default();
+//! config.listen = vec!["127.0.0.1:0".into()];
+//! let server = opsbox_server::Server::bind(config).await?;
+//! println!("listening on {:?}", server.local_addrs());
+//! server.run(async { tokio::signal::ctrl_c().await.ok(); }).await
+//! # }
+//! ```
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod faces;
+pub mod tls;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use opsbox_core::{Core, CoreConfig, CoreError};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::trace::TraceLayer;
+
+pub use config::{Limits, ServerConfig, TlsSource};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub core: Core,
+    pub config: Arc<ServerConfig>,
+}
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid listen address '{address}': {reason}")]
+    Address { address: String, reason: String },
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A setting that would expose the server unsafely.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("listener failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The whole router: every face, with the request body limit and request tracing.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.limits.max_body_bytes;
+    Router::new()
+        .merge(faces::native::routes(state.clone()))
+        .layer(RequestBodyLimitLayer::new(limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Where a listener accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Http(SocketAddr),
+    Https(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Http(a) => write!(f, "http://{a}"),
+            ListenAddr::Https(a) => write!(f, "https://{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Parses `host:port`, `http://host:port`, `https://host:port` or `unix:/path`.
+pub fn parse_listen(address: &str) -> Result<Vec<ListenAddr>, ServerError> {
+    let bad = |reason: &str| ServerError::Address {
+        address: address.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if let Some(path) = address.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad("a unix socket needs a path: unix:/run/opsbox.sock"));
+        }
+        return Ok(vec![ListenAddr::Unix(PathBuf::from(path))]);
+    }
+    let (tls, rest) = if let Some(rest) = address.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = address.strip_prefix("http://") {
+        (false, rest)
+    } else {
+        (false, address)
+    };
+    let rest = rest.trim_end_matches('/');
+    let resolved: Vec<SocketAddr> = rest
+        .to_socket_addrs()
+        .map_err(|e| bad(&format!("expected host:port ({e})")))?
+        .collect();
+    let first = resolved
+        .first()
+        .ok_or_else(|| bad("the host resolves to nothing"))?;
+    Ok(vec![if tls {
+        ListenAddr::Https(*first)
+    } else {
+        ListenAddr::Http(*first)
+    }])
+}
+
+enum Bound {
+    Tcp { listener: TcpListener, tls: bool },
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+/// A server whose listeners are bound, ready to run.
+pub struct Server {
+    state: AppState,
+    bound: Vec<Bound>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Server {
+    /// Opens the core, checks the configuration is safe, and binds every listener.
+    pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        let mut addresses = Vec::new();
+        for address in &config.listen {
+            addresses.extend(parse_listen(address)?);
+        }
+        if addresses.is_empty() {
+            return Err(ServerError::Refused("no listen address given".into()));
+        }
+        let core_config = CoreConfig {
+            max_concurrent_runs: config.limits.max_concurrent_runs,
+            max_output_bytes: config.limits.max_output_bytes,
+            event_retention: config.limits.event_retention,
+            kill_grace: Duration::from_secs(config.limits.kill_grace_secs),
+            ..CoreConfig::new(config.data.clone(), config.scripts.clone())
+        };
+        let core = Core::open(core_config).await?;
+
+        let exposed: Vec<String> = addresses
+            .iter()
+            .filter_map(|a| match a {
+                ListenAddr::Http(s) | ListenAddr::Https(s) if !s.ip().is_loopback() => {
+                    Some(a.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        if !exposed.is_empty() && !config.insecure && !core.identities.auth_required().await? {
+            return Err(ServerError::Refused(format!(
+                "refusing to listen on {} with no users or tokens configured: anyone who can \
+                 reach it could run scripts. Add a user first (opsbox users add NAME \
+                 --password-stdin --data {}), or pass --insecure if this network is trusted.",
+                exposed.join(", "),
+                config.data.display()
+            )));
+        }
+
+        let needs_tls = addresses.iter().any(|a| matches!(a, ListenAddr::Https(_)));
+        let tls = if needs_tls {
+            Some(tls::server_config(&config.tls, &config.data)?)
+        } else {
+            None
+        };
+
+        let mut bound = Vec::new();
+        for address in &addresses {
+            let bind_error = |source| ServerError::Bind {
+                address: address.to_string(),
+                source,
+            };
+            match address {
+                ListenAddr::Http(a) | ListenAddr::Https(a) => {
+                    let listener = TcpListener::bind(a).map_err(bind_error)?;
+                    listener.set_nonblocking(true).map_err(bind_error)?;
+                    bound.push(Bound::Tcp {
+                        listener,
+                        tls: matches!(address, ListenAddr::Https(_)),
+                    });
+                }
+                ListenAddr::Unix(path) => {
+                    // A socket file left by a previous run would make bind fail.
+                    if path.exists() {
+                        std::fs::remove_file(path).map_err(bind_error)?;
+                    }
+                    let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
+                    bound.push(Bound::Unix(listener, path.clone()));
+                }
+            }
+        }
+        Ok(Server {
+            state: AppState {
+                core,
+                config: Arc::new(config),
+            },
+            bound,
+            tls,
+        })
+    }
+
+    /// The addresses actually bound (with the real port when 0 was asked for).
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.bound
+            .iter()
+            .filter_map(|b| match b {
+                Bound::Tcp { listener, tls } => listener.local_addr().ok().map(|a| {
+                    if *tls {
+                        ListenAddr::Https(a)
+                    } else {
+                        ListenAddr::Http(a)
+                    }
+                }),
+                Bound::Unix(_, path) => Some(ListenAddr::Unix(path.clone())),
+            })
+            .collect()
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.state.core
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets open requests
+    /// finish for a few seconds, and kills every running job.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let app = router(self.state.clone());
+        let handle = axum_server::Handle::new();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for bound in self.bound {
+            let app = app.clone();
+            match bound {
+                Bound::Tcp {
+                    listener,
+                    tls: false,
+                } => {
+                    let server = axum_server::from_tcp(listener).handle(handle.clone());
+                    tasks.spawn(async move { server.serve(app.into_make_service()).await });
+                }
+                Bound::Tcp {
+                    listener,
+                    tls: true,
+                } => {
+                    let config = axum_server::tls_rustls::RustlsConfig::from_config(
+                        self.tls
+                            .clone()
+                            .ok_or_else(|| ServerError::Tls("no TLS configuration".into()))?,
+                    );
+                    let server =
+                        axum_server::from_tcp_rustls(listener, config).handle(handle.clone());
+                    tasks.spawn(async move { server.serve(app.into_make_service()).await });
+                }
+                Bound::Unix(listener, path) => {
+                    let mut stop = stop_rx.clone();
+                    tasks.spawn(async move {
+                        let result = axum::serve(listener, app)
+                            .with_graceful_shutdown(async move {
+                                let _ = stop.wait_for(|s| *s).await;
+                            })
+                            .await;
+                        let _ = std::fs::remove_file(&path);
+                        result
+                    });
+                }
+            }
+        }
+        let core = self.state.core.clone();
+        tokio::select! {
+            _ = shutdown => {}
+            Some(result) = tasks.join_next() => {
+                // A listener stopped on its own: that is an error worth stopping for.
+                core.shutdown().await;
+                return match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(ServerError::Serve(e)),
+                    Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
+                };
+            }
+        }
+        tracing::info!("shutting down: stopping running jobs");
+        handle.graceful_shutdown(Some(Duration::from_secs(5)));
+        let _ = stop_tx.send(true);
+        core.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(6), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        Ok(())
+    }
+}

@@ -1,26 +1,38 @@
-//! Identity management directly on a data directory's store (`opsbox users … --data DIR`,
-//! `opsbox tokens … --data DIR`), for setting up a server before it first starts.
-//! (Owned by the server work; filled in with the core crate.)
+//! Identity management directly on a data directory's store (`opsbox users … --data
+//! DIR`, `opsbox tokens … --data DIR`): how the first admin is made before a server is
+//! exposed. It goes through the same core service as the API, so the rules (name
+//! checks, hashing, events) are the same.
 
 use std::path::Path;
 
 use opsbox_api::{CreatedToken, NewToken, NewUser, Token, User};
+use opsbox_core::identities::Identities;
+use opsbox_core::Core;
 
-pub async fn add_user(_data: &Path, _user: NewUser) -> anyhow::Result<User> {
-    anyhow::bail!("not wired yet")
+async fn identities(data: &Path) -> anyhow::Result<Identities> {
+    Ok(Identities::new(Core::open_store(data).await?))
 }
-pub async fn remove_user(_data: &Path, _name: &str) -> anyhow::Result<()> {
-    anyhow::bail!("not wired yet")
+
+pub async fn add_user(data: &Path, user: NewUser) -> anyhow::Result<User> {
+    Ok(identities(data).await?.add_user(user).await?)
 }
-pub async fn list_users(_data: &Path) -> anyhow::Result<Vec<User>> {
-    anyhow::bail!("not wired yet")
+
+pub async fn remove_user(data: &Path, name: &str) -> anyhow::Result<()> {
+    Ok(identities(data).await?.remove_user(name).await?)
 }
-pub async fn create_token(_data: &Path, _token: NewToken) -> anyhow::Result<CreatedToken> {
-    anyhow::bail!("not wired yet")
+
+pub async fn list_users(data: &Path) -> anyhow::Result<Vec<User>> {
+    Ok(identities(data).await?.users().await?)
 }
-pub async fn revoke_token(_data: &Path, _id: &str) -> anyhow::Result<()> {
-    anyhow::bail!("not wired yet")
+
+pub async fn create_token(data: &Path, token: NewToken) -> anyhow::Result<CreatedToken> {
+    Ok(identities(data).await?.create_token(token).await?)
 }
-pub async fn list_tokens(_data: &Path) -> anyhow::Result<Vec<Token>> {
-    anyhow::bail!("not wired yet")
+
+pub async fn revoke_token(data: &Path, id: &str) -> anyhow::Result<()> {
+    Ok(identities(data).await?.revoke_token(id).await?)
+}
+
+pub async fn list_tokens(data: &Path) -> anyhow::Result<Vec<Token>> {
+    Ok(identities(data).await?.tokens().await?)
 }

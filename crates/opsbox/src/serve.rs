@@ -1,29 +1,166 @@
-//! `opsbox serve`: resolves flags, environment and the config file into a server
-//! configuration and runs the server until Ctrl-C or SIGTERM.
-//! (Owned by the server work; the CLI only dispatches here.)
+//! `opsbox serve`: resolves the config file, environment and flags (flags win, then
+//! env, then the file, then defaults) into a server configuration, and runs the server
+//! until Ctrl-C or SIGTERM, then stops every running job.
 
 use std::path::PathBuf;
+
+use anyhow::Context;
+use opsbox_server::{Server, ServerConfig, TlsSource};
 
 /// Flags of `opsbox serve`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServeArgs {
-    /// Address to listen on (repeatable): `127.0.0.1:3000`, `https://0.0.0.0:3443`.
+    /// Address to listen on, repeatable: `127.0.0.1:3000`, `https://0.0.0.0:3443`,
+    /// `unix:/run/opsbox.sock` [default: 127.0.0.1:3000]
     #[arg(long = "listen", env = "OPSBOX_LISTEN", value_delimiter = ',')]
     pub listen: Vec<String>,
-    /// Data directory (store, results, certificates).
+    /// Data directory: database, job results, TLS certificate [default: ./data]
     #[arg(long = "data", env = "OPSBOX_DATA")]
     pub data: Option<PathBuf>,
-    /// Scripts directory.
+    /// Scripts directory [default: ./examples/scripts]
     #[arg(long = "scripts", env = "OPSBOX_SCRIPTS")]
     pub scripts: Option<PathBuf>,
-    /// Charms directory.
+    /// Charms directory [default: ./examples/charms]
     #[arg(long = "charms", env = "OPSBOX_CHARMS")]
     pub charms: Option<PathBuf>,
-    /// TOML config file.
+    /// TOML config file (see the README for its keys).
     #[arg(long = "config", env = "OPSBOX_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Certificate for https:// listeners: `self-signed` (generated once, kept in the
+    /// data dir) or `CERT.pem:KEY.pem`.
+    #[arg(long = "tls", env = "OPSBOX_TLS")]
+    pub tls: Option<String>,
+    /// Allow listening beyond loopback with no users or tokens configured.
+    #[arg(long = "insecure-listen", env = "OPSBOX_INSECURE_LISTEN")]
+    pub insecure: bool,
+    /// Script runs at once; more wait queued.
+    #[arg(long = "max-runs", env = "OPSBOX_MAX_RUNS")]
+    pub max_runs: Option<usize>,
+    /// Largest request body, in bytes.
+    #[arg(long = "max-body", env = "OPSBOX_MAX_BODY")]
+    pub max_body: Option<usize>,
 }
 
-pub async fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("opsbox serve is not wired yet")
+/// The configuration these flags give, over the config file's.
+pub fn resolve(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the config file {}", path.display()))?;
+            ServerConfig::from_toml(&text)
+                .with_context(|| format!("invalid config file {}", path.display()))?
+        }
+        None => ServerConfig::default(),
+    };
+    if !args.listen.is_empty() {
+        config.listen = args.listen.clone();
+    }
+    if let Some(data) = &args.data {
+        config.data = data.clone();
+    }
+    if let Some(scripts) = &args.scripts {
+        config.scripts = scripts.clone();
+    }
+    if let Some(charms) = &args.charms {
+        config.charms = charms.clone();
+    }
+    if let Some(tls) = &args.tls {
+        config.tls = parse_tls(tls)?;
+    }
+    if args.insecure {
+        config.insecure = true;
+    }
+    if let Some(n) = args.max_runs {
+        anyhow::ensure!(n > 0, "--max-runs must be at least 1");
+        config.limits.max_concurrent_runs = n;
+    }
+    if let Some(n) = args.max_body {
+        config.limits.max_body_bytes = n;
+    }
+    Ok(config)
+}
+
+fn parse_tls(value: &str) -> anyhow::Result<TlsSource> {
+    if value == "self-signed" {
+        return Ok(TlsSource::SelfSigned);
+    }
+    match value.split_once(':') {
+        Some((cert, key)) if !cert.is_empty() && !key.is_empty() => Ok(TlsSource::Files {
+            cert: cert.into(),
+            key: key.into(),
+        }),
+        _ => anyhow::bail!("--tls takes `self-signed` or `CERT.pem:KEY.pem`, not '{value}'"),
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = resolve(&args)?;
+    if !config.scripts.is_dir() {
+        tracing::warn!(dir = %config.scripts.display(), "the scripts directory does not exist; no scripts are served");
+    }
+    let server = Server::bind(config.clone()).await?;
+    let catalog = server.core().scripts.catalog();
+    for problem in &catalog.problems {
+        tracing::warn!(file = %problem.file, "{}", problem.message);
+    }
+    for address in server.local_addrs() {
+        eprintln!("opsbox {} listening on {address}", env!("CARGO_PKG_VERSION"));
+    }
+    eprintln!(
+        "data in {}, {} scripts from {}",
+        config.data.display(),
+        catalog.scripts.len(),
+        config.scripts.display()
+    );
+    server.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("opsbox.toml");
+        std::fs::write(
+            &file,
+            "listen = [\"127.0.0.1:4000\"]\ndata = \"/var/lib/opsbox\"\n[limits]\nmax_concurrent_runs = 3\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            data: Some("/tmp/d".into()),
+            ..Default::default()
+        };
+        let config = resolve(&args).unwrap();
+        assert_eq!(config.listen, vec!["127.0.0.1:4000"]);
+        assert_eq!(config.data, PathBuf::from("/tmp/d"));
+        assert_eq!(config.limits.max_concurrent_runs, 3);
+        std::fs::write(&file, "lsten = []\n").unwrap();
+        assert!(resolve(&args).is_err(), "a typo in the config file must be an error");
+    }
+
+    #[test]
+    fn tls_flag() {
+        assert_eq!(parse_tls("self-signed").unwrap(), TlsSource::SelfSigned);
+        assert!(matches!(parse_tls("a.pem:b.pem").unwrap(), TlsSource::Files { .. }));
+        assert!(parse_tls("nope").is_err());
+    }
 }

@@ -1,0 +1,85 @@
+//! Server configuration: what the TOML config file holds, with the defaults a fresh
+//! checkout needs (`opsbox serve` in the repository serves the example scripts on
+//! 127.0.0.1:3000 with its data in `./data`). The binary layers env and flags on top.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// How a TLS listener gets its certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsSource {
+    /// Generate one on first start and keep it in `<data>/tls/`.
+    #[default]
+    SelfSigned,
+    /// PEM files.
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listeners: `127.0.0.1:3000` or `http://…` (plain), `https://…` (TLS),
+    /// `unix:/run/opsbox.sock` (a Unix socket).
+    pub listen: Vec<String>,
+    pub data: PathBuf,
+    pub scripts: PathBuf,
+    pub charms: PathBuf,
+    /// Allow a non-loopback listener with no users or tokens configured.
+    pub insecure: bool,
+    /// Certificate for `https://` listeners.
+    pub tls: TlsSource,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Script runs at once; more wait in `queued`.
+    pub max_concurrent_runs: usize,
+    /// Output kept per job.
+    pub max_output_bytes: u64,
+    /// Events kept in the log for watchers to resume from.
+    pub event_retention: u64,
+    /// Seconds between SIGTERM and SIGKILL when a job is stopped.
+    pub kill_grace_secs: u64,
+    /// Longest a wait request is held, in seconds.
+    pub max_wait_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1024 * 1024,
+            max_concurrent_runs: 64,
+            max_output_bytes: 64 * 1024 * 1024,
+            event_retention: 100_000,
+            kill_grace_secs: 5,
+            max_wait_secs: 300,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec!["127.0.0.1:3000".into()],
+            data: PathBuf::from("data"),
+            scripts: PathBuf::from("examples/scripts"),
+            charms: PathBuf::from("examples/charms"),
+            insecure: false,
+            tls: TlsSource::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML config file; unknown keys are errors, so typos do not pass silently.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}

@@ -1,0 +1,577 @@
+//! The native API under `/v1`: JSON over HTTP, live streams over Server-Sent Events and
+//! WebSocket, described by the OpenAPI document at `/v1/openapi.json`.
+//!
+//! Each handler parses its request, checks the caller's role, calls one core service
+//! and renders the answer; no rule of the domain lives here.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures::{Stream, StreamExt};
+use opsbox_api::{
+    CreatedToken, ErrorBody, Event, EventPage, Job, JobList, JobOutput, JobSpec, JobState,
+    LogEvent, NewToken, NewUser, ReloadReport, ResultList, Role, RunRequest, RunResponse, Script,
+    ScriptList, ServerInfo, TokenList, User, UserList, WaitResponse,
+};
+use opsbox_core::store::JobFilter;
+use opsbox_core::CoreError;
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::auth::{authenticate, Caller, Refusal};
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+/// The `/v1` routes, behind the native auth check.
+pub fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/scripts", get(list_scripts))
+        .route("/v1/scripts/{name}", get(get_script))
+        .route("/v1/scripts/{name}/run", post(run_script))
+        .route("/v1/reload", post(reload))
+        .route("/v1/jobs", get(list_jobs))
+        .route("/v1/jobs/{name}", get(get_job).delete(clean_job))
+        .route("/v1/jobs/{name}/spec", get(job_spec))
+        .route("/v1/jobs/{name}/log", get(job_log))
+        .route("/v1/jobs/{name}/log/ws", get(job_log_ws))
+        .route("/v1/jobs/{name}/wait", get(wait_job))
+        .route("/v1/jobs/{name}/kill", post(kill_job))
+        .route("/v1/jobs/{name}/results", get(list_results))
+        .route("/v1/jobs/{name}/results/{*path}", get(get_result))
+        .route("/v1/events", get(events))
+        .route("/v1/events/ws", get(events_ws))
+        .route("/v1/users", get(list_users).post(add_user))
+        .route("/v1/users/{name}", axum::routing::delete(remove_user))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state, require_caller))
+}
+
+/// Every `/v1` request is authenticated before its handler runs.
+async fn require_caller(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match authenticate(&state.core, request.headers()).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(Refusal::Unauthenticated) => ApiError::unauthorized().into_response(),
+        Err(Refusal::Internal(e)) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route {} {} (see /v1/openapi.json)",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/v1/info", responses((status = 200, body = ServerInfo)))]
+async fn info(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<ServerInfo>> {
+    let core = &state.core;
+    Ok(Json(ServerInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        revision: core.events.current_revision().await?,
+        nodes: vec![opsbox_core::jobs::LOCAL_NODE.into()],
+        scripts: core.scripts.catalog().scripts.len(),
+        auth_required: core.identities.auth_required().await?,
+        you: caller.name(),
+    }))
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+// ---------------------------------------------------------------------------------------
+// Scripts
+// ---------------------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/v1/scripts", responses((status = 200, body = ScriptList)))]
+async fn list_scripts(State(state): State<AppState>) -> Json<ScriptList> {
+    let catalog = state.core.scripts.catalog();
+    Json(ScriptList {
+        scripts: catalog.scripts.values().map(|s| (**s).clone()).collect(),
+        problems: catalog.problems.clone(),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/scripts/{name}",
+    responses((status = 200, body = Script), (status = 404, body = ErrorBody)))]
+async fn get_script(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Script>> {
+    let script = state
+        .core
+        .scripts
+        .catalog()
+        .get(&name)
+        .ok_or(CoreError::UnknownScript(name))?;
+    Ok(Json((*script).clone()))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct RunQuery {
+    /// `false` returns as soon as the job is queued (202); default: wait for its end.
+    wait: Option<bool>,
+}
+
+#[utoipa::path(post, path = "/v1/scripts/{name}/run", params(RunQuery), request_body = RunRequest,
+    responses((status = 200, body = RunResponse), (status = 202, body = RunResponse),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn run_script(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Query(query): Query<RunQuery>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require(Role::Operator)?;
+    let request: RunRequest = json_body_or_default(&body)?;
+    let jobs = &state.core.jobs;
+    if query.wait == Some(false) {
+        let submitted = jobs.submit(&name, request.params, caller.name()).await?;
+        let response = RunResponse {
+            job: submitted.job,
+            output: None,
+        };
+        return Ok((StatusCode::ACCEPTED, Json(response)).into_response());
+    }
+    let (job, output) = jobs.run(&name, request.params, caller.name()).await?;
+    Ok(Json(RunResponse {
+        job,
+        output: Some(output),
+    })
+    .into_response())
+}
+
+#[utoipa::path(post, path = "/v1/reload", responses((status = 200, body = ReloadReport)))]
+async fn reload(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<ReloadReport>> {
+    caller.require(Role::Operator)?;
+    Ok(Json(state.core.reload().await?))
+}
+
+// ---------------------------------------------------------------------------------------
+// Jobs
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct JobsQuery {
+    /// queued, running, succeeded, failed, killed or lost.
+    state: Option<String>,
+    script: Option<String>,
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/jobs", params(JobsQuery), responses((status = 200, body = JobList)))]
+async fn list_jobs(
+    State(state): State<AppState>,
+    Query(query): Query<JobsQuery>,
+) -> ApiResult<Json<JobList>> {
+    let job_state = match &query.state {
+        Some(word) => Some(JobState::parse(word).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "state '{word}' is not one of queued, running, succeeded, failed, killed, lost"
+            ))
+        })?),
+        None => None,
+    };
+    let filter = JobFilter {
+        state: job_state,
+        script: query.script,
+        limit: query.limit,
+    };
+    Ok(Json(JobList {
+        jobs: state.core.jobs.list(&filter).await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{name}", responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
+async fn get_job(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Job>> {
+    Ok(Json(state.core.jobs.get(&name).await?))
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{name}/spec", responses((status = 200, body = JobSpec), (status = 404, body = ErrorBody)))]
+async fn job_spec(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<JobSpec>> {
+    Ok(Json(state.core.jobs.spec(&name).await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct LogQuery {
+    /// Stream the output live as Server-Sent Events until the job ends.
+    follow: Option<bool>,
+    /// With `follow`: start after this chunk sequence number.
+    since: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{name}/log", params(LogQuery),
+    responses((status = 200, body = JobOutput, description = "JSON, or text/event-stream of LogEvent with follow=true")))]
+async fn job_log(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<LogQuery>,
+) -> ApiResult<Response> {
+    if query.follow == Some(true) {
+        let stream = state
+            .core
+            .jobs
+            .follow(&name, query.since.unwrap_or(0))
+            .await?;
+        let events = stream.map(|item| {
+            Ok::<_, Infallible>(match item {
+                Ok(event @ LogEvent::Output(_)) => sse_json("output", &event),
+                Ok(event @ LogEvent::End(_)) => sse_json("end", &event),
+                Err(e) => sse_json("error", &ApiError::from(e).body),
+            })
+        });
+        return Ok(sse(events));
+    }
+    Ok(Json(state.core.jobs.output(&name).await?).into_response())
+}
+
+async fn job_log_ws(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<LogQuery>,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let stream = state
+        .core
+        .jobs
+        .follow(&name, query.since.unwrap_or(0))
+        .await?;
+    Ok(upgrade.on_upgrade(move |socket| pump_ws(socket, stream)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct WaitQuery {
+    /// Seconds to hold the request at most (default 30, capped by the server's limit).
+    timeout: Option<f64>,
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{name}/wait", params(WaitQuery), responses((status = 200, body = WaitResponse)))]
+async fn wait_job(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<WaitQuery>,
+) -> ApiResult<Json<WaitResponse>> {
+    let max = state.config.limits.max_wait_secs as f64;
+    let seconds = query.timeout.unwrap_or(30.0);
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(ApiError::bad_request(
+            "timeout must be a number of seconds ≥ 0",
+        ));
+    }
+    let timeout = Duration::from_secs_f64(seconds.min(max));
+    let (done, job) = state.core.jobs.wait(&name, timeout).await?;
+    Ok(Json(WaitResponse { done, job }))
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{name}/kill", responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
+async fn kill_job(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Job>> {
+    caller.require(Role::Operator)?;
+    let by = caller
+        .name()
+        .unwrap_or_else(|| "an anonymous caller".into());
+    Ok(Json(state.core.jobs.kill(&name, Some(&by)).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/jobs/{name}",
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn clean_job(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require(Role::Operator)?;
+    state.core.jobs.clean(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{name}/results", responses((status = 200, body = ResultList)))]
+async fn list_results(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ResultList>> {
+    let files = state.core.jobs.results(&name).await?;
+    Ok(Json(ResultList { job: name, files }))
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{name}/results/{path}",
+    responses((status = 200, description = "the file's bytes"), (status = 404, body = ErrorBody)))]
+async fn get_result(
+    State(state): State<AppState>,
+    Path((name, path)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let file_path = state.core.jobs.result_path(&name, &path).await?;
+    let file = tokio::fs::File::open(&file_path)
+        .await
+        .map_err(|e| ApiError::not_found(format!("result file '{path}': {e}")))?;
+    let length = file.metadata().await.map(|m| m.len()).ok();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(length) = length {
+        headers.insert(header::CONTENT_LENGTH, length.into());
+    }
+    Ok(response)
+}
+
+// ---------------------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct EventsQuery {
+    /// Events after this revision. Without `follow`, default 0; with it, default now.
+    since: Option<u64>,
+    /// Stream as Server-Sent Events, live.
+    follow: Option<bool>,
+    /// Page size without `follow` (default 1000).
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/events", params(EventsQuery),
+    responses((status = 200, body = EventPage, description = "JSON, or text/event-stream of Event with follow=true"),
+              (status = 410, body = ErrorBody, description = "revision compacted away; re-list from current_revision")))]
+async fn events(
+    State(state): State<AppState>,
+    Query(query): Query<EventsQuery>,
+) -> ApiResult<Response> {
+    if query.follow == Some(true) {
+        let stream = state.core.events.follow(query.since).await?;
+        let events = stream.map(|item| {
+            Ok::<_, Infallible>(match item {
+                Ok(event) => sse_json("event", &event).id(event.rev.to_string()),
+                Err(e) => sse_json("error", &ApiError::from(e).body),
+            })
+        });
+        return Ok(sse(events));
+    }
+    let page = state
+        .core
+        .events
+        .page(query.since.unwrap_or(0), query.limit.unwrap_or(1000))
+        .await?;
+    Ok(Json(page).into_response())
+}
+
+async fn events_ws(
+    State(state): State<AppState>,
+    Query(query): Query<EventsQuery>,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let stream = state.core.events.follow(query.since).await?;
+    Ok(upgrade.on_upgrade(move |socket| pump_ws(socket, stream)))
+}
+
+// ---------------------------------------------------------------------------------------
+// Users and tokens (admin)
+// ---------------------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/v1/users", responses((status = 200, body = UserList)))]
+async fn list_users(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<UserList>> {
+    caller.require(Role::Admin)?;
+    Ok(Json(UserList {
+        users: state.core.identities.users().await?,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/users", request_body = NewUser,
+    responses((status = 201, body = User), (status = 409, body = ErrorBody)))]
+async fn add_user(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<User>)> {
+    caller.require(Role::Admin)?;
+    let user: NewUser = json_body(&body)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.core.identities.add_user(user).await?),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/users/{name}", responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn remove_user(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require(Role::Admin)?;
+    state.core.identities.remove_user(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = TokenList)))]
+async fn list_tokens(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<TokenList>> {
+    caller.require(Role::Admin)?;
+    Ok(Json(TokenList {
+        tokens: state.core.identities.tokens().await?,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/tokens", request_body = NewToken,
+    responses((status = 201, body = CreatedToken)))]
+async fn create_token(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    caller.require(Role::Admin)?;
+    let token: NewToken = json_body(&body)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.core.identities.create_token(token).await?),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/tokens/{id}", responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn revoke_token(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require(Role::Admin)?;
+    state.core.identities.revoke_token(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// Parses a JSON body; an empty body is the type's default.
+fn json_body_or_default<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    json_body(body)
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn sse_json<T: serde::Serialize>(kind: &str, value: &T) -> SseEvent {
+    SseEvent::default()
+        .event(kind)
+        .data(serde_json::to_string(value).unwrap_or_default())
+}
+
+fn sse<S>(events: S) -> Response
+where
+    S: Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+{
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+/// Sends each item of a stream as a JSON text frame; an error is sent as an
+/// [`ErrorBody`] frame, then the socket is closed.
+async fn pump_ws<T, S>(mut socket: WebSocket, stream: S)
+where
+    T: serde::Serialize,
+    S: Stream<Item = Result<T, CoreError>> + Send + 'static,
+{
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        tokio::select! {
+            item = stream.next() => {
+                let Some(item) = item else { break };
+                let (text, last) = match item {
+                    Ok(value) => (serde_json::to_string(&value).unwrap_or_default(), false),
+                    Err(e) => (serde_json::to_string(&ApiError::from(e).body).unwrap_or_default(), true),
+                };
+                if socket.send(Message::Text(text.into())).await.is_err() || last {
+                    break;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                _ => {}
+            },
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "opsbox native API",
+        description = "Scripts, jobs, events and identities of an opsbox server."
+    ),
+    paths(
+        info,
+        list_scripts,
+        get_script,
+        run_script,
+        reload,
+        list_jobs,
+        get_job,
+        job_spec,
+        job_log,
+        wait_job,
+        kill_job,
+        clean_job,
+        list_results,
+        get_result,
+        events,
+        list_users,
+        add_user,
+        remove_user,
+        list_tokens,
+        create_token,
+        revoke_token
+    ),
+    components(schemas(ErrorBody, Event, LogEvent))
+)]
+pub struct ApiDoc;
