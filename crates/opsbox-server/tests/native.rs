@@ -1,0 +1,768 @@
+//! The native API over a real socket against a real SQLite store: each test starts a
+//! server on an ephemeral loopback port with its own data and scripts directories.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use opsbox_api::{
+    CreatedToken, EventPage, Job, JobList, JobOutput, JobState, NewToken, Role, RunResponse,
+    ScriptList, WaitResponse,
+};
+use opsbox_server::{ListenAddr, Server, ServerConfig};
+use serde_json::json;
+
+struct TestServer {
+    base: String,
+    _dir: tempfile::TempDir,
+    scripts: PathBuf,
+    data: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let scripts = dir.path().join("scripts");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&scripts).unwrap();
+        write_script(
+            &scripts,
+            "echo.sh",
+            "# param: text - what to echo\n# required: text",
+            "printf '%s' \"$TEXT\"",
+        );
+        write_script(
+            &scripts,
+            "sleepy.sh",
+            "# param: secs\n# timeout: 2",
+            "sleep 300 &\necho $! > \"$OPSBOX_RESULTS/child.pid\"\necho started\nsleep \"${SECS:-300}\"",
+        );
+        write_script(
+            &scripts,
+            "report.sh",
+            "# description: values and files",
+            "echo 'jojo_return_value answer=42'\nmkdir -p \"$OPSBOX_RESULTS/sub\"\necho hello > \"$OPSBOX_RESULTS/sub/a.txt\"\necho oops >&2\nexit 3",
+        );
+        let mut config = ServerConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            data: data.clone(),
+            scripts: scripts.clone(),
+            ..ServerConfig::default()
+        };
+        config.limits.kill_grace_secs = 1;
+        adjust(&mut config);
+        let server = Server::bind(config).await.unwrap();
+        let addr = server
+            .local_addrs()
+            .into_iter()
+            .find_map(|a| match a {
+                ListenAddr::Http(a) => Some(format!("http://{a}")),
+                ListenAddr::Https(a) => Some(format!("https://{a}")),
+                ListenAddr::Unix(_) => None,
+            })
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestServer {
+            base: addr,
+            _dir: dir,
+            scripts,
+            data,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+fn write_script(dir: &Path, file: &str, meta: &str, body: &str) {
+    let path = dir.join(file);
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\n# -- jojo --\n{meta}\n# -- jojo --\n{body}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Percent-encodes a job name for a path segment (names hold `@` and `:`).
+fn seg(name: &str) -> String {
+    name.replace('@', "%40").replace(':', "%3A")
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn catalog_and_run_with_hostile_params() {
+    let server = TestServer::start().await;
+    let http = client();
+    let list: ScriptList = http
+        .get(server.url("/v1/scripts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = list.scripts.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["echo", "report", "sleepy"]);
+
+    let marker = server.data.join("pwned");
+    let hostile = format!(
+        "$(touch {m}) ; touch {m} `touch {m}` 'quoted' \"double\"\nnew line * $HOME",
+        m = marker.display()
+    );
+    let response: RunResponse = http
+        .post(server.url("/v1/scripts/echo/run"))
+        .json(&json!({"params": {"text": hostile}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(response.job.state, JobState::Succeeded);
+    let output = response.output.unwrap();
+    assert_eq!(
+        output.stdout.join("\n"),
+        hostile,
+        "the value must arrive verbatim"
+    );
+    assert!(!marker.exists(), "a parameter value was executed");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn clear_errors_for_bad_runs() {
+    let server = TestServer::start().await;
+    let http = client();
+    let cases = [
+        (
+            "/v1/scripts/nope/run",
+            json!({}),
+            404,
+            "no script named 'nope'",
+        ),
+        (
+            "/v1/scripts/echo/run",
+            json!({}),
+            400,
+            "missing required param 'text'",
+        ),
+        (
+            "/v1/scripts/echo/run",
+            json!({"params": {"text": "x", "color": "red"}}),
+            400,
+            "unknown param 'color'",
+        ),
+        (
+            "/v1/scripts/echo/run",
+            json!({"params": {"text": 5}}),
+            400,
+            "invalid JSON body",
+        ),
+    ];
+    for (path, body, status, message) in cases {
+        let response = http
+            .post(server.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{path} {body}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            error["message"].as_str().unwrap().contains(message),
+            "{path}: {error}"
+        );
+    }
+    let response = http
+        .post(server.url("/v1/scripts/echo/run"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let response = http
+        .get(server.url("/v1/jobs/none@1:2:3"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    let response = http
+        .get(server.url("/v1/nothing/here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    let response = http
+        .get(server.url("/v1/jobs?state=sleeping"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn failed_job_keeps_output_values_and_results() {
+    let server = TestServer::start().await;
+    let http = client();
+    let response: RunResponse = http
+        .post(server.url("/v1/scripts/report/run"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = response.job;
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.exit_code, Some(3));
+    assert_eq!(job.reason.as_deref(), Some("exited with status 3"));
+    assert_eq!(
+        job.return_values.get("answer").map(String::as_str),
+        Some("42")
+    );
+    assert_eq!(response.output.unwrap().stderr, vec!["oops"]);
+    assert_eq!(job.results.len(), 1);
+    assert_eq!(job.results[0].path, "sub/a.txt");
+
+    let name = seg(&job.name);
+    let file = http
+        .get(server.url(&format!("/v1/jobs/{name}/results/sub/a.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(file.status().as_u16(), 200);
+    assert_eq!(file.text().await.unwrap(), "hello\n");
+    let escape = http
+        .get(server.url(&format!(
+            "/v1/jobs/{name}/results/..%2F..%2Fdata%2Fopsbox.db"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(escape.status().as_u16(), 404);
+
+    let log: JobOutput = http
+        .get(server.url(&format!("/v1/jobs/{name}/log")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(log.stdout, vec!["jojo_return_value answer=42"]);
+    let spec: serde_json::Value = http
+        .get(server.url(&format!("/v1/jobs/{name}/spec")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(spec["script"], "report");
+
+    // Clean removes it.
+    let cleaned = http
+        .delete(server.url(&format!("/v1/jobs/{name}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cleaned.status().as_u16(), 204);
+    let gone = http
+        .get(server.url(&format!("/v1/jobs/{name}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status().as_u16(), 404);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn timeout_and_kill_leave_no_process_behind() {
+    let server = TestServer::start().await;
+    let http = client();
+    // Timeout: the script's `timeout: 2` ends it, background child included.
+    let response: RunResponse = http
+        .post(server.url("/v1/scripts/sleepy/run"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(response.job.state, JobState::Failed);
+    assert_eq!(response.job.reason.as_deref(), Some("timed out after 2s"));
+    let pid_file = server
+        .data
+        .join("results")
+        .join(&response.job.name)
+        .join("child.pid");
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!alive(pid), "background child {pid} outlived the timeout");
+
+    // Kill mid-run, with wait timing out first.
+    let started: RunResponse = http
+        .post(server.url("/v1/scripts/sleepy/run?wait=false"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let name = seg(&started.job.name);
+    let waited: WaitResponse = http
+        .get(server.url(&format!("/v1/jobs/{name}/wait?timeout=0.3")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!waited.done);
+    let killed: Job = http
+        .post(server.url(&format!("/v1/jobs/{name}/kill")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(killed.state, JobState::Killed);
+    assert_eq!(
+        killed.reason.as_deref(),
+        Some("killed by an anonymous caller")
+    );
+    let pid_file = server
+        .data
+        .join("results")
+        .join(&started.job.name)
+        .join("child.pid");
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!alive(pid), "background child {pid} outlived the kill");
+    let waited: WaitResponse = http
+        .get(server.url(&format!("/v1/jobs/{name}/wait?timeout=5")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(waited.done);
+    let running: JobList = http
+        .get(server.url("/v1/jobs?state=running"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(running.jobs.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn follow_log_over_sse() {
+    let server = TestServer::start().await;
+    write_script(
+        &server.scripts,
+        "ticks.sh",
+        "",
+        "for i in 1 2 3; do echo tick $i; sleep 0.2; done",
+    );
+    let http = client();
+    let reload: serde_json::Value = http
+        .post(server.url("/v1/reload"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reload["scripts"], 4);
+    let started: RunResponse = http
+        .post(server.url("/v1/scripts/ticks/run?wait=false"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let name = seg(&started.job.name);
+    let body = http
+        .get(server.url(&format!("/v1/jobs/{name}/log?follow=true")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data: Vec<serde_json::Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = data
+        .iter()
+        .filter(|e| e["type"] == "output")
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "tick 1\ntick 2\ntick 3\n");
+    let last = data.last().unwrap();
+    assert_eq!(last["type"], "end");
+    assert_eq!(last["state"], "succeeded");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn watch_resumes_from_a_revision_and_compacted_is_gone() {
+    let server = TestServer::start().await;
+    let http = client();
+    let first: RunResponse = http
+        .post(server.url("/v1/scripts/echo/run"))
+        .json(&json!({"params": {"text": "one"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let page: EventPage = http
+        .get(server.url("/v1/events?since=0"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mark = page.current_revision;
+    assert!(page
+        .events
+        .iter()
+        .any(|e| e.subject == first.job.name && e.kind == "job.finished"));
+
+    // Start following from `mark` before more happens, over SSE.
+    let follow = http
+        .get(server.url(&format!("/v1/events?since={mark}&follow=true")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status().as_u16(), 200);
+    let second: RunResponse = http
+        .post(server.url("/v1/scripts/echo/run"))
+        .json(&json!({"params": {"text": "two"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut stream = follow.bytes_stream();
+    let mut text = String::new();
+    use futures::StreamExt;
+    let mut seen: Vec<(u64, String, String)> = Vec::new();
+    while seen.len() < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("events should arrive")
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let message: String = text.drain(..end + 2).collect();
+            if let Some(data) = message.lines().find_map(|l| l.strip_prefix("data: ")) {
+                let event: opsbox_api::Event = serde_json::from_str(data).unwrap();
+                seen.push((event.rev, event.kind, event.subject));
+            }
+        }
+    }
+    assert_eq!(
+        seen[0].0,
+        mark + 1,
+        "resume must start right after the revision"
+    );
+    assert!(seen.windows(2).all(|w| w[1].0 == w[0].0 + 1));
+    let kinds: Vec<&str> = seen.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(kinds, vec!["job.created", "job.started", "job.finished"]);
+    assert!(seen.iter().all(|s| s.2 == second.job.name));
+
+    // Compaction: revision 0 is gone now, with the revision to re-list from.
+    server_compact(&server, 1).await;
+    let gone = http
+        .get(server.url("/v1/events?since=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status().as_u16(), 410);
+    let body: serde_json::Value = gone.json().await.unwrap();
+    assert_eq!(body["error"], "gone");
+    assert!(body["current_revision"].as_u64().unwrap() >= mark + 3);
+    server.shutdown().await;
+}
+
+/// Compacts the server's event log through a second store handle on the same file.
+async fn server_compact(server: &TestServer, keep: u64) {
+    let store = opsbox_core::Core::open_store(&server.data).await.unwrap();
+    store.compact_events(keep).await.unwrap();
+}
+
+#[tokio::test]
+async fn every_route_needs_credentials_once_auth_is_configured() {
+    let server = TestServer::start().await;
+    let http = client();
+    // Open server: create an admin token, which turns auth on.
+    let created: CreatedToken = http
+        .post(server.url("/v1/tokens"))
+        .json(&NewToken {
+            role: Role::Admin,
+            nodes: vec![],
+            description: Some("test".into()),
+        })
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let routes: &[(&str, &str)] = &[
+        ("GET", "/v1/info"),
+        ("GET", "/v1/openapi.json"),
+        ("GET", "/v1/scripts"),
+        ("GET", "/v1/scripts/echo"),
+        ("POST", "/v1/scripts/echo/run"),
+        ("POST", "/v1/reload"),
+        ("GET", "/v1/jobs"),
+        ("GET", "/v1/jobs/x@1:2:3"),
+        ("DELETE", "/v1/jobs/x@1:2:3"),
+        ("GET", "/v1/jobs/x@1:2:3/spec"),
+        ("GET", "/v1/jobs/x@1:2:3/log"),
+        ("GET", "/v1/jobs/x@1:2:3/log/ws"),
+        ("GET", "/v1/jobs/x@1:2:3/wait"),
+        ("POST", "/v1/jobs/x@1:2:3/kill"),
+        ("GET", "/v1/jobs/x@1:2:3/results"),
+        ("GET", "/v1/jobs/x@1:2:3/results/a.txt"),
+        ("GET", "/v1/events"),
+        ("GET", "/v1/events/ws"),
+        ("GET", "/v1/users"),
+        ("POST", "/v1/users"),
+        ("DELETE", "/v1/users/bob"),
+        ("GET", "/v1/tokens"),
+        ("POST", "/v1/tokens"),
+        ("DELETE", "/v1/tokens/abc"),
+        ("GET", "/v1/no-such-route"),
+    ];
+    for (method, path) in routes {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let anonymous = http
+            .request(method.clone(), server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            anonymous.status().as_u16(),
+            401,
+            "{method} {path} without credentials"
+        );
+        assert!(anonymous.headers().contains_key("www-authenticate"));
+        let wrong = http
+            .request(method.clone(), server.url(path))
+            .bearer_auth("obx_nope_nope")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            wrong.status().as_u16(),
+            401,
+            "{method} {path} with a wrong token"
+        );
+        let basic = http
+            .request(method.clone(), server.url(path))
+            .basic_auth("nobody", Some("x"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            basic.status().as_u16(),
+            401,
+            "{method} {path} with a wrong password"
+        );
+    }
+    // The token works, and roles are enforced.
+    let info = http
+        .get(server.url("/v1/info"))
+        .bearer_auth(&created.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(info.status().as_u16(), 200);
+    let user = http
+        .post(server.url("/v1/users"))
+        .bearer_auth(&created.secret)
+        .json(&json!({"name": "reader", "password": "pa:ss word", "role": "reader"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(user.status().as_u16(), 201);
+    let read = http
+        .get(server.url("/v1/scripts"))
+        .basic_auth("reader", Some("pa:ss word"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status().as_u16(), 200);
+    let run = http
+        .post(server.url("/v1/scripts/echo/run"))
+        .basic_auth("reader", Some("pa:ss word"))
+        .json(&json!({"params": {"text": "x"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(run.status().as_u16(), 403);
+    let info: serde_json::Value = http
+        .get(server.url("/v1/info"))
+        .basic_auth("reader", Some("pa:ss word"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["you"], "reader");
+    assert_eq!(info["auth_required"], true);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_listener_with_a_self_signed_certificate() {
+    let server = TestServer::start_with(|c| c.listen = vec!["https://127.0.0.1:0".into()]).await;
+    assert!(server.base.starts_with("https://"));
+    let http = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let info = http.get(server.url("/v1/info")).send().await.unwrap();
+    assert_eq!(info.status().as_u16(), 200);
+    assert!(server.data.join("tls/cert.pem").exists());
+    for version in [
+        reqwest::tls::Version::TLS_1_2,
+        reqwest::tls::Version::TLS_1_3,
+    ] {
+        let pinned = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .min_tls_version(version)
+            .max_tls_version(version)
+            .build()
+            .unwrap();
+        let info = pinned.get(server.url("/v1/info")).send().await.unwrap();
+        assert_eq!(info.status().as_u16(), 200, "{version:?}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn non_loopback_without_credentials_is_refused_and_bodies_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        listen: vec!["0.0.0.0:0".into()],
+        data: dir.path().join("data"),
+        scripts: dir.path().join("scripts"),
+        ..ServerConfig::default()
+    };
+    let refused = Server::bind(config.clone())
+        .await
+        .err()
+        .expect("must refuse");
+    assert!(refused.to_string().contains("--insecure"), "{refused}");
+
+    let server = TestServer::start_with(|c| c.limits.max_body_bytes = 1024).await;
+    let big = json!({"params": {"text": "x".repeat(4096)}});
+    let response = client()
+        .post(server.url("/v1/scripts/echo/run"))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn openapi_document_lists_the_routes() {
+    let server = TestServer::start().await;
+    let doc: serde_json::Value = client()
+        .get(server.url("/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for path in [
+        "/v1/scripts",
+        "/v1/scripts/{name}/run",
+        "/v1/jobs/{name}/wait",
+        "/v1/events",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    let _: BTreeMap<String, serde_json::Value> =
+        serde_json::from_value(doc["components"]["schemas"].clone()).unwrap();
+    server.shutdown().await;
+}
