@@ -295,7 +295,7 @@ pub enum LogEvent {
     /// A chunk of output.
     Output(LogChunk),
     /// The job ended; no more output follows.
-    End(Job),
+    End(Box<Job>),
 }
 
 // ---------------------------------------------------------------------------------------

@@ -449,7 +449,7 @@ impl Jobs {
                     }
                 }
                 if job.state.is_terminal() {
-                    yield Ok(LogEvent::End(to_job(&job)));
+                    yield Ok(LogEvent::End(Box::new(to_job(&job))));
                     return;
                 }
                 if changes.changed().await.is_err() {
