@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use base64::Engine;
 use chrono::Utc;
 use opsbox_api::{CreatedToken, NewToken, NewUser, Role, Token, User};
 use rand::RngCore;
@@ -190,6 +191,17 @@ impl Identities {
         self.store_user(record, true).await
     }
 
+    /// Imports every user of an htpasswd file with `role` (existing users get the file's
+    /// hash); returns their names.
+    pub async fn import_htpasswd(&self, text: &str, role: Role) -> CoreResult<Vec<String>> {
+        let mut names = Vec::new();
+        for (user, hash) in parse_htpasswd(text)? {
+            self.import_user(&user, &hash, role).await?;
+            names.push(user);
+        }
+        Ok(names)
+    }
+
     async fn store_user(&self, record: UserRecord, replace: bool) -> CoreResult<User> {
         let user = User {
             name: record.name.clone(),
@@ -325,7 +337,9 @@ pub fn hash_password(password: &str) -> CoreResult<String> {
         .map_err(|e| CoreError::Invalid(format!("cannot hash the password: {e}")))
 }
 
-/// Checks a password against a stored hash.
+/// Checks a password against a stored hash: argon2id for users made here, and every
+/// format an Apache htpasswd file holds (what passlib accepted for Pyjojo): bcrypt
+/// `$2y$`, Apache MD5 `$apr1$`, `{SHA}`, DES crypt, and plaintext.
 pub fn verify_password(hash: &str, password: &str) -> bool {
     if hash.starts_with("$argon2") {
         return PasswordHash::new(hash)
@@ -336,7 +350,47 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
             })
             .unwrap_or(false);
     }
-    false
+    if let Some(digest) = hash.strip_prefix("{SHA}") {
+        // htpasswd -s: base64 of a bare SHA-1. No crypt library names this format, so
+        // it is two lines here.
+        use sha1::Digest as _;
+        let ours = base64::engine::general_purpose::STANDARD
+            .encode(sha1::Sha1::digest(password.as_bytes()));
+        return constant_time_eq(ours.as_bytes(), digest.as_bytes());
+    }
+    if hash.starts_with('$') || is_des_crypt(hash) {
+        return crypt3_rs::unix::verify(password, hash);
+    }
+    constant_time_eq(hash.as_bytes(), password.as_bytes())
+}
+
+/// A traditional 13-character DES crypt hash.
+fn is_des_crypt(hash: &str) -> bool {
+    hash.len() == 13
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/')
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Parses an Apache htpasswd file into (user, hash) pairs; blank lines and `#`
+/// comments are skipped, a line without `:` is an error naming its number.
+pub fn parse_htpasswd(text: &str) -> CoreResult<Vec<(String, String)>> {
+    let mut users = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, hash) = line.split_once(':').ok_or_else(|| {
+            CoreError::Invalid(format!("htpasswd line {}: expected user:hash", number + 1))
+        })?;
+        users.push((user.to_owned(), hash.to_owned()));
+    }
+    Ok(users)
 }
 
 #[cfg(test)]
@@ -348,7 +402,32 @@ mod tests {
         let hash = hash_password("a good: password").unwrap();
         assert!(verify_password(&hash, "a good: password"));
         assert!(!verify_password(&hash, "a good password"));
-        assert!(!verify_password("plain", "plain"));
+    }
+
+    #[test]
+    fn htpasswd_formats() {
+        // Made with: htpasswd -nbm/-nbB/-nbs/-nbd user secret, and passlib's plaintext.
+        let apr1 = crypt3_rs::crypt::apr1::hash_with("$apr1$RandSalt$", "sec:ret").unwrap();
+        assert!(verify_password(&apr1, "sec:ret"));
+        assert!(!verify_password(&apr1, "secret"));
+        let bcrypt = "$2y$05$bvIG6Nmid91Mu9RcmmWZfO5HJIMCT8riNW0hEp8f6/FuA2/mHZFpe";
+        assert!(verify_password(bcrypt, "password"));
+        assert!(!verify_password(bcrypt, "Password"));
+        // {SHA} of "password"
+        assert!(verify_password(
+            "{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=",
+            "password"
+        ));
+        assert!(!verify_password(
+            "{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=",
+            "passwore"
+        ));
+        assert!(verify_password("aZGJuE6EXrjEE", "test"));
+        assert!(verify_password("plain", "plain"));
+        assert!(!verify_password("plain", "plan"));
+        let users = parse_htpasswd("# c\nalice:$apr1$x$y\n\nbob:{SHA}abc\n").unwrap();
+        assert_eq!(users.len(), 2);
+        assert!(parse_htpasswd("nocolon").is_err());
     }
 
     #[test]
