@@ -30,7 +30,19 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// Certificate for `https://` listeners.
     pub tls: TlsSource,
+    /// An Apache htpasswd file whose users are imported (role operator) at start and
+    /// again whenever the file changes, as Pyjojo re-read it.
+    pub htpasswd: Option<PathBuf>,
     pub limits: Limits,
+    pub jojo: JojoConfig,
+}
+
+/// Settings of the Jojo face.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct JojoConfig {
+    /// Accept any `Content-Type` (Pyjojo's `--force-json`), for clients that cannot set it.
+    pub force_json: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,7 +84,9 @@ impl Default for ServerConfig {
             charms: PathBuf::from("examples/charms"),
             insecure: false,
             tls: TlsSource::default(),
+            htpasswd: None,
             limits: Limits::default(),
+            jojo: JojoConfig::default(),
         }
     }
 }

@@ -28,7 +28,7 @@ use opsbox_core::{Core, CoreConfig, CoreError};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
-pub use config::{Limits, ServerConfig, TlsSource};
+pub use config::{JojoConfig, Limits, ServerConfig, TlsSource};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -64,9 +64,46 @@ pub fn router(state: AppState) -> Router {
     let limit = state.config.limits.max_body_bytes;
     Router::new()
         .merge(faces::native::routes(state.clone()))
+        .merge(faces::jojo::routes(state.clone()))
         .layer(RequestBodyLimitLayer::new(limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Imports the users of an htpasswd file (role operator).
+async fn import_htpasswd(core: &Core, path: &std::path::Path) -> Result<usize, ServerError> {
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        ServerError::Core(CoreError::Io {
+            action: format!("read the htpasswd file {}", path.display()),
+            source,
+        })
+    })?;
+    let names = core
+        .identities
+        .import_htpasswd(&text, opsbox_api::Role::Operator)
+        .await?;
+    tracing::info!(users = names.len(), file = %path.display(), "imported htpasswd users");
+    Ok(names.len())
+}
+
+/// Re-imports the htpasswd file whenever its modification time changes, so edits take
+/// effect without a restart (Pyjojo re-read it on every request).
+fn watch_htpasswd(core: Core, path: PathBuf) {
+    tokio::spawn(async move {
+        let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut seen = modified(&path);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = modified(&path);
+            if now != seen {
+                seen = now;
+                if let Err(e) = import_htpasswd(&core, &path).await {
+                    tracing::warn!(error = %e, "cannot re-import the htpasswd file");
+                }
+            }
+        }
+    });
 }
 
 /// Where a listener accepts connections.
@@ -151,6 +188,10 @@ impl Server {
             ..CoreConfig::new(config.data.clone(), config.scripts.clone())
         };
         let core = Core::open(core_config).await?;
+        if let Some(path) = &config.htpasswd {
+            import_htpasswd(&core, path).await?;
+            watch_htpasswd(core.clone(), path.clone());
+        }
 
         let exposed: Vec<String> = addresses
             .iter()
