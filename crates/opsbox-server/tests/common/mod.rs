@@ -1,0 +1,131 @@
+//! A server on an ephemeral loopback port with its own data and scripts directories,
+//! shared by the integration tests of every face.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use opsbox_server::{ListenAddr, Server, ServerConfig};
+
+pub struct TestServer {
+    pub base: String,
+    _dir: tempfile::TempDir,
+    pub scripts: PathBuf,
+    pub data: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let scripts = dir.path().join("scripts");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&scripts).unwrap();
+        write_script(
+            &scripts,
+            "echo.sh",
+            "# param: text - what to echo\n# required: text",
+            "printf '%s' \"$TEXT\"",
+        );
+        write_script(
+            &scripts,
+            "sleepy.sh",
+            "# param: secs\n# timeout: 2",
+            "sleep 300 &\necho $! > \"$OPSBOX_RESULTS/child.pid\"\necho started\nsleep \"${SECS:-300}\"",
+        );
+        write_script(
+            &scripts,
+            "report.sh",
+            "# description: values and files",
+            "echo 'jojo_return_value answer=42'\nmkdir -p \"$OPSBOX_RESULTS/sub\"\necho hello > \"$OPSBOX_RESULTS/sub/a.txt\"\necho oops >&2\nexit 3",
+        );
+        let mut config = ServerConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            data: data.clone(),
+            scripts: scripts.clone(),
+            ..ServerConfig::default()
+        };
+        config.limits.kill_grace_secs = 1;
+        adjust(&mut config);
+        let server = Server::bind(config).await.unwrap();
+        let addr = server
+            .local_addrs()
+            .into_iter()
+            .find_map(|a| match a {
+                ListenAddr::Http(a) => Some(format!("http://{a}")),
+                ListenAddr::Https(a) => Some(format!("https://{a}")),
+                ListenAddr::Unix(_) => None,
+            })
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestServer {
+            base: addr,
+            _dir: dir,
+            scripts,
+            data,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+pub fn write_script(dir: &Path, file: &str, meta: &str, body: &str) {
+    let path = dir.join(file);
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\n# -- jojo --\n{meta}\n# -- jojo --\n{body}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Percent-encodes a job name for a path segment (names hold `@` and `:`).
+pub fn seg(name: &str) -> String {
+    name.replace('@', "%40").replace(':', "%3A")
+}
+
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
