@@ -33,6 +33,13 @@ pub struct ServeArgs {
     /// Allow listening beyond loopback with no users or tokens configured.
     #[arg(long = "insecure-listen", env = "OPSBOX_INSECURE_LISTEN")]
     pub insecure: bool,
+    /// Apache htpasswd file: its users can log in (role operator); edits are picked up
+    /// while running.
+    #[arg(long = "htpasswd", env = "OPSBOX_HTPASSWD")]
+    pub htpasswd: Option<PathBuf>,
+    /// Jojo face: accept request bodies whatever their Content-Type (Pyjojo's flag).
+    #[arg(long = "force-json", env = "OPSBOX_FORCE_JSON")]
+    pub force_json: bool,
     /// Script runs at once; more wait queued.
     #[arg(long = "max-runs", env = "OPSBOX_MAX_RUNS")]
     pub max_runs: Option<usize>,
@@ -69,6 +76,12 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if args.insecure {
         config.insecure = true;
+    }
+    if let Some(htpasswd) = &args.htpasswd {
+        config.htpasswd = Some(htpasswd.clone());
+    }
+    if args.force_json {
+        config.jojo.force_json = true;
     }
     if let Some(n) = args.max_runs {
         anyhow::ensure!(n > 0, "--max-runs must be at least 1");
