@@ -645,3 +645,82 @@ async fn openapi_document_lists_the_routes() {
         serde_json::from_value(doc["components"]["schemas"].clone()).unwrap();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn websocket_streams_for_events_and_logs() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let server = TestServer::start().await;
+    write_script(
+        &server.scripts,
+        "ticks.sh",
+        "",
+        "for i in 1 2; do echo tick $i; sleep 0.2; done",
+    );
+    let http = client();
+    http.post(server.url("/v1/reload")).send().await.unwrap();
+    let ws_base = server.base.replacen("http://", "ws://", 1);
+
+    let (mut events, _) =
+        tokio_tungstenite::connect_async(format!("{ws_base}/v1/events/ws?since=0"))
+            .await
+            .unwrap();
+    let started: RunResponse = http
+        .post(server.url("/v1/scripts/ticks/run?wait=false"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (mut log, _) = tokio_tungstenite::connect_async(format!(
+        "{ws_base}/v1/jobs/{}/log/ws",
+        seg(&started.job.name)
+    ))
+    .await
+    .unwrap();
+    let mut text = String::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), log.next())
+            .await
+            .expect("log frames should arrive")
+            .unwrap()
+            .unwrap();
+        let Message::Text(frame) = frame else {
+            continue;
+        };
+        let event: opsbox_api::LogEvent = serde_json::from_str(&frame).unwrap();
+        match event {
+            opsbox_api::LogEvent::Output(chunk) => text.push_str(&chunk.data),
+            opsbox_api::LogEvent::End(job) => {
+                assert_eq!(job.state, JobState::Succeeded);
+                break;
+            }
+        }
+    }
+    assert_eq!(text, "tick 1\ntick 2\n");
+
+    let mut kinds = Vec::new();
+    while kinds.len() < 4 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("events should arrive")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(frame) = frame {
+            let event: opsbox_api::Event = serde_json::from_str(&frame).unwrap();
+            kinds.push(event.kind);
+        }
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            "scripts.reloaded",
+            "job.created",
+            "job.started",
+            "job.finished"
+        ]
+    );
+    server.shutdown().await;
+}
