@@ -1,0 +1,341 @@
+//! `opsbox jobs list | info | spec | log | wait | kill | clean | results`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Subcommand;
+use opsbox_api::{Job, JobState};
+use opsbox_client::{Client, JobFilter};
+
+use super::{output, scripts, Ctx, EXIT_TIMEOUT};
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this state: queued, running, succeeded, failed, killed, lost.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<JobState>,
+        /// Only runs of this script.
+        #[arg(long)]
+        script: Option<String>,
+        /// At most this many jobs.
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Show a job: state, times, exit code, return values, result files.
+    Info { name: String },
+    /// Show what was asked for: script, file, parameters, limits.
+    Spec { name: String },
+    /// Print a job's output (stdout to stdout, stderr to stderr).
+    Log {
+        name: String,
+        /// Stream the output live until the job ends, then exit with its exit code.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Wait for a job to end; exits with its exit code, or 124 when --timeout passes.
+    Wait {
+        name: String,
+        /// Give up after this many seconds (default: wait as long as it takes).
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        timeout: Option<Duration>,
+    },
+    /// Kill a queued or running job (its whole process group).
+    Kill { name: String },
+    /// Delete a finished job with its output and result files.
+    Clean { name: String },
+    /// List a job's result files, or download one.
+    Results {
+        name: String,
+        /// Download this result file (a path as listed).
+        #[arg(long, value_name = "PATH")]
+        download: Option<String>,
+        /// Write the download to FILE instead of standard output.
+        #[arg(long, short = 'o', value_name = "FILE", requires = "download")]
+        output: Option<PathBuf>,
+    },
+}
+
+fn parse_state(word: &str) -> Result<JobState, String> {
+    JobState::parse(word).ok_or_else(|| {
+        format!("'{word}' is not one of queued, running, succeeded, failed, killed, lost")
+    })
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("'{text}' is not a duration"))
+}
+
+pub async fn run(ctx: &Ctx, command: JobsCommand) -> anyhow::Result<u8> {
+    let client = ctx.client()?;
+    match command {
+        JobsCommand::List {
+            state,
+            script,
+            limit,
+        } => {
+            let filter = JobFilter {
+                state,
+                script,
+                limit,
+            };
+            list(ctx, &client, &filter).await
+        }
+        JobsCommand::Info { name } => {
+            let job = client.job(&name).await?;
+            if ctx.json {
+                output::json(&job)?;
+            } else {
+                print!("{}", describe(&job));
+            }
+            Ok(0)
+        }
+        JobsCommand::Spec { name } => {
+            let spec = client.spec(&name).await?;
+            if ctx.json {
+                output::json(&spec)?;
+            } else {
+                print!(
+                    "{}",
+                    output::fields(&[
+                        ("name", spec.name.clone()),
+                        ("script", spec.script.clone()),
+                        ("file", spec.filename.clone()),
+                        ("params", output::map(&spec.params)),
+                        ("output", output::output_mode(spec.output).to_string()),
+                        ("lock", if spec.lock { "yes" } else { "no" }.into()),
+                        (
+                            "timeout",
+                            spec.timeout_secs
+                                .map(|s| format!("{s}s"))
+                                .unwrap_or_else(|| "none".into())
+                        ),
+                        (
+                            "submitted by",
+                            spec.submitted_by.clone().unwrap_or_else(|| "-".into())
+                        ),
+                        ("created", output::time(spec.created_at)),
+                    ])
+                );
+            }
+            Ok(0)
+        }
+        JobsCommand::Log { name, follow } => {
+            if follow {
+                return scripts::follow_job(ctx, &client, &name).await;
+            }
+            let log = client.log(&name).await?;
+            if ctx.json {
+                output::json(&log)?;
+                return Ok(0);
+            }
+            {
+                let mut out = std::io::stdout().lock();
+                for line in &log.stdout {
+                    writeln!(out, "{line}")?;
+                }
+                out.flush()?;
+            }
+            for line in &log.stderr {
+                eprintln!("{line}");
+            }
+            Ok(0)
+        }
+        JobsCommand::Wait { name, timeout } => wait(ctx, &client, &name, timeout).await,
+        JobsCommand::Kill { name } => {
+            let job = client.kill(&name).await?;
+            if ctx.json {
+                output::json(&job)?;
+            } else {
+                println!("{}: {}", job.name, job.state);
+            }
+            Ok(0)
+        }
+        JobsCommand::Clean { name } => {
+            client.clean(&name).await?;
+            if ctx.json {
+                output::json(&serde_json::json!({ "cleaned": name }))?;
+            } else {
+                println!("cleaned {name}");
+            }
+            Ok(0)
+        }
+        JobsCommand::Results {
+            name,
+            download: Some(path),
+            output: target,
+        } => {
+            let bytes = client.download_result(&name, &path).await?;
+            match target {
+                Some(file) if file.as_os_str() != "-" => {
+                    std::fs::write(&file, &bytes)
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+                    if !ctx.json {
+                        eprintln!(
+                            "wrote {} ({})",
+                            file.display(),
+                            output::size(bytes.len() as u64)
+                        );
+                    }
+                }
+                _ => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&bytes)?;
+                    out.flush()?;
+                }
+            }
+            Ok(0)
+        }
+        JobsCommand::Results {
+            name,
+            download: None,
+            ..
+        } => {
+            let results = client.results(&name).await?;
+            if ctx.json {
+                output::json(&results)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = results
+                .files
+                .iter()
+                .map(|f| vec![f.path.clone(), f.size.to_string(), output::size(f.size)])
+                .collect();
+            print!("{}", output::table(&["PATH", "BYTES", "SIZE"], &rows));
+            Ok(0)
+        }
+    }
+}
+
+async fn list(ctx: &Ctx, client: &Client, filter: &JobFilter) -> anyhow::Result<u8> {
+    let jobs = client.jobs(filter).await?;
+    if ctx.json {
+        output::json(&jobs)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|job| {
+            vec![
+                job.name.clone(),
+                job.state.to_string(),
+                job.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                output::time(job.created_at),
+                output::run_time(job),
+                job.node.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        output::table(&["NAME", "STATE", "EXIT", "CREATED", "RAN", "NODE"], &rows)
+    );
+    Ok(0)
+}
+
+fn describe(job: &Job) -> String {
+    let mut pairs = vec![
+        ("name", job.name.clone()),
+        ("script", job.script.clone()),
+        ("state", job.state.to_string()),
+    ];
+    if job.state.is_terminal() && job.state != JobState::Succeeded {
+        pairs.push(("reason", output::failure_reason(job)));
+    }
+    pairs.extend([
+        (
+            "exit code",
+            job.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("params", output::map(&job.params)),
+        ("node", job.node.clone().unwrap_or_else(|| "-".into())),
+        (
+            "submitted by",
+            job.submitted_by.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("created", output::time(job.created_at)),
+        ("started", output::opt_time(job.started_at)),
+        ("finished", output::opt_time(job.finished_at)),
+        ("ran", output::run_time(job)),
+        ("return values", output::map(&job.return_values)),
+        (
+            "results",
+            output::list(
+                &job.results
+                    .iter()
+                    .map(|r| format!("{} ({})", r.path, output::size(r.size)))
+                    .collect::<Vec<_>>(),
+            ),
+        ),
+    ]);
+    if let Some(signal) = job.signal {
+        pairs.push(("signal", signal.to_string()));
+    }
+    output::fields(&pairs)
+}
+
+/// Waits for the job, with a spinner on a terminal. Exit status: the job's, or
+/// [`EXIT_TIMEOUT`] when the timeout passed first.
+async fn wait(
+    ctx: &Ctx,
+    client: &Client,
+    name: &str,
+    timeout: Option<Duration>,
+) -> anyhow::Result<u8> {
+    let spinner = (!ctx.json && std::io::stderr().is_terminal()).then(|| {
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} waiting for {msg} ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        spinner.set_message(name.to_string());
+        spinner.enable_steady_tick(Duration::from_millis(120));
+        spinner
+    });
+    let answer = client.wait(name, timeout).await;
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
+    let response = answer?;
+    let job = &response.job;
+    if ctx.json {
+        output::json(&response)?;
+    }
+    if !response.done {
+        if !ctx.json {
+            let waited = timeout
+                .map(|t| format!(" after {}s", t.as_secs_f64()))
+                .unwrap_or_default();
+            eprintln!(
+                "error: timed out{waited}: {} is still {}",
+                job.name, job.state
+            );
+        }
+        return Ok(EXIT_TIMEOUT);
+    }
+    if !ctx.json {
+        eprintln!("{}", output::summary(job));
+    }
+    Ok(output::job_exit_status(job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_take_fractions_of_a_second() {
+        assert_eq!(parse_seconds("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! The command line: flags parsed by clap ([`Cli`]), resolved into a [`Ctx`] (which
+//! server, which credentials, JSON or human output), then one module per command group
+//! does the work through the SDK.
+
+mod identity;
+mod jobs;
+mod output;
+mod scripts;
+mod server;
+mod watch;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use opsbox_client::{Client, ClientConfig, ClientError};
+
+use crate::serve::ServeArgs;
+
+/// Exit status for an error of the CLI or a refusal of the server.
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status of `opsbox jobs wait` when `--timeout` passed first (as timeout(1)).
+pub const EXIT_TIMEOUT: u8 = 124;
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0    success
+  N    `scripts run`, `jobs wait`, `jobs log --follow`: the script's own exit code;
+       1 when it ended without one (killed, timed out, lost)
+  124  `jobs wait --timeout S`: the job was still running when S seconds passed
+  1    any other error (server unreachable, refused, not found...)
+  2    invalid command line
+
+Connection settings: flags win over the environment (OPSBOX_SERVER, OPSBOX_USER,
+OPSBOX_PASSWORD, OPSBOX_TOKEN), which wins over the client config file
+(--client-config, OPSBOX_CLIENT_CONFIG, or ~/.config/opsbox/client.toml; keys server,
+user, password, token, insecure).";
+
+/// opsbox: run operations on machines remotely.
+#[derive(Parser, Debug)]
+#[command(name = "opsbox", version, after_help = EXIT_STATUS_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every client command takes.
+#[derive(Args, Debug, Clone, Default)]
+pub struct GlobalArgs {
+    /// Server URL [env: OPSBOX_SERVER] [default: http://127.0.0.1:3000]
+    #[arg(long, global = true, value_name = "URL")]
+    server: Option<String>,
+    /// User for HTTP Basic auth [env: OPSBOX_USER]
+    #[arg(long, global = true, value_name = "NAME")]
+    user: Option<String>,
+    /// Password for --user [env: OPSBOX_PASSWORD]
+    #[arg(long, global = true, value_name = "PASSWORD")]
+    password: Option<String>,
+    /// API token, sent as a Bearer token [env: OPSBOX_TOKEN]
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// Client config file [env: OPSBOX_CLIENT_CONFIG] [default: ~/.config/opsbox/client.toml]
+    #[arg(long = "client-config", global = true, value_name = "FILE")]
+    client_config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Accept any TLS certificate (a self-signed test server).
+    #[arg(long, global = true)]
+    insecure: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// List, show and run scripts.
+    #[command(subcommand)]
+    Scripts(scripts::ScriptsCommand),
+    /// List and manage jobs: info, spec, log, wait, kill, clean, results.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
+    /// Print every event live, one per line with its revision.
+    Watch(watch::WatchArgs),
+    /// Make the server rescan its scripts directory.
+    Reload,
+    /// Show the server's version, revision and who you are to it.
+    Info,
+    /// Manage users (admin).
+    Users(identity::UsersArgs),
+    /// Manage API tokens (admin).
+    Tokens(identity::TokensArgs),
+}
+
+impl Cli {
+    /// True for `opsbox serve`, which logs more than the client commands.
+    pub fn is_serve(&self) -> bool {
+        matches!(self.command, Command::Serve(_))
+    }
+}
+
+/// What every client command needs: how to reach the server, and how to print.
+pub struct Ctx {
+    config: ClientConfig,
+    /// `--json`: print JSON documents (one per line for live streams).
+    json: bool,
+}
+
+impl Ctx {
+    fn new(global: &GlobalArgs) -> anyhow::Result<Ctx> {
+        let flags = ClientConfig {
+            server: global.server.clone(),
+            user: global.user.clone(),
+            password: global.password.clone(),
+            token: global.token.clone(),
+            insecure: global.insecure.then_some(true),
+        };
+        let file = match &global.client_config {
+            Some(path) => ClientConfig::from_file(path)?,
+            None => ClientConfig::from_default_file()?,
+        };
+        Ok(Ctx {
+            config: flags.or(ClientConfig::from_env()).or(file),
+            json: global.json,
+        })
+    }
+
+    /// An SDK client for the configured server (no request made yet).
+    fn client(&self) -> anyhow::Result<Client> {
+        self.config
+            .builder()
+            .build()
+            .with_context(|| format!("cannot set up a client of {}", self.config.server_url()))
+    }
+}
+
+/// Runs the parsed command; the `Ok` value is the exit status.
+pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Command::Serve(args) = cli.command {
+        crate::serve::run(args).await?;
+        return Ok(0);
+    }
+    let ctx = Ctx::new(&cli.global)?;
+    match cli.command {
+        Command::Serve(_) => unreachable!("handled above"),
+        Command::Scripts(command) => scripts::run(&ctx, command).await,
+        Command::Jobs(command) => jobs::run(&ctx, command).await,
+        Command::Watch(args) => watch::run(&ctx, args).await,
+        Command::Reload => server::reload(&ctx).await,
+        Command::Info => server::info(&ctx).await,
+        Command::Users(args) => identity::users(&ctx, args).await,
+        Command::Tokens(args) => identity::tokens(&ctx, args).await,
+    }
+}
+
+/// One line for an error: the server's own sentence for its refusals, the cause chain
+/// for the rest, and a hint where one helps.
+pub fn describe_error(error: &anyhow::Error) -> String {
+    let text = format!("{error:#}");
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Unauthorized(_)) => format!(
+            "{text} (give --user and --password, or --token; or set OPSBOX_USER/OPSBOX_PASSWORD or OPSBOX_TOKEN)"
+        ),
+        Some(ClientError::Forbidden(_)) => format!("{text} (your role does not allow this)"),
+        _ => text,
+    }
+}
+
+/// True when the error is stdout's reader having gone away.
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let cli = Cli::try_parse_from([
+            "opsbox",
+            "jobs",
+            "list",
+            "--json",
+            "--server",
+            "http://h:1",
+            "--limit",
+            "3",
+        ])
+        .unwrap();
+        assert!(cli.global.json);
+        assert_eq!(cli.global.server.as_deref(), Some("http://h:1"));
+    }
+
+    #[test]
+    fn flags_beat_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("client.toml");
+        std::fs::write(&file, "server = \"http://file:1\"\ntoken = \"from-file\"\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "opsbox",
+            "info",
+            "--client-config",
+            file.to_str().unwrap(),
+            "--server",
+            "http://flag:2",
+        ])
+        .unwrap();
+        let ctx = Ctx::new(&cli.global).unwrap();
+        assert_eq!(ctx.config.server_url(), "http://flag:2");
+        // Unless the environment of the test run names credentials, the file's token
+        // fills in.
+        if std::env::var_os("OPSBOX_USER").is_none() && std::env::var_os("OPSBOX_TOKEN").is_none() {
+            assert_eq!(ctx.config.token.as_deref(), Some("from-file"));
+        }
+    }
+
+    #[test]
+    fn a_missing_explicit_config_file_is_an_error() {
+        let cli = Cli::try_parse_from(["opsbox", "info", "--client-config", "/nonexistent/c.toml"])
+            .unwrap();
+        assert!(Ctx::new(&cli.global).is_err());
+    }
+}
