@@ -370,7 +370,10 @@ impl Client {
     ///
     /// A dropped connection is resumed after the last chunk received, so no chunk is
     /// seen twice or lost.
-    pub fn follow_log(&self, name: &str) -> impl Stream<Item = Result<LogEvent>> + Send + 'static {
+    pub fn follow_log(
+        &self,
+        name: &str,
+    ) -> impl Stream<Item = Result<LogEvent>> + Send + Unpin + 'static {
         self.follow_log_since(name, 0)
     }
 
@@ -379,10 +382,10 @@ impl Client {
         &self,
         name: &str,
         since: u64,
-    ) -> impl Stream<Item = Result<LogEvent>> + Send + 'static {
+    ) -> impl Stream<Item = Result<LogEvent>> + Send + Unpin + 'static {
         let client = self.clone();
         let path = job_path(name, "/log");
-        async_stream::stream! {
+        Box::pin(async_stream::stream! {
             let mut since = since;
             let mut fruitless = 0;
             loop {
@@ -428,7 +431,7 @@ impl Client {
                 tracing::debug!(%broke, since, "log stream broke off; resuming");
                 tokio::time::sleep(resume_delay(fruitless)).await;
             }
-        }
+        })
     }
 
     /// Waits for the job to end, at most `timeout` (`None`: as long as it takes).
@@ -514,9 +517,12 @@ impl Client {
     /// (Watching "from now", events that happen during a reconnection before the first
     /// event arrived are not replayed; pass a revision from [`info`](Self::info) to
     /// make that gap-free.)
-    pub fn watch(&self, since: Option<u64>) -> impl Stream<Item = Result<Event>> + Send + 'static {
+    pub fn watch(
+        &self,
+        since: Option<u64>,
+    ) -> impl Stream<Item = Result<Event>> + Send + Unpin + 'static {
         let client = self.clone();
-        async_stream::stream! {
+        Box::pin(async_stream::stream! {
             let mut since = since;
             let mut fruitless = 0;
             loop {
@@ -558,7 +564,7 @@ impl Client {
                 tracing::debug!(%broke, ?since, "event stream broke off; resuming");
                 tokio::time::sleep(resume_delay(fruitless)).await;
             }
-        }
+        })
     }
 
     // -----------------------------------------------------------------------------------

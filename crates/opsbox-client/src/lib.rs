@@ -24,7 +24,7 @@
 //!
 //! // An asynchronous run, followed live.
 //! let job = client.run_async("countdown", [("from", "3")]).await?;
-//! let mut log = std::pin::pin!(client.follow_log(&job.name));
+//! let mut log = client.follow_log(&job.name);
 //! while let Some(event) = log.next().await {
 //!     match event? {
 //!         LogEvent::Output(chunk) => print!("{}", chunk.data),

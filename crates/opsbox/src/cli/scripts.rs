@@ -224,7 +224,7 @@ async fn run_and_wait(
 /// Streams a job's output live (stdout to stdout, stderr to stderr) until it ends;
 /// the exit status is the job's. Used by `scripts run --follow` and `jobs log --follow`.
 pub async fn follow_job(ctx: &Ctx, client: &Client, name: &str) -> anyhow::Result<u8> {
-    let mut events = std::pin::pin!(client.follow_log(name));
+    let mut events = client.follow_log(name);
     while let Some(event) = events.next().await {
         let event = event?;
         if ctx.json {

@@ -18,7 +18,7 @@ pub struct WatchArgs {
 
 pub async fn run(ctx: &Ctx, args: WatchArgs) -> anyhow::Result<u8> {
     let client = ctx.client()?;
-    let mut events = std::pin::pin!(client.watch(args.since));
+    let mut events = client.watch(args.since);
     while let Some(event) = events.next().await {
         let event = event?;
         if ctx.json {
