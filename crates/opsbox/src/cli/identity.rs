@@ -24,6 +24,7 @@ pub struct UsersArgs {
 enum UsersCommand {
     /// Add a user; the password is read from standard input.
     Add {
+        /// User name.
         name: String,
         /// Read the password from standard input (its first line).
         #[arg(long, required = true)]
@@ -35,7 +36,10 @@ enum UsersCommand {
     /// List users.
     List,
     /// Remove a user.
-    Remove { name: String },
+    Remove {
+        /// User name.
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -64,7 +68,10 @@ enum TokensCommand {
     /// List tokens (without their secrets).
     List,
     /// Revoke a token by its id.
-    Revoke { id: String },
+    Revoke {
+        /// Token id (as listed; not the secret).
+        id: String,
+    },
 }
 
 fn parse_role(word: &str) -> Result<Role, String> {

@@ -25,11 +25,18 @@ pub enum JobsCommand {
         limit: Option<u32>,
     },
     /// Show a job: state, times, exit code, return values, result files.
-    Info { name: String },
+    Info {
+        /// Job name (as printed by `scripts run --async` or `jobs list`).
+        name: String,
+    },
     /// Show what was asked for: script, file, parameters, limits.
-    Spec { name: String },
+    Spec {
+        /// Job name (as printed by `scripts run --async` or `jobs list`).
+        name: String,
+    },
     /// Print a job's output (stdout to stdout, stderr to stderr).
     Log {
+        /// Job name.
         name: String,
         /// Stream the output live until the job ends, then exit with its exit code.
         #[arg(long, short = 'f')]
@@ -37,17 +44,25 @@ pub enum JobsCommand {
     },
     /// Wait for a job to end; exits with its exit code, or 124 when --timeout passes.
     Wait {
+        /// Job name.
         name: String,
         /// Give up after this many seconds (default: wait as long as it takes).
         #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
         timeout: Option<Duration>,
     },
     /// Kill a queued or running job (its whole process group).
-    Kill { name: String },
+    Kill {
+        /// Job name (as printed by `scripts run --async` or `jobs list`).
+        name: String,
+    },
     /// Delete a finished job with its output and result files.
-    Clean { name: String },
+    Clean {
+        /// Job name (as printed by `scripts run --async` or `jobs list`).
+        name: String,
+    },
     /// List a job's result files, or download one.
     Results {
+        /// Job name.
         name: String,
         /// Download this result file (a path as listed).
         #[arg(long, value_name = "PATH")]
