@@ -401,7 +401,7 @@ pub struct UserList {
 /// An API token as listed (never with its secret).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Token {
-    /// Public id; the secret is `<id>.<random>`.
+    /// Public id; the secret is `obx_<id>_<random>`.
     pub id: String,
     pub role: Role,
     /// Node ids a node token may act as (empty for user tokens).

@@ -30,8 +30,9 @@ pub struct ServeArgs {
     /// data dir) or `CERT.pem:KEY.pem`.
     #[arg(long = "tls", env = "OPSBOX_TLS")]
     pub tls: Option<String>,
-    /// Allow listening beyond loopback with no users or tokens configured.
-    #[arg(long = "insecure-listen", env = "OPSBOX_INSECURE_LISTEN")]
+    /// Allow listening beyond loopback with no users or tokens configured (the same as
+    /// the global `--insecure` given to `serve`).
+    #[arg(long = "insecure-listen", env = "OPSBOX_INSECURE_LISTEN", hide = true)]
     pub insecure: bool,
     /// Apache htpasswd file: its users can log in (role operator); edits are picked up
     /// while running.

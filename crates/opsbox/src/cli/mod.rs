@@ -67,7 +67,8 @@ pub struct GlobalArgs {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// Accept any TLS certificate (a self-signed test server).
+    /// Client commands: accept any TLS certificate (a self-signed test server).
+    /// `serve`: allow listening beyond loopback with no users or tokens configured.
     #[arg(long, global = true)]
     insecure: bool,
 }
@@ -138,13 +139,17 @@ impl Ctx {
 
 /// Runs the parsed command; the `Ok` value is the exit status.
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
-    if let Command::Serve(args) = cli.command {
-        crate::serve::run(args).await?;
-        return Ok(0);
-    }
+    let command = match cli.command {
+        Command::Serve(mut args) => {
+            args.insecure |= cli.global.insecure;
+            crate::serve::run(args).await?;
+            return Ok(0);
+        }
+        command => command,
+    };
     let ctx = Ctx::new(&cli.global)?;
-    match cli.command {
-        Command::Serve(_) => unreachable!("handled above"),
+    match command {
+        Command::Serve(_) => Ok(0),
         Command::Scripts(command) => scripts::run(&ctx, command).await,
         Command::Jobs(command) => jobs::run(&ctx, command).await,
         Command::Watch(args) => watch::run(&ctx, args).await,
