@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use opsbox_api::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// What to run. Built by the job service from a script and its parameters.
 #[derive(Debug, Clone)]
@@ -193,6 +193,7 @@ impl Runtime {
         spec: &TaskSpec,
         output: mpsc::Sender<OutputPiece>,
         switch: &Notify,
+        started: Option<oneshot::Sender<u32>>,
     ) -> Result<Exit, RunError> {
         let mut cmd = Command::new(&spec.program);
         cmd.args(&spec.args)
@@ -232,6 +233,9 @@ impl Runtime {
             child
         };
         let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+        if let (Some(started), Some(id)) = (started, child.id()) {
+            let _ = started.send(id);
+        }
 
         let timeout = async {
             match spec.timeout {
@@ -308,9 +312,36 @@ pub struct Prepared {
 impl Prepared {
     pub async fn run(self, output: mpsc::Sender<OutputPiece>) -> Result<Exit, RunError> {
         self.runtime
-            .run_registered(&self.spec, output, &self.switch)
+            .run_registered(&self.spec, output, &self.switch, None)
             .await
     }
+
+    /// Like [`Prepared::run`], and sends the process id (which is also its process group
+    /// id) to `started` as soon as the process exists.
+    pub async fn run_reporting(
+        self,
+        output: mpsc::Sender<OutputPiece>,
+        started: oneshot::Sender<u32>,
+    ) -> Result<Exit, RunError> {
+        self.runtime
+            .run_registered(&self.spec, output, &self.switch, Some(started))
+            .await
+    }
+}
+
+/// Kills what is left of a task that a previous server process started and could not
+/// stop (it was killed itself): the process group `pid`, but only if its leader still
+/// carries `OPSBOX_JOB=<task_id>` in its environment, so a recycled pid is never hit.
+/// Returns true when a group was killed.
+pub fn reap_orphan(pid: u32, task_id: &str) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let wanted = format!("OPSBOX_JOB={task_id}");
+    let ours = environ
+        .split(|b| *b == 0)
+        .any(|entry| entry == wanted.as_bytes());
+    ours && killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok()
 }
 
 impl Drop for Prepared {
@@ -355,6 +386,7 @@ async fn pump<R: AsyncRead + Unpin>(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
 
     fn script(dir: &std::path::Path, body: &str) -> PathBuf {
         let path = dir.join("t.sh");
@@ -482,6 +514,27 @@ mod tests {
         s.env.push(("TEXT".into(), "$(id); `id` 'q'\nx".into()));
         let (_, out) = collect(&rt, s).await;
         assert_eq!(text(&out, Stream::Stdout), "[$(id); `id` 'q'\nx]\n[]\n");
+    }
+
+    #[tokio::test]
+    async fn orphans_are_reaped_only_when_they_are_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = script(dir.path(), "sleep 300");
+        let mut child = std::process::Command::new(&path)
+            .env("OPSBOX_JOB", "job@1")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        assert!(
+            !reap_orphan(pid, "job@2"),
+            "another job's name must not match"
+        );
+        assert!(alive(pid as i32));
+        assert!(reap_orphan(pid, "job@1"));
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9));
+        assert!(!reap_orphan(pid, "job@1"), "nothing left to reap");
     }
 
     #[tokio::test]

@@ -122,8 +122,24 @@ impl Jobs {
         }
     }
 
-    /// Marks jobs that were queued or running when the server last stopped as lost.
+    /// Marks jobs that were queued or running when the server last stopped as lost, and
+    /// kills what is left of their processes (a crashed server could not).
     pub async fn recover(&self) -> CoreResult<usize> {
+        let running = self
+            .inner
+            .store
+            .list_jobs(&JobFilter {
+                state: Some(JobState::Running),
+                ..JobFilter::default()
+            })
+            .await?;
+        for job in running {
+            if let Some(pid) = job.pid {
+                if opsbox_agent::reap_orphan(pid, &job.name) {
+                    tracing::warn!(job = %job.name, pid, "killed the processes a previous run left behind");
+                }
+            }
+        }
         let events = self
             .inner
             .store
@@ -225,6 +241,7 @@ impl Jobs {
             return_values: BTreeMap::new(),
             results: Vec::new(),
             spec: serde_json::to_value(&spec).unwrap_or_default(),
+            pid: None,
         };
         let (done_tx, done) = watch::channel(None);
         let active = Arc::new(Active {
@@ -568,17 +585,6 @@ impl Inner {
             return self.finish(record, JobState::Failed, Some(reason)).await;
         }
 
-        record.state = JobState::Running;
-        record.started_at = Some(Utc::now());
-        record.node = Some(LOCAL_NODE.into());
-        if let Err(e) = self
-            .store
-            .update_job(&record, event("job.started", &record))
-            .await
-        {
-            tracing::error!(job = %record.name, error = %e, "cannot record the start");
-        }
-
         let (tx, rx) = mpsc::channel(64);
         let collector = tokio::spawn(collect_output(
             self.store.clone(),
@@ -586,7 +592,31 @@ impl Inner {
             rx,
             self.config.max_output_bytes,
         ));
-        let outcome = prepared.run(tx).await;
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(prepared.run_reporting(tx, started_tx));
+        // The start is recorded with the process id, so that a server that crashes can
+        // kill the job's processes when it comes back.
+        if let Ok(pid) = started.await {
+            record.state = JobState::Running;
+            record.started_at = Some(Utc::now());
+            record.node = Some(LOCAL_NODE.into());
+            record.pid = Some(pid);
+            if let Err(e) = self
+                .store
+                .update_job(&record, event("job.started", &record))
+                .await
+            {
+                tracing::error!(job = %record.name, error = %e, "cannot record the start");
+            }
+        }
+        let outcome = match task.await {
+            Ok(outcome) => outcome,
+            Err(e) => Err(RunError::Spawn {
+                program: script.filename.clone(),
+                source: std::io::Error::other(format!("the task runner failed: {e}")),
+            }),
+        };
+        record.pid = None;
         let return_values = collector.await.unwrap_or_default();
         record.return_values = return_values;
         record.results = list_results(&results_dir);

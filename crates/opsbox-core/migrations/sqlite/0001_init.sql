@@ -32,7 +32,9 @@ CREATE TABLE jobs (
     reason        TEXT,
     return_values TEXT    NOT NULL,
     results       TEXT    NOT NULL,
-    spec          TEXT    NOT NULL
+    spec          TEXT    NOT NULL,
+    -- Process group of the running task on this server's node, to clean up after a crash.
+    pid           INTEGER
 );
 CREATE INDEX jobs_by_state ON jobs (state, id);
 CREATE INDEX jobs_by_script ON jobs (script, id);

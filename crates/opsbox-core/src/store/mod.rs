@@ -83,6 +83,8 @@ pub struct JobRecord {
     pub results: Vec<ResultFile>,
     /// The script metadata the job was started with ([`opsbox_api::JobSpec`] fields).
     pub spec: serde_json::Value,
+    /// Process (group) id of the task while it runs on the local node.
+    pub pid: Option<u32>,
 }
 
 /// Which jobs to list.

@@ -256,12 +256,12 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 async fn write_job(conn: &mut SqliteConnection, job: &JobRecord, insert: bool) -> StoreResult<()> {
     let sql = if insert {
         "INSERT INTO jobs (name, script, state, params, node, submitted_by, created_at,
-            started_at, finished_at, exit_code, signal, reason, return_values, results, spec)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            started_at, finished_at, exit_code, signal, reason, return_values, results, spec, pid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
     } else {
         "UPDATE jobs SET script = ?2, state = ?3, params = ?4, node = ?5, submitted_by = ?6,
             created_at = ?7, started_at = ?8, finished_at = ?9, exit_code = ?10, signal = ?11,
-            reason = ?12, return_values = ?13, results = ?14, spec = ?15
+            reason = ?12, return_values = ?13, results = ?14, spec = ?15, pid = ?16
          WHERE name = ?1"
     };
     let done = sqlx::query(sql)
@@ -280,6 +280,7 @@ async fn write_job(conn: &mut SqliteConnection, job: &JobRecord, insert: bool) -
         .bind(json(&job.return_values))
         .bind(json(&job.results))
         .bind(job.spec.to_string())
+        .bind(job.pid.map(i64::from))
         .execute(conn)
         .await;
     match done {
@@ -321,6 +322,9 @@ fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
         return_values: decode(&row.try_get::<String, _>("return_values")?, "return_values")?,
         results: decode(&row.try_get::<String, _>("results")?, "results")?,
         spec: decode(&row.try_get::<String, _>("spec")?, "spec")?,
+        pid: row
+            .try_get::<Option<i64>, _>("pid")?
+            .and_then(|p| u32::try_from(p).ok()),
         name,
     })
 }
