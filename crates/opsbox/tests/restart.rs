@@ -1,0 +1,149 @@
+//! A server killed with SIGKILL mid-job, then started again on the same data directory:
+//! the job is marked lost with a reason, the event says so, and the job's processes,
+//! which the dead server could not stop, are killed by the new one.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn serve(data: &Path, scripts: &Path, port: u16) -> Serve {
+    let child = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data")
+        .arg(data)
+        .arg("--scripts")
+        .arg(scripts)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Serve(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://127.0.0.1:{port}/v1/info"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "opsbox serve did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn a_crash_marks_running_jobs_lost_and_leaves_no_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, scripts) = (dir.path().join("data"), dir.path().join("scripts"));
+    std::fs::create_dir_all(&scripts).unwrap();
+    let script = scripts.join("long.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nsleep 300 &\necho $! > \"$OPSBOX_RESULTS/child.pid\"\necho $$ > \"$OPSBOX_RESULTS/main.pid\"\nwait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    let mut first = serve(&data, &scripts, port).await;
+    let run: serde_json::Value = http
+        .post(format!("{base}/v1/scripts/long/run?wait=false"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let name = run["job"]["name"].as_str().unwrap().to_owned();
+    let results = data.join("results").join(&name);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !results.join("child.pid").exists() || !results.join("main.pid").exists() {
+        assert!(Instant::now() < deadline, "the job did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = |file: &str| -> i32 {
+        std::fs::read_to_string(results.join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (main_pid, child_pid) = (pid("main.pid"), pid("child.pid"));
+
+    // SIGKILL: the server gets no chance to stop its job.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    assert!(
+        alive(main_pid) && alive(child_pid),
+        "the job's processes outlive a crash"
+    );
+
+    let _second = serve(&data, &scripts, port).await;
+    let job: serde_json::Value = http
+        .get(format!(
+            "{base}/v1/jobs/{}",
+            name.replace('@', "%40").replace(':', "%3A")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["state"], "lost");
+    assert_eq!(
+        job["reason"],
+        "the server stopped while the job was queued or running"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(main_pid) || alive(child_pid) {
+        assert!(
+            Instant::now() < deadline,
+            "processes of the lost job survived the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events: serde_json::Value = http
+        .get(format!("{base}/v1/events?since=0"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let last = events["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["kind"], "job.finished");
+    assert_eq!(last["subject"], name.as_str());
+    assert_eq!(last["data"]["state"], "lost");
+}
