@@ -461,3 +461,273 @@ pub struct ErrorBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_revision: Option<u64>,
 }
+
+// ---------------------------------------------------------------------------------------
+// RPC
+// ---------------------------------------------------------------------------------------
+
+/// The JSON type a function parameter accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RpcType {
+    #[default]
+    Any,
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Array,
+    Object,
+}
+
+impl RpcType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RpcType::Any => "any",
+            RpcType::String => "string",
+            RpcType::Integer => "integer",
+            RpcType::Number => "number",
+            RpcType::Boolean => "boolean",
+            RpcType::Array => "array",
+            RpcType::Object => "object",
+        }
+    }
+}
+
+/// One declared parameter of an RPC function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RpcParam {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: RpcType,
+    /// A call without it is refused.
+    pub required: bool,
+    /// The value an omitted optional parameter takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Where an RPC function comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RpcSource {
+    /// ping and the introspection functions.
+    Builtin,
+    /// Host introspection (cpu, memory, disks...).
+    Host,
+    /// A script of the catalog; a call is a job.
+    Script,
+    /// Registered by the Rust program that embeds the server.
+    Registered,
+}
+
+/// What `describe` tells about one function (the CLI's `opsbox rpc help`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RpcMethod {
+    pub name: String,
+    pub doc: String,
+    pub params: Vec<RpcParam>,
+    /// The least role that may call it.
+    pub role: Role,
+    pub source: RpcSource,
+}
+
+// ---------------------------------------------------------------------------------------
+// Queues
+// ---------------------------------------------------------------------------------------
+
+/// Where a message is in its life: `pending` → `processing` (pulled) → `processed`
+/// (acked); `scheduled` waits for its time; `dead` has used up its tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    Pending,
+    Scheduled,
+    Processing,
+    Processed,
+    Dead,
+}
+
+impl MessageStatus {
+    pub const ALL: [MessageStatus; 5] = [
+        MessageStatus::Pending,
+        MessageStatus::Scheduled,
+        MessageStatus::Processing,
+        MessageStatus::Processed,
+        MessageStatus::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Pending => "pending",
+            MessageStatus::Scheduled => "scheduled",
+            MessageStatus::Processing => "processing",
+            MessageStatus::Processed => "processed",
+            MessageStatus::Dead => "dead",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == word)
+    }
+}
+
+impl std::fmt::Display for MessageStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a payload is: a JSON object or array, UTF-8 text, or raw bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadKind {
+    Json,
+    Text,
+    Binary,
+}
+
+impl PayloadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PayloadKind::Json => "json",
+            PayloadKind::Text => "text",
+            PayloadKind::Binary => "binary",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Self> {
+        [PayloadKind::Json, PayloadKind::Text, PayloadKind::Binary]
+            .into_iter()
+            .find(|k| k.as_str() == word)
+    }
+}
+
+/// A message of a node's queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Message {
+    /// 24 lowercase hex characters.
+    pub id: String,
+    /// The node that sent it.
+    pub source: String,
+    /// The node whose queue it is in.
+    pub destination: String,
+    pub status: MessageStatus,
+    pub kind: PayloadKind,
+    /// Free text chosen by the sender (a MIME type, `.bin`...).
+    pub payload_type: String,
+    /// `json`: the value; `text`: a string; `binary`: standard base64 of the bytes.
+    pub payload: serde_json::Value,
+    /// Times it was pulled.
+    pub tries: u32,
+    /// Pulled this many times without an ack, it goes `dead` instead of again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tries: Option<u32>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processing_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processed_at: Option<DateTime<Utc>>,
+    /// While `processing` under a lease: when it is delivered again if not acked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_until: Option<DateTime<Utc>>,
+}
+
+/// One message to push.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct NewMessage {
+    /// `json` (default for anything but a string), `text` (default for a string) or
+    /// `binary` (the payload is then a base64 string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<PayloadKind>,
+    pub payload: serde_json::Value,
+    /// Default: `application/json`, `text/plain` or `application/octet-stream`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_type: Option<String>,
+    /// Hold the message until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// Dead-letter it after this many un-acked pulls (pull with a lease to retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tries: Option<u32>,
+}
+
+/// `POST /v1/queues/{node}/messages`: messages for `node`, sent by `?from=`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct PushRequest {
+    pub messages: Vec<NewMessage>,
+}
+
+/// Messages, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct MessageList {
+    pub messages: Vec<Message>,
+}
+
+/// `POST /v1/queues/{node}/pull`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct PullRequest {
+    /// Most messages to claim (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+    /// Seconds to wait for a message when none is deliverable (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<f64>,
+    /// Seconds after which an un-acked message is delivered again (default: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<f64>,
+}
+
+/// `POST /v1/queues/{node}/ack`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct AckRequest {
+    pub ids: Vec<String>,
+}
+
+/// What an ack did: messages now `processed`, and ids that were not `processing` in
+/// this queue (unknown, someone else's, not pulled, acked already).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct AckResponse {
+    pub acked: Vec<Message>,
+    pub missing: Vec<String>,
+}
+
+/// `PATCH /v1/messages/{id}`: a new payload for a message not yet pulled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct UpdateMessage {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<PayloadKind>,
+    pub payload: serde_json::Value,
+}
+
+/// How many messages were deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct DeleteReport {
+    pub deleted: u64,
+}
+
+/// Counts of one node's queue, by status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct QueueStats {
+    pub node: String,
+    pub pending: u64,
+    pub scheduled: u64,
+    pub processing: u64,
+    pub processed: u64,
+    pub dead: u64,
+    /// Creation time of the oldest pending message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending: Option<DateTime<Utc>>,
+}
+
+/// `GET /v1/queues`: every queue that holds a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct QueueStatsList {
+    pub queues: Vec<QueueStats>,
+}

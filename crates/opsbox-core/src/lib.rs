@@ -6,7 +6,8 @@
 //! - [`scripts`]: the catalog of the scripts directory;
 //! - [`jobs`]: runs, from queue to end, with output, results, kill, wait;
 //! - [`events`]: the revisioned event log as a resumable watch stream;
-//! - [`identities`]: users and tokens that every face authenticates against.
+//! - [`identities`]: users and tokens that every face authenticates against;
+//! - [`rpc`]: the registry of functions that the RPC faces call.
 
 pub mod error;
 pub mod events;
@@ -14,6 +15,7 @@ pub mod identities;
 pub mod jobs;
 pub mod names;
 pub mod output;
+pub mod rpc;
 pub mod scripts;
 pub mod store;
 
@@ -68,6 +70,8 @@ pub struct Core {
     pub jobs: Jobs,
     pub events: Events,
     pub identities: Identities,
+    /// Functions callable over py-jrpc, JSON-RPC, the CLI and the SDK.
+    pub rpc: rpc::Rpc,
     pub config: Arc<CoreConfig>,
 }
 
@@ -113,7 +117,9 @@ impl Core {
                 "jobs left unfinished by the previous run are marked lost"
             );
         }
+        let rpc = rpc::Rpc::new(scripts.clone(), jobs.clone());
         let core = Core {
+            rpc,
             events: Events::new(store.clone()),
             identities: Identities::new(store.clone()),
             store,
