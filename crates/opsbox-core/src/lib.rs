@@ -15,6 +15,7 @@ pub mod identities;
 pub mod jobs;
 pub mod names;
 pub mod output;
+pub mod queues;
 pub mod rpc;
 pub mod scripts;
 pub mod store;
@@ -29,6 +30,7 @@ pub use error::{CoreError, CoreResult};
 use events::Events;
 use identities::Identities;
 use jobs::{Jobs, JobsConfig};
+use queues::{Queues, QueuesConfig};
 use scripts::Scripts;
 use store::{NewEvent, SqliteStore, Store};
 
@@ -43,6 +45,8 @@ pub struct CoreConfig {
     /// Events kept in the log; older ones are compacted away.
     pub event_retention: u64,
     pub kill_grace: Duration,
+    /// Limits of the message queues.
+    pub queues: QueuesConfig,
 }
 
 impl CoreConfig {
@@ -54,6 +58,7 @@ impl CoreConfig {
             max_output_bytes: 64 * 1024 * 1024,
             event_retention: 100_000,
             kill_grace: Duration::from_secs(5),
+            queues: QueuesConfig::default(),
         }
     }
 
@@ -70,6 +75,7 @@ pub struct Core {
     pub jobs: Jobs,
     pub events: Events,
     pub identities: Identities,
+    pub queues: Queues,
     /// Functions callable over py-jrpc, JSON-RPC, the CLI and the SDK.
     pub rpc: rpc::Rpc,
     pub config: Arc<CoreConfig>,
@@ -122,6 +128,7 @@ impl Core {
             rpc,
             events: Events::new(store.clone()),
             identities: Identities::new(store.clone()),
+            queues: Queues::new(store.clone(), config.queues.clone()),
             store,
             scripts,
             jobs,

@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use opsbox_api::{Event, JobState, LogChunk, ResultFile, Role, Stream};
+use opsbox_api::{
+    Event, JobState, LogChunk, MessageStatus, PayloadKind, QueueStats, ResultFile, Role, Stream,
+};
 use tokio::sync::watch;
 
 pub mod sqlite;
@@ -180,6 +182,112 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_token(&self, id: &str, event: NewEvent) -> StoreResult<Event>;
     /// Users plus tokens: zero means no credentials are configured.
     async fn count_identities(&self) -> StoreResult<u64>;
+
+    // -- queues (see [`crate::queues`]) -----------------------------------------------
+    /// Inserts new messages, each with the event `event("pushed", message)` makes.
+    async fn insert_messages(
+        &self,
+        messages: Vec<MessageRecord>,
+        event: MessageEvent,
+    ) -> StoreResult<Vec<Event>>;
+    /// The atomic claim: first settles the destination's expired leases (back to
+    /// `pending`, or `dead` once `max_tries` is used up: events "requeued"/"dead"), then
+    /// moves its oldest deliverable messages (pending, or scheduled and due) to
+    /// `processing` (event "pulled") and returns them, oldest first.
+    async fn claim_messages(
+        &self,
+        claim: Claim,
+        event: MessageEvent,
+    ) -> StoreResult<Vec<MessageRecord>>;
+    /// True when a claim for `destination` at `now` could return something (a cheap
+    /// read, so empty polls do not go through the writer).
+    async fn has_deliverable(&self, destination: &str, now: DateTime<Utc>) -> StoreResult<bool>;
+    /// Moves the messages among `ids` that are `processing` in `destination`'s queue to
+    /// `processed` (event "acked"); returns them.
+    async fn ack_messages(
+        &self,
+        destination: &str,
+        ids: Vec<String>,
+        at: DateTime<Utc>,
+        event: MessageEvent,
+    ) -> StoreResult<Vec<MessageRecord>>;
+    /// Replaces the payload of the messages `selector` matches (event "updated").
+    async fn update_message_payload(
+        &self,
+        selector: MessageSelector,
+        kind: PayloadKind,
+        payload: Vec<u8>,
+        at: DateTime<Utc>,
+        event: MessageEvent,
+    ) -> StoreResult<Vec<MessageRecord>>;
+    /// Deletes what `selector` matches, with one event made from the ids deleted (at
+    /// most the first 1000 of them) and their count; returns the count.
+    async fn delete_messages(
+        &self,
+        selector: MessageSelector,
+        event: DeleteEvent,
+    ) -> StoreResult<u64>;
+    async fn get_message(&self, id: &str) -> StoreResult<Option<MessageRecord>>;
+    /// Oldest first.
+    async fn list_messages(&self, selector: &MessageSelector) -> StoreResult<Vec<MessageRecord>>;
+    /// Counts per destination (only `destination`'s when given).
+    async fn queue_stats(&self, destination: Option<&str>) -> StoreResult<Vec<QueueStats>>;
+}
+
+// ---------------------------------------------------------------------------------------
+// Queues
+// ---------------------------------------------------------------------------------------
+
+/// Makes the event of a message change; the store names the change ("pushed",
+/// "pulled", "requeued", "dead", "acked", "updated").
+pub type MessageEvent = for<'r> fn(&'static str, &'r MessageRecord) -> NewEvent;
+
+/// Makes the one event of a delete from the ids deleted (the first 1000) and their count.
+pub type DeleteEvent = for<'r> fn(&'r [String], u64) -> NewEvent;
+
+/// A message as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRecord {
+    pub id: String,
+    pub source: String,
+    pub destination: String,
+    pub status: MessageStatus,
+    pub kind: PayloadKind,
+    pub payload_type: String,
+    pub payload: Vec<u8>,
+    pub tries: u32,
+    pub max_tries: Option<u32>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub processing_at: Option<DateTime<Utc>>,
+    pub processed_at: Option<DateTime<Utc>>,
+    pub lease_until: Option<DateTime<Utc>>,
+}
+
+/// Which messages a list, update or delete applies to; every field narrows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MessageSelector {
+    pub id: Option<String>,
+    /// Sent by this node.
+    pub source: Option<String>,
+    /// In this node's queue.
+    pub destination: Option<String>,
+    /// Sent by or to this node.
+    pub party: Option<String>,
+    /// Any of these statuses; empty means any status.
+    pub statuses: Vec<MessageStatus>,
+    pub limit: Option<u32>,
+}
+
+/// A pull: claim up to `max` messages of `destination` at `now`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub destination: String,
+    pub now: DateTime<Utc>,
+    pub max: u32,
+    /// Claimed messages are delivered again after this time unless acked.
+    pub lease_until: Option<DateTime<Utc>>,
 }
 
 /// An output chunk on its way into the store.

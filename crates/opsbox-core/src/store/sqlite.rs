@@ -23,10 +23,14 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::{Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector};
 use super::{
     EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError, StoreResult,
     TokenRecord, UserRecord,
 };
+use opsbox_api::{PayloadKind, QueueStats};
+
+mod queues;
 
 /// Most writes committed in one transaction.
 const MAX_GROUP: usize = 512;
@@ -683,6 +687,70 @@ impl Store for SqliteStore {
         .fetch_one(&self.read)
         .await?;
         Ok(n as u64)
+    }
+
+    // -- queues: the statements are in `sqlite/queues.rs` ------------------------------
+
+    async fn insert_messages(
+        &self,
+        messages: Vec<MessageRecord>,
+        event: MessageEvent,
+    ) -> StoreResult<Vec<Event>> {
+        self.q_insert(messages, event).await
+    }
+
+    async fn claim_messages(
+        &self,
+        claim: Claim,
+        event: MessageEvent,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        self.q_claim(claim, event).await
+    }
+
+    async fn has_deliverable(&self, destination: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        self.q_has_deliverable(destination, now).await
+    }
+
+    async fn ack_messages(
+        &self,
+        destination: &str,
+        ids: Vec<String>,
+        at: DateTime<Utc>,
+        event: MessageEvent,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        self.q_ack(destination, ids, at, event).await
+    }
+
+    async fn update_message_payload(
+        &self,
+        selector: MessageSelector,
+        kind: PayloadKind,
+        payload: Vec<u8>,
+        at: DateTime<Utc>,
+        event: MessageEvent,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        self.q_update_payload(selector, kind, payload, at, event)
+            .await
+    }
+
+    async fn delete_messages(
+        &self,
+        selector: MessageSelector,
+        event: DeleteEvent,
+    ) -> StoreResult<u64> {
+        self.q_delete(selector, event).await
+    }
+
+    async fn get_message(&self, id: &str) -> StoreResult<Option<MessageRecord>> {
+        self.q_get(id).await
+    }
+
+    async fn list_messages(&self, selector: &MessageSelector) -> StoreResult<Vec<MessageRecord>> {
+        self.q_list(selector).await
+    }
+
+    async fn queue_stats(&self, destination: Option<&str>) -> StoreResult<Vec<QueueStats>> {
+        self.q_stats(destination).await
     }
 }
 
