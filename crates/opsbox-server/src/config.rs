@@ -35,6 +35,40 @@ pub struct ServerConfig {
     pub htpasswd: Option<PathBuf>,
     pub limits: Limits,
     pub jojo: JojoConfig,
+    pub rpc: RpcConfig,
+}
+
+/// Settings of the RPC faces (JSON-RPC 2.0 at `/rpc`, py-jrpc at the root paths).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// Extra listeners that serve only the py-jrpc face, where every `GET /{name}` and
+    /// every `POST` is a jrpc call (py-jrpc's own port was 9999). Same address forms
+    /// as `listen`, TLS included.
+    pub jrpc_listen: Vec<String>,
+    /// The role that callers without credentials get on the py-jrpc face once the
+    /// server requires credentials (py-jrpc's client cannot send any). `None`, the
+    /// default, refuses them with 401. While no user or token exists the server is
+    /// loopback-only and open, so every caller may call everything.
+    pub jrpc_anonymous_role: Option<opsbox_api::Role>,
+    /// The most calls one JSON-RPC batch may hold (-32010 beyond).
+    pub max_batch: usize,
+    /// Calls of one batch run at once, answered in request order.
+    pub batch_concurrency: usize,
+    /// Subscriptions one WebSocket connection may hold.
+    pub max_subscriptions: usize,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            jrpc_listen: Vec::new(),
+            jrpc_anonymous_role: None,
+            max_batch: 100,
+            batch_concurrency: 16,
+            max_subscriptions: 1024,
+        }
+    }
 }
 
 /// Settings of the Jojo face.
@@ -87,6 +121,7 @@ impl Default for ServerConfig {
             htpasswd: None,
             limits: Limits::default(),
             jojo: JojoConfig::default(),
+            rpc: RpcConfig::default(),
         }
     }
 }

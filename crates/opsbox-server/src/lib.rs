@@ -65,6 +65,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(faces::native::routes(state.clone()))
         .merge(faces::jojo::routes(state.clone()))
+        .merge(faces::jsonrpc::routes(state.clone()))
+        .merge(faces::jrpc::routes(state.clone()))
         .layer(RequestBodyLimitLayer::new(limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -159,8 +161,13 @@ pub fn parse_listen(address: &str) -> Result<Vec<ListenAddr>, ServerError> {
 }
 
 enum Bound {
-    Tcp { listener: TcpListener, tls: bool },
-    Unix(tokio::net::UnixListener, PathBuf),
+    /// `jrpc_only`: a dedicated py-jrpc listener (`rpc.jrpc_listen`).
+    Tcp {
+        listener: TcpListener,
+        tls: bool,
+        jrpc_only: bool,
+    },
+    Unix(tokio::net::UnixListener, PathBuf, bool),
 }
 
 /// A server whose listeners are bound, ready to run.
@@ -179,6 +186,11 @@ impl Server {
         }
         if addresses.is_empty() {
             return Err(ServerError::Refused("no listen address given".into()));
+        }
+        // Listeners from here on serve only the py-jrpc face.
+        let main_listeners = addresses.len();
+        for address in &config.rpc.jrpc_listen {
+            addresses.extend(parse_listen(address)?);
         }
         let core_config = CoreConfig {
             max_concurrent_runs: config.limits.max_concurrent_runs,
@@ -220,7 +232,8 @@ impl Server {
         };
 
         let mut bound = Vec::new();
-        for address in &addresses {
+        for (i, address) in addresses.iter().enumerate() {
+            let jrpc_only = i >= main_listeners;
             let bind_error = |source| ServerError::Bind {
                 address: address.to_string(),
                 source,
@@ -232,6 +245,7 @@ impl Server {
                     bound.push(Bound::Tcp {
                         listener,
                         tls: matches!(address, ListenAddr::Https(_)),
+                        jrpc_only,
                     });
                 }
                 ListenAddr::Unix(path) => {
@@ -240,7 +254,7 @@ impl Server {
                         std::fs::remove_file(path).map_err(bind_error)?;
                     }
                     let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
-                    bound.push(Bound::Unix(listener, path.clone()));
+                    bound.push(Bound::Unix(listener, path.clone(), jrpc_only));
                 }
             }
         }
@@ -259,14 +273,14 @@ impl Server {
         self.bound
             .iter()
             .filter_map(|b| match b {
-                Bound::Tcp { listener, tls } => listener.local_addr().ok().map(|a| {
+                Bound::Tcp { listener, tls, .. } => listener.local_addr().ok().map(|a| {
                     if *tls {
                         ListenAddr::Https(a)
                     } else {
                         ListenAddr::Http(a)
                     }
                 }),
-                Bound::Unix(_, path) => Some(ListenAddr::Unix(path.clone())),
+                Bound::Unix(_, path, _) => Some(ListenAddr::Unix(path.clone())),
             })
             .collect()
     }
@@ -281,16 +295,25 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let app = router(self.state.clone());
+        let main_app = router(self.state.clone());
+        let jrpc_app = faces::jrpc::dedicated(self.state.clone());
         let handle = axum_server::Handle::new();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         for bound in self.bound {
-            let app = app.clone();
+            let jrpc_only = match &bound {
+                Bound::Tcp { jrpc_only, .. } | Bound::Unix(_, _, jrpc_only) => *jrpc_only,
+            };
+            let app = if jrpc_only {
+                jrpc_app.clone()
+            } else {
+                main_app.clone()
+            };
             match bound {
                 Bound::Tcp {
                     listener,
                     tls: false,
+                    ..
                 } => {
                     let server = axum_server::from_tcp(listener).handle(handle.clone());
                     tasks.spawn(async move { server.serve(app.into_make_service()).await });
@@ -298,6 +321,7 @@ impl Server {
                 Bound::Tcp {
                     listener,
                     tls: true,
+                    ..
                 } => {
                     let config = axum_server::tls_rustls::RustlsConfig::from_config(
                         self.tls
@@ -308,7 +332,7 @@ impl Server {
                         axum_server::from_tcp_rustls(listener, config).handle(handle.clone());
                     tasks.spawn(async move { server.serve(app.into_make_service()).await });
                 }
-                Bound::Unix(listener, path) => {
+                Bound::Unix(listener, path, _) => {
                     let mut stop = stop_rx.clone();
                     tasks.spawn(async move {
                         let result = axum::serve(listener, app)

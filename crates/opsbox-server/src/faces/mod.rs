@@ -1,7 +1,11 @@
 //! The faces: each turns one wire protocol into calls of the core services.
 //! - [`native`]: opsbox's own `/v1` API;
-//! - [`jojo`]: Pyjojo's script API, for PyMoJo and friends.
+//! - [`jojo`]: Pyjojo's script API, for PyMoJo and friends;
+//! - [`jsonrpc`]: JSON-RPC 2.0 over HTTP and WebSocket at `/rpc`;
+//! - [`jrpc`]: py-jrpc's `POST /` and `GET /{name}`, for SimpleTCPClient and curl.
 
 pub mod jojo;
+pub mod jrpc;
+pub mod jsonrpc;
 pub mod native;
 pub mod pyjson;
