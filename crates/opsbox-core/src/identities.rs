@@ -60,7 +60,14 @@ pub struct Identities {
     store: Arc<dyn Store>,
     /// SHA-256(name, 0, password) → the stored hash it was verified against.
     verified: Arc<Mutex<HashMap<[u8; 32], String>>>,
+    /// Whether auth is required, and when that was read: every request asks, so the
+    /// answer is kept for [`REQUIRED_TTL`]; changes made through this process clear it
+    /// at once, changes by another process (`opsbox users … --data`) show within the TTL.
+    required: Arc<Mutex<Option<(bool, std::time::Instant)>>>,
 }
+
+/// How long the answer to "is auth required?" is trusted.
+const REQUIRED_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn valid_user_name(name: &str) -> bool {
     !name.is_empty()
@@ -75,12 +82,25 @@ impl Identities {
         Identities {
             store,
             verified: Arc::new(Mutex::new(HashMap::new())),
+            required: Arc::new(Mutex::new(None)),
         }
+    }
+
+    fn forget_required(&self) {
+        *self.required.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// True once any user or token exists: from then on every request needs credentials.
     pub async fn auth_required(&self) -> CoreResult<bool> {
-        Ok(self.store.count_identities().await? > 0)
+        if let Some((required, at)) = *self.required.lock().unwrap_or_else(|e| e.into_inner()) {
+            if at.elapsed() < REQUIRED_TTL {
+                return Ok(required);
+            }
+        }
+        let required = self.store.count_identities().await? > 0;
+        *self.required.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((required, std::time::Instant::now()));
+        Ok(required)
     }
 
     pub async fn authenticate(&self, credentials: &Credentials) -> CoreResult<Identity> {
@@ -226,6 +246,7 @@ impl Identities {
                     e => e.into(),
                 })?;
         }
+        self.forget_required();
         Ok(user)
     }
 
@@ -240,6 +261,7 @@ impl Identities {
                 }
                 e => e.into(),
             })?;
+        self.forget_required();
         Ok(())
     }
 
@@ -279,6 +301,7 @@ impl Identities {
             serde_json::json!({"id": id, "role": token.role, "nodes": token.nodes}),
         );
         self.store.insert_token(&record, event).await?;
+        self.forget_required();
         Ok(CreatedToken { secret, token })
     }
 
@@ -293,6 +316,7 @@ impl Identities {
                 }
                 e => e.into(),
             })?;
+        self.forget_required();
         Ok(())
     }
 

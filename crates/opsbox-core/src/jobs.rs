@@ -34,6 +34,9 @@ pub const LOCAL_NODE: &str = "local";
 /// What a filtered parameter's value shows as outside the process.
 pub const FILTERED: &str = "FILTERED";
 
+/// A job that ends sooner than this is recorded started and finished in one commit;
+/// a longer one gets its own `job.started` write as soon as this has passed.
+const RECORD_START_AFTER: Duration = Duration::from_millis(25);
 /// Output is written to the store at least this often while a job runs.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// ...or as soon as this much is waiting.
@@ -282,7 +285,7 @@ impl Jobs {
             .await?
             .finished()
             .await;
-        let output = self.output(&job.name).await?;
+        let output = self.output_lines(&job.name).await?;
         Ok((job, output))
     }
 
@@ -409,6 +412,11 @@ impl Jobs {
     /// The whole output as lines.
     pub async fn output(&self, name: &str) -> CoreResult<JobOutput> {
         self.record(name).await?;
+        self.output_lines(name).await
+    }
+
+    /// The output of a job known to exist.
+    async fn output_lines(&self, name: &str) -> CoreResult<JobOutput> {
         let (out, err) = self.inner.store.output_bytes(name).await?;
         Ok(JobOutput {
             stdout: split_lines(&String::from_utf8_lossy(&out)),
@@ -593,33 +601,51 @@ impl Inner {
             self.config.max_output_bytes,
         ));
         let (started_tx, started) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(prepared.run_reporting(tx, started_tx));
+        let mut task = tokio::spawn(prepared.run_reporting(tx, started_tx));
         // The start is recorded with the process id, so that a server that crashes can
-        // kill the job's processes when it comes back.
-        if let Ok(pid) = started.await {
-            record.state = JobState::Running;
-            record.started_at = Some(Utc::now());
-            record.node = Some(LOCAL_NODE.into());
-            record.pid = Some(pid);
-            if let Err(e) = self
-                .store
-                .update_job(&record, event("job.started", &record))
-                .await
-            {
-                tracing::error!(job = %record.name, error = %e, "cannot record the start");
+        // kill the job's processes when it comes back. A short job's start is written
+        // with its end, in one commit.
+        let mut start_event = None;
+        let joined = match started.await {
+            Ok(pid) => {
+                record.state = JobState::Running;
+                record.started_at = Some(Utc::now());
+                record.node = Some(LOCAL_NODE.into());
+                record.pid = Some(pid);
+                tokio::select! {
+                    joined = &mut task => {
+                        start_event = Some(event("job.started", &record));
+                        joined
+                    }
+                    _ = tokio::time::sleep(RECORD_START_AFTER) => {
+                        if let Err(e) = self
+                            .store
+                            .update_job(&record, event("job.started", &record))
+                            .await
+                        {
+                            tracing::error!(job = %record.name, error = %e, "cannot record the start");
+                        }
+                        (&mut task).await
+                    }
+                }
             }
-        }
-        let outcome = match task.await {
-            Ok(outcome) => outcome,
-            Err(e) => Err(RunError::Spawn {
+            Err(_) => task.await,
+        };
+        let outcome = joined.unwrap_or_else(|e| {
+            Err(RunError::Spawn {
                 program: script.filename.clone(),
                 source: std::io::Error::other(format!("the task runner failed: {e}")),
-            }),
-        };
+            })
+        });
         record.pid = None;
-        let return_values = collector.await.unwrap_or_default();
+        let (return_values, last_output) = collector.await.unwrap_or_default();
         record.return_values = return_values;
         record.results = list_results(&results_dir);
+        if record.results.is_empty() {
+            // Most jobs write no results; an empty directory per job would only grow
+            // the results directory.
+            let _ = tokio::fs::remove_dir(&results_dir).await;
+        }
         let by = active
             .killed_by
             .lock()
@@ -630,26 +656,38 @@ impl Inner {
             record.exit_code = exit.code;
             record.signal = exit.signal;
         }
-        self.finish(record, state, reason).await
+        let events: Vec<NewEvent> = start_event.into_iter().collect();
+        self.end(record, state, reason, last_output, events).await
     }
 
-    async fn finish(
+    /// Records a job's end: its row, its last output and its events, in one commit.
+    async fn end(
         &self,
         mut record: JobRecord,
         state: JobState,
         reason: Option<String>,
+        last_output: Vec<LogChunkBytes>,
+        mut events: Vec<NewEvent>,
     ) -> JobRecord {
         record.state = state;
         record.reason = reason;
         record.finished_at = Some(Utc::now());
-        if let Err(e) = self
-            .store
-            .update_job(&record, event("job.finished", &record))
-            .await
-        {
+        events.push(event("job.finished", &record));
+        if let Err(e) = self.store.complete_job(&record, last_output, events).await {
             tracing::error!(job = %record.name, error = %e, "cannot record the end");
         }
         record
+    }
+
+    /// Ends a job that never ran.
+    async fn finish(
+        &self,
+        record: JobRecord,
+        state: JobState,
+        reason: Option<String>,
+    ) -> JobRecord {
+        self.end(record, state, reason, Vec::new(), Vec::new())
+            .await
     }
 
     /// The whole environment of a run: a sane base, the params (every declared one, ""
@@ -717,12 +755,13 @@ fn judge(
 }
 
 /// Stores output as it arrives, in batches, and finds return values on the way.
+/// Returns the values and the chunks not stored yet, which go in with the job's end.
 async fn collect_output(
     store: Arc<dyn Store>,
     job: String,
     mut rx: mpsc::Receiver<OutputPiece>,
     max_bytes: u64,
-) -> BTreeMap<String, String> {
+) -> (BTreeMap<String, String>, Vec<LogChunkBytes>) {
     let mut scanner = ReturnValueScanner::default();
     let mut pending: Vec<LogChunkBytes> = Vec::new();
     let mut pending_bytes = 0usize;
@@ -746,29 +785,29 @@ async fn collect_output(
         if piece.stream == OutStream::Stdout {
             scanner.feed(&piece.data);
         }
-        if total >= max_bytes {
-            if !truncated {
-                truncated = true;
-                seq += 1;
-                pending.push(LogChunkBytes {
-                    seq,
-                    stream: OutStream::Stderr,
-                    data: format!("\n[opsbox: output truncated after {max_bytes} bytes]\n")
-                        .into_bytes(),
-                });
-            }
-            continue;
+        let room = max_bytes.saturating_sub(total) as usize;
+        if room > 0 {
+            let data = &piece.data[..piece.data.len().min(room)];
+            total += data.len() as u64;
+            seq += 1;
+            pending_bytes += data.len();
+            pending.push(LogChunkBytes {
+                seq,
+                stream: piece.stream,
+                data: data.to_vec(),
+            });
         }
-        let room = (max_bytes - total) as usize;
-        let data = &piece.data[..piece.data.len().min(room)];
-        total += data.len() as u64;
-        seq += 1;
-        pending_bytes += data.len();
-        pending.push(LogChunkBytes {
-            seq,
-            stream: piece.stream,
-            data: data.to_vec(),
-        });
+        if piece.data.len() > room && !truncated {
+            // The limit is reached within this piece: say so right after what was kept.
+            truncated = true;
+            seq += 1;
+            pending.push(LogChunkBytes {
+                seq,
+                stream: OutStream::Stderr,
+                data: format!("\n[opsbox: output truncated after {max_bytes} bytes]\n")
+                    .into_bytes(),
+            });
+        }
         if pending_bytes >= FLUSH_BYTES {
             flush(&*store, &job, &mut pending, &mut pending_bytes).await;
             deadline = None;
@@ -776,8 +815,7 @@ async fn collect_output(
             deadline = Some(tokio::time::Instant::now() + FLUSH_EVERY);
         }
     }
-    flush(&*store, &job, &mut pending, &mut pending_bytes).await;
-    scanner.finish()
+    (scanner.finish(), pending)
 }
 
 async fn flush(store: &dyn Store, job: &str, pending: &mut Vec<LogChunkBytes>, bytes: &mut usize) {

@@ -147,6 +147,14 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event>;
     /// Replaces an existing job's row; [`StoreError::NotFound`] if it was cleaned.
     async fn update_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event>;
+    /// Replaces an existing job's row, appends its last output chunks and its events, in
+    /// one transaction (a job's end: one commit instead of three).
+    async fn complete_job(
+        &self,
+        job: &JobRecord,
+        output: Vec<LogChunkBytes>,
+        events: Vec<NewEvent>,
+    ) -> StoreResult<Vec<Event>>;
     async fn get_job(&self, name: &str) -> StoreResult<Option<JobRecord>>;
     /// Newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;

@@ -158,34 +158,58 @@ where
     }
 }
 
+tokio::task_local! {
+    /// The newest revision an event insert of the current group got: the writer
+    /// announces it after the commit without asking the database again.
+    static NEWEST_REV: std::cell::Cell<u64>;
+}
+
+fn newest_rev() -> u64 {
+    NEWEST_REV.try_with(|c| c.get()).unwrap_or(0)
+}
+
+fn set_newest_rev(rev: u64) {
+    let _ = NEWEST_REV.try_with(|c| c.set(rev));
+}
+
 async fn writer_loop(
     mut conn: SqliteConnection,
     mut queue: mpsc::Receiver<Box<dyn Op>>,
     changes: watch::Sender<u64>,
 ) {
-    let mut batch: Vec<Box<dyn Op>> = Vec::with_capacity(MAX_GROUP);
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+    let mut revision = *changes.borrow();
+    NEWEST_REV
+        .scope(std::cell::Cell::new(revision), async move {
+            let mut batch: Vec<Box<dyn Op>> = Vec::with_capacity(MAX_GROUP);
+            while let Some(first) = queue.recv().await {
+                batch.push(first);
+                while batch.len() < MAX_GROUP {
+                    match queue.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
+                }
+                let committed = commit_group(&mut conn, &mut batch).await;
+                if committed.is_ok() {
+                    revision = revision.max(newest_rev());
+                    // Sent even when no event was added (output appends): followers of
+                    // logs wake on every commit.
+                    changes.send_replace(revision);
+                } else {
+                    set_newest_rev(revision);
+                    tracing::error!(error = ?committed, "store commit failed");
+                }
+                for op in batch.drain(..) {
+                    op.finish(committed.clone());
+                }
             }
-        }
-        let committed = commit_group(&mut conn, &mut batch).await;
-        if committed.is_ok() {
-            if let Ok(rev) = read_revision(&mut conn).await {
-                changes.send_replace(rev);
-            }
-        } else {
-            tracing::error!(error = ?committed, "store commit failed");
-        }
-        for op in batch.drain(..) {
-            op.finish(committed.clone());
-        }
-    }
+        })
+        .await;
 }
 
+/// One transaction for the whole group. Each write runs in its own savepoint, so a
+/// failing one is undone alone; a group of one needs no savepoint (its failure rolls
+/// the transaction back), which saves two statements when the server is not busy.
 async fn commit_group(
     conn: &mut SqliteConnection,
     batch: &mut [Box<dyn Op>],
@@ -195,20 +219,35 @@ async fn commit_group(
         .execute(&mut *conn)
         .await
         .map_err(text)?;
-    for op in batch.iter_mut() {
-        let step = async {
-            sqlx::query("SAVEPOINT op").execute(&mut *conn).await?;
-            if op.apply(conn).await {
-                sqlx::query("RELEASE op").execute(&mut *conn).await?;
-            } else {
-                sqlx::query("ROLLBACK TO op").execute(&mut *conn).await?;
-                sqlx::query("RELEASE op").execute(&mut *conn).await?;
+    if let [op] = batch {
+        let before = newest_rev();
+        if !op.apply(conn).await {
+            set_newest_rev(before);
+            // The write failed and delivers its own error; nothing else to keep.
+            sqlx::query("ROLLBACK")
+                .execute(&mut *conn)
+                .await
+                .map_err(text)?;
+            return Ok(());
+        }
+    } else {
+        for op in batch.iter_mut() {
+            let before = newest_rev();
+            let step = async {
+                sqlx::query("SAVEPOINT op").execute(&mut *conn).await?;
+                if op.apply(conn).await {
+                    sqlx::query("RELEASE op").execute(&mut *conn).await?;
+                } else {
+                    set_newest_rev(before);
+                    sqlx::query("ROLLBACK TO op").execute(&mut *conn).await?;
+                    sqlx::query("RELEASE op").execute(&mut *conn).await?;
+                }
+                Ok::<(), sqlx::Error>(())
+            };
+            if let Err(e) = step.await {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                return Err(e.to_string());
             }
-            Ok::<(), sqlx::Error>(())
-        };
-        if let Err(e) = step.await {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            return Err(e.to_string());
         }
     }
     if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
@@ -243,6 +282,7 @@ async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreRes
     .bind(event.data.to_string())
     .fetch_one(conn)
     .await?;
+    let _ = NEWEST_REV.try_with(|newest| newest.set(newest.get().max(rev as u64)));
     Ok(Event {
         rev: rev as u64,
         at,
@@ -255,6 +295,27 @@ async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreRes
 fn json<T: serde::Serialize>(value: &T) -> String {
     // Serialising plain maps and vectors of strings cannot fail.
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+/// Output chunks go in as one multi-row INSERT: one statement however many chunks.
+async fn insert_output(
+    conn: &mut SqliteConnection,
+    job: &str,
+    chunks: &[LogChunkBytes],
+) -> StoreResult<()> {
+    // SQLite allows 32766 bound parameters; 4 per row.
+    for group in chunks.chunks(1000) {
+        let mut builder: sqlx::QueryBuilder<sqlx::Sqlite> =
+            sqlx::QueryBuilder::new("INSERT INTO job_output (job, seq, stream, data) ");
+        builder.push_values(group, |mut row, chunk| {
+            row.push_bind(job)
+                .push_bind(chunk.seq as i64)
+                .push_bind(stream_code(chunk.stream))
+                .push_bind(chunk.data.as_slice());
+        });
+        builder.build().execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 async fn write_job(conn: &mut SqliteConnection, job: &JobRecord, insert: bool) -> StoreResult<()> {
@@ -397,12 +458,15 @@ impl Store for SqliteStore {
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'compacted_through'")
                 .fetch_one(&mut *tx)
                 .await?;
-        if (since as i64) < compacted {
+        // SQLite integers are i64: a `since` beyond that range is ahead of every
+        // revision (no events yet), never a negative one (which read as "gone").
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        if since < compacted {
             let current = read_revision(&mut tx).await?;
             return Ok(EventsSince::Gone { current });
         }
         let rows = sqlx::query("SELECT * FROM events WHERE rev > ? ORDER BY rev LIMIT ?")
-            .bind(since as i64)
+            .bind(since)
             .bind(limit as i64)
             .fetch_all(&mut *tx)
             .await?;
@@ -422,7 +486,10 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             Box::pin(async move {
                 let newest = read_revision(conn).await? as i64;
-                let cut = newest - keep as i64;
+                // Saturating: a huge `keep` ("keep everything") must not wrap to a
+                // negative number, which cut past the newest revision and dropped the
+                // whole log.
+                let cut = newest.saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX));
                 if cut <= 0 {
                     return Ok(0);
                 }
@@ -460,6 +527,27 @@ impl Store for SqliteStore {
             Box::pin(async move {
                 write_job(conn, &job, false).await?;
                 insert_event(conn, &event).await
+            })
+        })
+        .await
+    }
+
+    async fn complete_job(
+        &self,
+        job: &JobRecord,
+        output: Vec<LogChunkBytes>,
+        events: Vec<NewEvent>,
+    ) -> StoreResult<Vec<Event>> {
+        let job = job.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                write_job(conn, &job, false).await?;
+                insert_output(conn, &job.name, &output).await?;
+                let mut written = Vec::with_capacity(events.len());
+                for event in &events {
+                    written.push(insert_event(conn, event).await?);
+                }
+                Ok(written)
             })
         })
         .await
@@ -542,23 +630,8 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let job = job.to_owned();
-        self.write(move |conn| {
-            Box::pin(async move {
-                for chunk in &chunks {
-                    sqlx::query(
-                        "INSERT INTO job_output (job, seq, stream, data) VALUES (?, ?, ?, ?)",
-                    )
-                    .bind(&job)
-                    .bind(chunk.seq as i64)
-                    .bind(stream_code(chunk.stream))
-                    .bind(&chunk.data)
-                    .execute(&mut *conn)
-                    .await?;
-                }
-                Ok(())
-            })
-        })
-        .await
+        self.write(move |conn| Box::pin(async move { insert_output(conn, &job, &chunks).await }))
+            .await
     }
 
     async fn output_since(&self, job: &str, after: u64, limit: u32) -> StoreResult<Vec<LogChunk>> {
