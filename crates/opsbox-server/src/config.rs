@@ -36,6 +36,37 @@ pub struct ServerConfig {
     pub limits: Limits,
     pub jojo: JojoConfig,
     pub rpc: RpcConfig,
+    pub scirocco: SciroccoConfig,
+}
+
+/// Settings of the Scirocco face (message queues for scirocco-pyclient).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SciroccoConfig {
+    /// Scirocco's master token: accepted raw in `Authorization` for any node, as the
+    /// original server did. Without it, only opsbox API tokens are (node tokens for
+    /// their own nodes), and while no user or token exists the face is open.
+    pub shared_token: Option<String>,
+    /// Largest JSON body, in KiB (the original's `SCIROCCO_MAX_KB_SIZE_JSON`).
+    pub max_json_kib: usize,
+    /// Largest text body, in KiB.
+    pub max_text_kib: usize,
+    /// Largest binary body, in KiB.
+    pub max_raw_kib: usize,
+    /// Most messages `GET /messages` returns.
+    pub max_list: u32,
+}
+
+impl Default for SciroccoConfig {
+    fn default() -> Self {
+        SciroccoConfig {
+            shared_token: None,
+            max_json_kib: 100,
+            max_text_kib: 100,
+            max_raw_kib: 1000,
+            max_list: 100,
+        }
+    }
 }
 
 /// Settings of the RPC faces (JSON-RPC 2.0 at `/rpc`, py-jrpc at the root paths).
@@ -122,6 +153,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             jojo: JojoConfig::default(),
             rpc: RpcConfig::default(),
+            scirocco: SciroccoConfig::default(),
         }
     }
 }

@@ -28,7 +28,7 @@ use opsbox_core::{Core, CoreConfig, CoreError};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
-pub use config::{JojoConfig, Limits, ServerConfig, TlsSource};
+pub use config::{JojoConfig, Limits, SciroccoConfig, ServerConfig, TlsSource};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -65,11 +65,22 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(faces::native::routes(state.clone()))
         .merge(faces::jojo::routes(state.clone()))
+        .merge(faces::queues::routes(state.clone()))
+        .merge(faces::scirocco::routes(state.clone()))
         .merge(faces::jsonrpc::routes(state.clone()))
         .merge(faces::jrpc::routes(state.clone()))
         .layer(RequestBodyLimitLayer::new(limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Writes HTTP/1 response header names title-cased (`Scirocco-Node-Source`): header
+/// names are case-insensitive, but scirocco-pyclient matches them case-sensitively.
+/// HTTP/2 is unaffected (its names are lowercase by definition).
+fn title_case_headers(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+) {
+    builder.http1().title_case_headers(true);
 }
 
 /// Imports the users of an htpasswd file (role operator).
@@ -315,7 +326,8 @@ impl Server {
                     tls: false,
                     ..
                 } => {
-                    let server = axum_server::from_tcp(listener).handle(handle.clone());
+                    let mut server = axum_server::from_tcp(listener).handle(handle.clone());
+                    title_case_headers(server.http_builder());
                     tasks.spawn(async move { server.serve(app.into_make_service()).await });
                 }
                 Bound::Tcp {
@@ -328,8 +340,9 @@ impl Server {
                             .clone()
                             .ok_or_else(|| ServerError::Tls("no TLS configuration".into()))?,
                     );
-                    let server =
+                    let mut server =
                         axum_server::from_tcp_rustls(listener, config).handle(handle.clone());
+                    title_case_headers(server.http_builder());
                     tasks.spawn(async move { server.serve(app.into_make_service()).await });
                 }
                 Bound::Unix(listener, path, _) => {

@@ -1,5 +1,7 @@
 //! The faces: each turns one wire protocol into calls of the core services.
 //! - [`native`]: opsbox's own `/v1` API;
+//! - [`queues`]: the native message queue API (`/v1/queues`, `/v1/messages`);
+//! - [`scirocco`]: scirocco-server's queue API, both client generations;
 //! - [`jojo`]: Pyjojo's script API, for PyMoJo and friends;
 //! - [`jsonrpc`]: JSON-RPC 2.0 over HTTP and WebSocket at `/rpc`;
 //! - [`jrpc`]: py-jrpc's `POST /` and `GET /{name}`, for SimpleTCPClient and curl.
@@ -9,3 +11,5 @@ pub mod jrpc;
 pub mod jsonrpc;
 pub mod native;
 pub mod pyjson;
+pub mod queues;
+pub mod scirocco;
