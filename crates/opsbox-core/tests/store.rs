@@ -1,0 +1,447 @@
+//! The SQLite store on its own: group commit, per-write failure, records, output.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use opsbox_api::{JobState, ResultFile, Stream};
+use opsbox_core::store::{
+    EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, SqliteStore, Store, StoreError,
+};
+
+async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("opsbox.db"))
+        .await
+        .unwrap();
+    (Arc::new(store), dir)
+}
+
+fn ev(kind: &str, subject: &str) -> NewEvent {
+    NewEvent::new(kind, subject, serde_json::json!({"subject": subject}))
+}
+
+fn job(name: &str, script: &str, state: JobState) -> JobRecord {
+    JobRecord {
+        name: name.into(),
+        script: script.into(),
+        state,
+        params: BTreeMap::new(),
+        node: None,
+        submitted_by: None,
+        created_at: Utc::now(),
+        started_at: None,
+        finished_at: None,
+        exit_code: None,
+        signal: None,
+        reason: None,
+        return_values: BTreeMap::new(),
+        results: Vec::new(),
+        spec: serde_json::json!({}),
+        pid: None,
+    }
+}
+
+async fn all_events(store: &SqliteStore) -> Vec<opsbox_api::Event> {
+    match store.events_since(0, 100_000).await.unwrap() {
+        EventsSince::Events(events) => events,
+        EventsSince::Gone { .. } => panic!("nothing was compacted"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_all_commit_with_distinct_revisions() {
+    let (store, _dir) = store().await;
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append_event(ev("test.append", &i.to_string())).await })
+        })
+        .collect();
+    let events: Vec<_> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    let mut revs: Vec<u64> = events.iter().map(|e| e.rev).collect();
+    revs.sort();
+    assert_eq!(
+        revs,
+        (1..=200).collect::<Vec<_>>(),
+        "distinct, gapless revisions"
+    );
+    assert_eq!(store.current_revision().await.unwrap(), 200);
+    assert_eq!(*store.changes().borrow(), 200);
+
+    // What each caller was told is what the log holds.
+    let mut stored = all_events(&store).await;
+    assert_eq!(stored.len(), 200);
+    let mut told = events.clone();
+    told.sort_by_key(|e| e.rev);
+    stored.sort_by_key(|e| e.rev);
+    for (a, b) in told.iter().zip(&stored) {
+        assert_eq!(
+            (a.rev, &a.kind, &a.subject, &a.data),
+            (b.rev, &b.kind, &b.subject, &b.data)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_in_a_concurrent_batch_fails_only_that_write() {
+    let (store, _dir) = store().await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            match i % 4 {
+                // The same name, several times: exactly one may win.
+                0 => {
+                    let j = job("dup@1", "s", JobState::Queued);
+                    store
+                        .insert_job(&j, ev("job.created", "dup@1"))
+                        .await
+                        .map(|_| ())
+                }
+                1 => {
+                    let name = format!("job@{i}");
+                    let j = job(&name, "s", JobState::Queued);
+                    store
+                        .insert_job(&j, ev("job.created", &name))
+                        .await
+                        .map(|_| ())
+                }
+                _ => store
+                    .append_event(ev("test.append", &i.to_string()))
+                    .await
+                    .map(|_| ()),
+            }
+        }));
+    }
+    let results: Vec<(usize, Result<(), StoreError>)> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .enumerate()
+        .collect();
+    let mut dup_ok = 0;
+    for (i, result) in &results {
+        match (i % 4, result) {
+            (0, Ok(())) => dup_ok += 1,
+            (0, Err(StoreError::Conflict(what))) => assert!(what.contains("dup@1"), "{what}"),
+            (_, Ok(())) => {}
+            (_, Err(e)) => panic!("write {i} failed: {e}"),
+        }
+    }
+    assert_eq!(dup_ok, 1, "exactly one insert of the same name wins");
+    // Failed writes left nothing behind: 1 + 10 jobs, and one event per success.
+    assert_eq!(
+        store.list_jobs(&JobFilter::default()).await.unwrap().len(),
+        11
+    );
+    let events = all_events(&store).await;
+    assert_eq!(events.len(), 1 + 10 + 20);
+    assert_eq!(
+        events.iter().filter(|e| e.subject == "dup@1").count(),
+        1,
+        "the losing insert's event was rolled back with it"
+    );
+    for i in (1..40).step_by(4) {
+        assert!(store.get_job(&format!("job@{i}")).await.unwrap().is_some());
+    }
+}
+
+#[tokio::test]
+async fn job_records_round_trip_and_missing_ones_are_not_found() {
+    let (store, _dir) = store().await;
+    let created = Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).unwrap()
+        + chrono::Duration::nanoseconds(123_456_789);
+    let mut record = JobRecord {
+        name: "full@1:2:3".into(),
+        script: "full".into(),
+        state: JobState::Running,
+        params: [("a".to_string(), "1 'two' $(3)\n".to_string())].into(),
+        node: Some("local".into()),
+        submitted_by: Some("alice".into()),
+        created_at: created,
+        started_at: Some(created + chrono::Duration::milliseconds(5)),
+        finished_at: None,
+        exit_code: None,
+        signal: None,
+        reason: None,
+        return_values: [("k".to_string(), "v=w".to_string())].into(),
+        results: vec![ResultFile {
+            path: "sub/x.csv".into(),
+            size: 42,
+        }],
+        spec: serde_json::json!({"lock": true, "timeout_secs": 5}),
+        pid: Some(4_000_000),
+    };
+    let event = store
+        .insert_job(&record, ev("job.created", &record.name))
+        .await
+        .unwrap();
+    assert_eq!(event.kind, "job.created");
+    assert_eq!(
+        store.get_job(&record.name).await.unwrap().as_ref(),
+        Some(&record)
+    );
+
+    record.state = JobState::Failed;
+    record.finished_at = Some(created + chrono::Duration::seconds(1));
+    record.exit_code = Some(2);
+    record.signal = Some(9);
+    record.reason = Some("because".into());
+    record.pid = None;
+    let updated = store
+        .update_job(&record, ev("job.finished", &record.name))
+        .await
+        .unwrap();
+    assert!(updated.rev > event.rev);
+    assert_eq!(
+        store.get_job(&record.name).await.unwrap().as_ref(),
+        Some(&record)
+    );
+
+    assert!(matches!(
+        store.insert_job(&record, ev("job.created", "again")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let ghost = job("ghost@1", "s", JobState::Running);
+    assert!(matches!(
+        store.update_job(&ghost, ev("job.started", "ghost@1")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store
+            .delete_job("ghost@1", ev("job.cleaned", "ghost@1"))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.get_job("ghost@1").await.unwrap(), None);
+    // Failed writes added no event.
+    assert_eq!(store.current_revision().await.unwrap(), updated.rev);
+}
+
+#[tokio::test]
+async fn list_jobs_filters_newest_first() {
+    let (store, _dir) = store().await;
+    let specs = [
+        ("a@1", "a", JobState::Succeeded),
+        ("b@1", "b", JobState::Failed),
+        ("a@2", "a", JobState::Running),
+        ("a@3", "a", JobState::Succeeded),
+    ];
+    for (name, script, state) in specs {
+        store
+            .insert_job(&job(name, script, state), ev("job.created", name))
+            .await
+            .unwrap();
+    }
+    let names = |jobs: Vec<JobRecord>| jobs.into_iter().map(|j| j.name).collect::<Vec<_>>();
+    let all = store.list_jobs(&JobFilter::default()).await.unwrap();
+    assert_eq!(names(all), ["a@3", "a@2", "b@1", "a@1"]);
+    let filter = JobFilter {
+        state: Some(JobState::Succeeded),
+        script: Some("a".into()),
+        limit: None,
+    };
+    assert_eq!(
+        names(store.list_jobs(&filter).await.unwrap()),
+        ["a@3", "a@1"]
+    );
+    let filter = JobFilter {
+        limit: Some(2),
+        ..JobFilter::default()
+    };
+    assert_eq!(
+        names(store.list_jobs(&filter).await.unwrap()),
+        ["a@3", "a@2"]
+    );
+    let filter = JobFilter {
+        script: Some("zzz".into()),
+        ..JobFilter::default()
+    };
+    assert!(store.list_jobs(&filter).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn output_is_stored_in_order_per_stream_and_deleted_with_its_job() {
+    let (store, _dir) = store().await;
+    let name = "out@1";
+    store
+        .insert_job(
+            &job(name, "out", JobState::Running),
+            ev("job.created", name),
+        )
+        .await
+        .unwrap();
+    let chunk = |seq, stream, data: &[u8]| LogChunkBytes {
+        seq,
+        stream,
+        data: data.to_vec(),
+    };
+    // append_output adds no event, but followers of the log must still wake up.
+    let mut changes = store.changes();
+    changes.borrow_and_update();
+    store
+        .append_output(
+            name,
+            vec![
+                chunk(1, Stream::Stdout, b"one\n"),
+                chunk(2, Stream::Stderr, b"err\n"),
+            ],
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), changes.changed())
+        .await
+        .expect("append_output must bump changes()")
+        .unwrap();
+    store
+        .append_output(
+            name,
+            vec![
+                chunk(3, Stream::Stdout, b"t\xffo\n"),
+                chunk(4, Stream::Stdout, b"three"),
+            ],
+        )
+        .await
+        .unwrap();
+    store.append_output(name, vec![]).await.unwrap();
+    // A sequence number used twice is refused.
+    assert!(store
+        .append_output(name, vec![chunk(4, Stream::Stdout, b"again")])
+        .await
+        .is_err());
+
+    let first = store.output_since(name, 0, 2).await.unwrap();
+    assert_eq!(first.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(first[1].stream, Stream::Stderr);
+    assert_eq!(first[1].data, "err\n");
+    let rest = store.output_since(name, 2, 100).await.unwrap();
+    assert_eq!(rest.iter().map(|c| c.seq).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(rest[0].data, "t\u{fffd}o\n", "chunks are text, lossily");
+    let (out, err) = store.output_bytes(name).await.unwrap();
+    assert_eq!(out, b"one\nt\xffo\nthree", "raw bytes stay raw");
+    assert_eq!(err, b"err\n");
+
+    store
+        .delete_job(name, ev("job.cleaned", name))
+        .await
+        .unwrap();
+    assert!(store.output_since(name, 0, 100).await.unwrap().is_empty());
+    assert_eq!(store.output_bytes(name).await.unwrap(), (vec![], vec![]));
+}
+
+fn lost_event(job: &JobRecord) -> NewEvent {
+    NewEvent::new(
+        "test.lost",
+        &job.name,
+        serde_json::json!({"state": job.state.as_str(), "reason": job.reason}),
+    )
+}
+
+#[tokio::test]
+async fn unfinished_jobs_are_marked_lost_in_one_write() {
+    let (store, _dir) = store().await;
+    for (name, state) in [
+        ("q@1", JobState::Queued),
+        ("r@1", JobState::Running),
+        ("s@1", JobState::Succeeded),
+        ("k@1", JobState::Killed),
+    ] {
+        store
+            .insert_job(&job(name, "x", state), ev("job.created", name))
+            .await
+            .unwrap();
+    }
+    let at = Utc.with_ymd_and_hms(2030, 1, 2, 3, 4, 5).unwrap();
+    let events = store
+        .mark_unfinished_lost("gone away", at, lost_event)
+        .await
+        .unwrap();
+    let mut subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["q@1", "r@1"]);
+    for event in &events {
+        assert_eq!(event.kind, "test.lost");
+        assert_eq!(event.data["state"], "lost");
+        assert_eq!(event.data["reason"], "gone away");
+    }
+    for name in ["q@1", "r@1"] {
+        let job = store.get_job(name).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Lost);
+        assert_eq!(job.reason.as_deref(), Some("gone away"));
+        assert_eq!(job.finished_at, Some(at));
+    }
+    assert_eq!(
+        store.get_job("s@1").await.unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+    assert_eq!(
+        store.get_job("k@1").await.unwrap().unwrap().state,
+        JobState::Killed
+    );
+    assert!(store
+        .mark_unfinished_lost("again", at, lost_event)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn everything_survives_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opsbox.db");
+    let rev = {
+        let store = SqliteStore::open(&path).await.unwrap();
+        store
+            .insert_job(
+                &job("keep@1", "keep", JobState::Succeeded),
+                ev("job.created", "keep@1"),
+            )
+            .await
+            .unwrap();
+        store.append_event(ev("test.x", "x")).await.unwrap().rev
+    };
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(store.current_revision().await.unwrap(), rev);
+    assert_eq!(*store.changes().borrow(), rev);
+    assert!(store.get_job("keep@1").await.unwrap().is_some());
+    assert_eq!(
+        store.append_event(ev("test.y", "y")).await.unwrap().rev,
+        rev + 1
+    );
+}
+
+#[tokio::test]
+async fn huge_keep_and_since_values_are_not_wrapped_around() {
+    let (store, _dir) = store().await;
+    for i in 0..5 {
+        store
+            .append_event(ev("test.x", &i.to_string()))
+            .await
+            .unwrap();
+    }
+    // "Keep everything" spelled as a huge retention drops nothing.
+    for keep in [u64::MAX, 1 << 63, i64::MAX as u64] {
+        assert_eq!(store.compact_events(keep).await.unwrap(), 0, "keep {keep}");
+    }
+    assert_eq!(all_events(&store).await.len(), 5);
+    assert_eq!(store.current_revision().await.unwrap(), 5);
+    let next = store.append_event(ev("test.y", "y")).await.unwrap();
+    assert_eq!(next.rev, 6);
+    match store.events_since(5, 10).await.unwrap() {
+        EventsSince::Events(events) => assert_eq!(events.len(), 1),
+        EventsSince::Gone { .. } => panic!("nothing was compacted"),
+    }
+    // A revision beyond the newest has no events after it yet: not gone.
+    for since in [7, 1 << 40, 1 << 63, u64::MAX] {
+        match store.events_since(since, 10).await.unwrap() {
+            EventsSince::Events(events) => assert!(events.is_empty(), "since {since}"),
+            EventsSince::Gone { .. } => panic!("since {since} is not compacted, it is ahead"),
+        }
+    }
+}
