@@ -25,4 +25,19 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r compat/requirements.txt \
     || fail "cannot install compat/requirements.txt from the package index"
+# scirocco-pyclient 1.0.0 and 2.1.3 are both the module `sciroccoclient`: one venv each
+# (urllib3 below 2, which both need); compat/test_scirocco.py runs them as subprocesses.
+for version in 1.0.0 2.1.3; do
+    sv="compat/.venv-scirocco-$version"
+    if [ ! -x "$sv/bin/python" ]; then
+        python3 -m venv "$sv" || fail "cannot create the venv $sv"
+    fi
+    "$sv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "scirocco-pyclient==$version" "urllib3<2" \
+        || fail "cannot install scirocco-pyclient $version from the package index"
+done
+# 2.1.3 names a parameter `async` (a keyword since Python 3.7): rename it in the
+# installed copy, at test time.
+compat/.venv-scirocco-2.1.3/bin/python compat/scirocco/async_fix.py \
+    || fail "cannot apply the async fix to scirocco-pyclient 2.1.3"
 OPSBOX_BIN="$PWD/target/debug/opsbox" "$venv/bin/python" -m pytest compat -q -p no:cacheprovider
