@@ -39,11 +39,19 @@ def test_wrong_password_raises_from_the_constructor(make_opsbox):
     assert MojoA(endpoint="127.0.0.1", port=server.port, user="username", password="nope").scripts == {}
 
 
-def test_bcrypt_and_colon_passwords(make_opsbox):
-    # htpasswd -nbB user password
-    server = make_opsbox(htpasswd="b:$2y$05$bvIG6Nmid91Mu9RcmmWZfO5HJIMCT8riNW0hEp8f6/FuA2/mHZFpe\nc:pass:with:colons\n")
-    assert mojo_for(server, user="b", password="password").get_script("date") is not None
-    assert mojo_for(server, user="c", password="pass:with:colons").get_script("date") is not None
+def test_every_htpasswd_format_and_colon_passwords(make_opsbox):
+    server = make_opsbox(
+        htpasswd="b:$2y$05$bvIG6Nmid91Mu9RcmmWZfO5HJIMCT8riNW0hEp8f6/FuA2/mHZFpe\n"  # htpasswd -B, "password"
+        "d:aZGJuE6EXrjEE\n"  # htpasswd -d (DES crypt), "test"
+        "m:$apr1$RandSalt$PgCXHRrkpSt4cbyC2C6bm/\n"  # htpasswd -m, "password"
+        "s:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n"  # htpasswd -s, "password"
+        "c:pass:with:colons\n"  # plaintext, with colons in the password
+    )
+    for user, password in [("b", "password"), ("d", "test"), ("m", "password"), ("s", "password"), ("c", "pass:with:colons")]:
+        mojo = mojo_for(server, user=user, password=password)
+        assert mojo.run("echo", params={"text": user}).json()["stdout"] == [f"echo'd text: {user}"]
+        with pytest.raises(requests.HTTPError):
+            mojo_for(server, user=user, password=password + "x")
 
 
 def test_fresh_client_runs_every_script_with_post(opsbox):
@@ -88,13 +96,22 @@ def test_unknown_scripts_and_params(opsbox):
     assert mojo.run("echo").json()["stdout"] == ["echo'd text: "]
 
 
+def test_missing_required_param_is_a_400(opsbox):
+    mojo = mojo_for(opsbox)
+    refused = mojo.run("greet", params={})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == 400
+    assert "missing required param 'name'" in refused.json()["error"]["message"]
+    assert mojo.run("greet", params={"name": "ada"}).json()["stdout"] == ["hello, ada"]
+
+
 def test_tag_filters_and_names(opsbox):
     mojo = mojo_for(opsbox)
     assert sorted(mojo.get_scripts("tags", "math")) == ["math", "update"]
     assert sorted(mojo.get_scripts("tags", "math,write")) == ["update"]
     assert sorted(mojo.get_script_names("any_tags", "time,write")) == ["date", "update"]
     assert "math" not in mojo.get_script_names("not_tags", "math")
-    assert sorted(mojo.get_script_names()) == ["date", "echo", "math", "remove", "update"]
+    assert sorted(mojo.get_script_names()) == ["date", "echo", "greet", "math", "remove", "update"]
 
 
 def test_era_a_client(opsbox):

@@ -17,6 +17,14 @@ pub async fn add_user(data: &Path, user: NewUser) -> anyhow::Result<User> {
     Ok(identities(data).await?.add_user(user).await?)
 }
 
+pub async fn import_htpasswd(
+    data: &Path,
+    text: &str,
+    role: opsbox_api::Role,
+) -> anyhow::Result<Vec<String>> {
+    Ok(identities(data).await?.import_htpasswd(text, role).await?)
+}
+
 pub async fn remove_user(data: &Path, name: &str) -> anyhow::Result<()> {
     Ok(identities(data).await?.remove_user(name).await?)
 }

@@ -33,6 +33,15 @@ enum UsersCommand {
         #[arg(long, default_value = "operator", value_parser = parse_role)]
         role: Role,
     },
+    /// Import the users of an Apache htpasswd file (bcrypt, $apr1$, {SHA}, crypt,
+    /// plaintext), keeping their hashes; needs --data.
+    Import {
+        /// The htpasswd file.
+        file: PathBuf,
+        /// Role given to every imported user.
+        #[arg(long, default_value = "operator", value_parser = parse_role)]
+        role: Role,
+    },
     /// List users.
     List,
     /// Remove a user.
@@ -95,6 +104,26 @@ pub async fn users(ctx: &Ctx, args: UsersArgs) -> anyhow::Result<u8> {
                 output::json(&user)?;
             } else {
                 println!("added user {} ({})", user.name, user.role);
+            }
+        }
+        UsersCommand::Import { file, role } => {
+            let Some(dir) = &args.data else {
+                anyhow::bail!(
+                    "users import works on a data directory: give --data DIR \
+                     (or start the server with --htpasswd FILE)"
+                );
+            };
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let names = admin::import_htpasswd(dir, &text, role).await?;
+            if ctx.json {
+                output::json(&serde_json::json!({ "imported": names }))?;
+            } else {
+                println!(
+                    "imported {} users ({role}): {}",
+                    names.len(),
+                    names.join(", ")
+                );
             }
         }
         UsersCommand::List => {
