@@ -512,9 +512,13 @@ impl Jobs {
     /// Stops every running job (server shutdown); returns once they have ended.
     pub async fn shutdown(&self) {
         let names: Vec<String> = self.lock_active().keys().cloned().collect();
-        for name in &names {
-            let _ = self.kill(name, Some("server shutdown")).await;
-        }
+        // All at once: each waits out its own grace period, not the sum of them.
+        futures::future::join_all(
+            names
+                .iter()
+                .map(|name| self.kill(name, Some("server shutdown"))),
+        )
+        .await;
     }
 
     /// Names of the jobs that run or wait in this process.
