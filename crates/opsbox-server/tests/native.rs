@@ -17,15 +17,7 @@ use serde_json::json;
 #[tokio::test]
 async fn catalog_and_run_with_hostile_params() {
     let server = TestServer::start().await;
-    let http = client();
-    let list: ScriptList = http
-        .get(server.url("/v1/scripts"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: ScriptList = server.get_json("/v1/scripts").await;
     let names: Vec<&str> = list.scripts.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, vec!["echo", "report", "sleepy"]);
 
@@ -34,15 +26,12 @@ async fn catalog_and_run_with_hostile_params() {
         "$(touch {m}) ; touch {m} `touch {m}` 'quoted' \"double\"\nnew line * $HOME",
         m = marker.display()
     );
-    let response: RunResponse = http
-        .post(server.url("/v1/scripts/echo/run"))
-        .json(&json!({"params": {"text": hostile}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let response: RunResponse = server
+        .post_json(
+            "/v1/scripts/echo/run",
+            Some(json!({"params": {"text": hostile}})),
+        )
+        .await;
     assert_eq!(response.job.state, JobState::Succeeded);
     let output = response.output.unwrap();
     assert_eq!(
@@ -130,14 +119,7 @@ async fn clear_errors_for_bad_runs() {
 async fn failed_job_keeps_output_values_and_results() {
     let server = TestServer::start().await;
     let http = client();
-    let response: RunResponse = http
-        .post(server.url("/v1/scripts/report/run"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let response: RunResponse = server.post_json("/v1/scripts/report/run", None).await;
     let job = response.job;
     assert_eq!(job.state, JobState::Failed);
     assert_eq!(job.exit_code, Some(3));
@@ -167,23 +149,9 @@ async fn failed_job_keeps_output_values_and_results() {
         .unwrap();
     assert_eq!(escape.status().as_u16(), 404);
 
-    let log: JobOutput = http
-        .get(server.url(&format!("/v1/jobs/{name}/log")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log: JobOutput = server.get_json(&format!("/v1/jobs/{name}/log")).await;
     assert_eq!(log.stdout, vec!["jojo_return_value answer=42"]);
-    let spec: serde_json::Value = http
-        .get(server.url(&format!("/v1/jobs/{name}/spec")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: serde_json::Value = server.get_json(&format!("/v1/jobs/{name}/spec")).await;
     assert_eq!(spec["script"], "report");
 
     // Clean removes it.
@@ -205,16 +173,8 @@ async fn failed_job_keeps_output_values_and_results() {
 #[tokio::test]
 async fn timeout_and_kill_leave_no_process_behind() {
     let server = TestServer::start().await;
-    let http = client();
     // Timeout: the script's `timeout: 2` ends it, background child included.
-    let response: RunResponse = http
-        .post(server.url("/v1/scripts/sleepy/run"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let response: RunResponse = server.post_json("/v1/scripts/sleepy/run", None).await;
     assert_eq!(response.job.state, JobState::Failed);
     assert_eq!(response.job.reason.as_deref(), Some("timed out after 2s"));
     let pid_file = server
@@ -230,32 +190,17 @@ async fn timeout_and_kill_leave_no_process_behind() {
     assert!(!alive(pid), "background child {pid} outlived the timeout");
 
     // Kill mid-run, with wait timing out first.
-    let started: RunResponse = http
-        .post(server.url("/v1/scripts/sleepy/run?wait=false"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let started: RunResponse = server
+        .post_json("/v1/scripts/sleepy/run?wait=false", None)
+        .await;
     let name = seg(&started.job.name);
-    let waited: WaitResponse = http
-        .get(server.url(&format!("/v1/jobs/{name}/wait?timeout=0.3")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let waited: WaitResponse = server
+        .get_json(&format!("/v1/jobs/{name}/wait?timeout=0.3"))
+        .await;
     assert!(!waited.done);
-    let killed: Job = http
-        .post(server.url(&format!("/v1/jobs/{name}/kill")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let killed: Job = server
+        .post_json(&format!("/v1/jobs/{name}/kill"), None)
+        .await;
     assert_eq!(killed.state, JobState::Killed);
     assert_eq!(
         killed.reason.as_deref(),
@@ -272,23 +217,11 @@ async fn timeout_and_kill_leave_no_process_behind() {
         .parse()
         .unwrap();
     assert!(!alive(pid), "background child {pid} outlived the kill");
-    let waited: WaitResponse = http
-        .get(server.url(&format!("/v1/jobs/{name}/wait?timeout=5")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let waited: WaitResponse = server
+        .get_json(&format!("/v1/jobs/{name}/wait?timeout=5"))
+        .await;
     assert!(waited.done);
-    let running: JobList = http
-        .get(server.url("/v1/jobs?state=running"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let running: JobList = server.get_json("/v1/jobs?state=running").await;
     assert!(running.jobs.is_empty());
     server.shutdown().await;
 }
@@ -303,23 +236,11 @@ async fn follow_log_over_sse() {
         "for i in 1 2 3; do echo tick $i; sleep 0.2; done",
     );
     let http = client();
-    let reload: serde_json::Value = http
-        .post(server.url("/v1/reload"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reload: serde_json::Value = server.post_json("/v1/reload", None).await;
     assert_eq!(reload["scripts"], 4);
-    let started: RunResponse = http
-        .post(server.url("/v1/scripts/ticks/run?wait=false"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let started: RunResponse = server
+        .post_json("/v1/scripts/ticks/run?wait=false", None)
+        .await;
     let name = seg(&started.job.name);
     let body = http
         .get(server.url(&format!("/v1/jobs/{name}/log?follow=true")))
@@ -350,23 +271,13 @@ async fn follow_log_over_sse() {
 async fn watch_resumes_from_a_revision_and_compacted_is_gone() {
     let server = TestServer::start().await;
     let http = client();
-    let first: RunResponse = http
-        .post(server.url("/v1/scripts/echo/run"))
-        .json(&json!({"params": {"text": "one"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let page: EventPage = http
-        .get(server.url("/v1/events?since=0"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first: RunResponse = server
+        .post_json(
+            "/v1/scripts/echo/run",
+            Some(json!({"params": {"text": "one"}})),
+        )
+        .await;
+    let page: EventPage = server.get_json("/v1/events?since=0").await;
     let mark = page.current_revision;
     assert!(page
         .events
@@ -380,15 +291,12 @@ async fn watch_resumes_from_a_revision_and_compacted_is_gone() {
         .await
         .unwrap();
     assert_eq!(follow.status().as_u16(), 200);
-    let second: RunResponse = http
-        .post(server.url("/v1/scripts/echo/run"))
-        .json(&json!({"params": {"text": "two"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let second: RunResponse = server
+        .post_json(
+            "/v1/scripts/echo/run",
+            Some(json!({"params": {"text": "two"}})),
+        )
+        .await;
     let mut stream = follow.bytes_stream();
     let mut text = String::new();
     use futures::StreamExt;
@@ -621,14 +529,7 @@ async fn non_loopback_without_credentials_is_refused_and_bodies_are_limited() {
 #[tokio::test]
 async fn openapi_document_lists_the_routes() {
     let server = TestServer::start().await;
-    let doc: serde_json::Value = client()
-        .get(server.url("/v1/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: serde_json::Value = server.get_json("/v1/openapi.json").await;
     let paths = doc["paths"].as_object().unwrap();
     for path in [
         "/v1/scripts",
@@ -666,14 +567,9 @@ async fn websocket_streams_for_events_and_logs() {
         tokio_tungstenite::connect_async(format!("{ws_base}/v1/events/ws?since=0"))
             .await
             .unwrap();
-    let started: RunResponse = http
-        .post(server.url("/v1/scripts/ticks/run?wait=false"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let started: RunResponse = server
+        .post_json("/v1/scripts/ticks/run?wait=false", None)
+        .await;
     let (mut log, _) = tokio_tungstenite::connect_async(format!(
         "{ws_base}/v1/jobs/{}/log/ws",
         seg(&started.job.name)
