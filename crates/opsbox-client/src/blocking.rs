@@ -246,6 +246,67 @@ impl Client {
         self.block(self.inner.revoke_token(id))
     }
 
+    // -- queues ------------------------------------------------------------------------
+
+    pub fn push(
+        &self,
+        to: &str,
+        from: &str,
+        messages: Vec<opsbox_api::NewMessage>,
+    ) -> Result<Vec<opsbox_api::Message>> {
+        self.block(self.inner.push(to, from, messages))
+    }
+
+    pub fn pull(
+        &self,
+        node: &str,
+        request: opsbox_api::PullRequest,
+    ) -> Result<Vec<opsbox_api::Message>> {
+        self.block(self.inner.pull(node, request))
+    }
+
+    pub fn ack(&self, node: &str, ids: Vec<String>) -> Result<opsbox_api::AckResponse> {
+        self.block(self.inner.ack(node, ids))
+    }
+
+    pub fn message(&self, id: &str) -> Result<opsbox_api::Message> {
+        self.block(self.inner.message(id))
+    }
+
+    pub fn queue_messages(
+        &self,
+        node: &str,
+        statuses: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<Vec<opsbox_api::Message>> {
+        self.block(self.inner.queue_messages(node, statuses, limit))
+    }
+
+    pub fn update_message(
+        &self,
+        id: &str,
+        node: Option<&str>,
+        update: opsbox_api::UpdateMessage,
+    ) -> Result<opsbox_api::Message> {
+        self.block(self.inner.update_message(id, node, update))
+    }
+
+    pub fn delete_message(&self, id: &str, node: Option<&str>) -> Result<u64> {
+        self.block(self.inner.delete_message(id, node))
+    }
+
+    pub fn purge_queue(&self, node: &str, statuses: Option<&str>) -> Result<u64> {
+        self.block(self.inner.purge_queue(node, statuses))
+    }
+
+    pub fn queues(&self) -> Result<Vec<opsbox_api::QueueStats>> {
+        self.block(self.inner.queues())
+    }
+
+    pub fn queue_stats(&self, node: &str) -> Result<opsbox_api::QueueStats> {
+        self.block(self.inner.queue_stats(node))
+    }
+
     fn iter<T>(&self, stream: BoxStream<'static, Result<T>>) -> Iter<T> {
         Iter {
             runtime: self.runtime.clone(),

@@ -710,6 +710,130 @@ fn script_run_path(name: &str) -> String {
     format!("/v1/scripts/{}/run", encode_segment(name))
 }
 
+// ---------------------------------------------------------------------------------------
+// Queues
+// ---------------------------------------------------------------------------------------
+
+impl Client {
+    /// Pushes messages into `to`'s queue, sent by node `from`; returns them as stored.
+    pub async fn push(
+        &self,
+        to: &str,
+        from: &str,
+        messages: Vec<opsbox_api::NewMessage>,
+    ) -> Result<Vec<opsbox_api::Message>> {
+        let path = format!("/v1/queues/{}/messages", encode_segment(to));
+        let list: opsbox_api::MessageList = self
+            .json(
+                self.request(Method::POST, &path)
+                    .query(&[("from", from)])
+                    .json(&opsbox_api::PushRequest { messages }),
+            )
+            .await?;
+        Ok(list.messages)
+    }
+
+    /// Claims up to `request.max` (default 1) of `node`'s oldest deliverable messages,
+    /// waiting up to `request.wait` seconds for one; empty when there was none.
+    pub async fn pull(
+        &self,
+        node: &str,
+        request: opsbox_api::PullRequest,
+    ) -> Result<Vec<opsbox_api::Message>> {
+        let path = format!("/v1/queues/{}/pull", encode_segment(node));
+        let list: opsbox_api::MessageList = self
+            .json(self.request(Method::POST, &path).json(&request))
+            .await?;
+        Ok(list.messages)
+    }
+
+    /// Acks messages `node` pulled: they are never delivered again.
+    pub async fn ack(&self, node: &str, ids: Vec<String>) -> Result<opsbox_api::AckResponse> {
+        let path = format!("/v1/queues/{}/ack", encode_segment(node));
+        self.json(
+            self.request(Method::POST, &path)
+                .json(&opsbox_api::AckRequest { ids }),
+        )
+        .await
+    }
+
+    pub async fn message(&self, id: &str) -> Result<opsbox_api::Message> {
+        let path = format!("/v1/messages/{}", encode_segment(id));
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// Messages sent by or to `node`, oldest first; `statuses` comma-separated.
+    pub async fn queue_messages(
+        &self,
+        node: &str,
+        statuses: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<Vec<opsbox_api::Message>> {
+        let path = format!("/v1/queues/{}/messages", encode_segment(node));
+        let mut query = Vec::new();
+        if let Some(statuses) = statuses {
+            query.push(("status", statuses.to_owned()));
+        }
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        let list: opsbox_api::MessageList = self
+            .json(self.request(Method::GET, &path).query(&query))
+            .await?;
+        Ok(list.messages)
+    }
+
+    /// Replaces the payload of a message not yet delivered, as its sender (`node`, or
+    /// by default the message's own sender).
+    pub async fn update_message(
+        &self,
+        id: &str,
+        node: Option<&str>,
+        update: opsbox_api::UpdateMessage,
+    ) -> Result<opsbox_api::Message> {
+        let path = format!("/v1/messages/{}", encode_segment(id));
+        let query: Vec<(&str, &str)> = node.map(|n| ("node", n)).into_iter().collect();
+        self.json(
+            self.request(Method::PATCH, &path)
+                .query(&query)
+                .json(&update),
+        )
+        .await
+    }
+
+    /// Deletes a message not yet delivered, as its sender.
+    pub async fn delete_message(&self, id: &str, node: Option<&str>) -> Result<u64> {
+        let path = format!("/v1/messages/{}", encode_segment(id));
+        let query: Vec<(&str, &str)> = node.map(|n| ("node", n)).into_iter().collect();
+        let report: opsbox_api::DeleteReport = self
+            .json(self.request(Method::DELETE, &path).query(&query))
+            .await?;
+        Ok(report.deleted)
+    }
+
+    /// Deletes the messages of `node`'s queue (with one of `statuses`, or all).
+    pub async fn purge_queue(&self, node: &str, statuses: Option<&str>) -> Result<u64> {
+        let path = format!("/v1/queues/{}/messages", encode_segment(node));
+        let query: Vec<(&str, &str)> = statuses.map(|s| ("status", s)).into_iter().collect();
+        let report: opsbox_api::DeleteReport = self
+            .json(self.request(Method::DELETE, &path).query(&query))
+            .await?;
+        Ok(report.deleted)
+    }
+
+    /// Counts of every queue that holds a message.
+    pub async fn queues(&self) -> Result<Vec<opsbox_api::QueueStats>> {
+        let list: opsbox_api::QueueStatsList =
+            self.json(self.request(Method::GET, "/v1/queues")).await?;
+        Ok(list.queues)
+    }
+
+    pub async fn queue_stats(&self, node: &str) -> Result<opsbox_api::QueueStats> {
+        let path = format!("/v1/queues/{}", encode_segment(node));
+        self.json(self.request(Method::GET, &path)).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 mod identity;
 mod jobs;
 mod output;
+mod queue;
 mod scripts;
 mod server;
 mod watch;
@@ -93,6 +94,8 @@ enum Command {
     Users(identity::UsersArgs),
     /// Manage API tokens (admin).
     Tokens(identity::TokensArgs),
+    /// Message queues: push, pull, ack, get, list, delete, stats (act as --node).
+    Queue(queue::QueueArgs),
 }
 
 impl Cli {
@@ -157,6 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Info => server::info(&ctx).await,
         Command::Users(args) => identity::users(&ctx, args).await,
         Command::Tokens(args) => identity::tokens(&ctx, args).await,
+        Command::Queue(args) => queue::run(&ctx, args).await,
     }
 }
 
