@@ -47,6 +47,25 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long = "max-body", env = "OPSBOX_MAX_BODY")]
     pub max_body: Option<usize>,
+    /// Extra listeners for the py-jrpc face alone (py-jrpc's examples used port 9999),
+    /// repeatable: there every `GET /{name}` and every POST is a jrpc call. Same forms
+    /// as --listen, https:// included.
+    #[arg(
+        long = "jrpc-listen",
+        env = "OPSBOX_JRPC_LISTEN",
+        value_delimiter = ','
+    )]
+    pub jrpc_listen: Vec<String>,
+    /// Role (reader, operator, admin) of py-jrpc callers that send no credentials,
+    /// once users or tokens exist: py-jrpc's client cannot send any. Without it they
+    /// get 401. While no user or token exists the server listens on loopback only and
+    /// every caller may call everything.
+    #[arg(
+        long = "jrpc-anonymous",
+        env = "OPSBOX_JRPC_ANONYMOUS",
+        value_name = "ROLE"
+    )]
+    pub jrpc_anonymous: Option<String>,
 }
 
 /// The configuration these flags give, over the config file's.
@@ -91,6 +110,15 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
     if let Some(n) = args.max_body {
         config.limits.max_body_bytes = n;
     }
+    if !args.jrpc_listen.is_empty() {
+        config.rpc.jrpc_listen = args.jrpc_listen.clone();
+    }
+    if let Some(role) = &args.jrpc_anonymous {
+        config.rpc.jrpc_anonymous_role =
+            Some(opsbox_api::Role::parse(role).with_context(|| {
+                format!("--jrpc-anonymous takes reader, operator or admin, not '{role}'")
+            })?);
+    }
     Ok(config)
 }
 
@@ -118,7 +146,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!(file = %problem.file, "{}", problem.message);
     }
     for address in server.local_addrs() {
-        eprintln!("opsbox {} listening on {address}", env!("CARGO_PKG_VERSION"));
+        eprintln!(
+            "opsbox {} listening on {address}",
+            env!("CARGO_PKG_VERSION")
+        );
     }
     eprintln!(
         "data in {}, {} scripts from {}",
@@ -168,13 +199,19 @@ mod tests {
         assert_eq!(config.data, PathBuf::from("/tmp/d"));
         assert_eq!(config.limits.max_concurrent_runs, 3);
         std::fs::write(&file, "lsten = []\n").unwrap();
-        assert!(resolve(&args).is_err(), "a typo in the config file must be an error");
+        assert!(
+            resolve(&args).is_err(),
+            "a typo in the config file must be an error"
+        );
     }
 
     #[test]
     fn tls_flag() {
         assert_eq!(parse_tls("self-signed").unwrap(), TlsSource::SelfSigned);
-        assert!(matches!(parse_tls("a.pem:b.pem").unwrap(), TlsSource::Files { .. }));
+        assert!(matches!(
+            parse_tls("a.pem:b.pem").unwrap(),
+            TlsSource::Files { .. }
+        ));
         assert!(parse_tls("nope").is_err());
     }
 }
