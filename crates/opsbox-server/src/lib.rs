@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod embed;
 pub mod error;
 pub mod faces;
 pub mod tls;
@@ -29,6 +30,13 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
 pub use config::{JojoConfig, Limits, SciroccoConfig, ServerConfig, TlsSource};
+pub use embed::ServerBuilder;
+
+/// What a program that embeds the server needs to register functions.
+pub mod rpc {
+    pub use opsbox_api::{Role, RpcType};
+    pub use opsbox_core::rpc::{Call, Function, Params, RpcError};
+}
 
 /// What every handler can reach.
 #[derive(Clone)]
