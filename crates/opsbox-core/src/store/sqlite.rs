@@ -215,11 +215,11 @@ async fn commit_group(
     batch: &mut [Box<dyn Op>],
 ) -> Result<(), String> {
     let text = |e: sqlx::Error| e.to_string();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *conn)
-        .await
-        .map_err(text)?;
     if let [op] = batch {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
+            .await
+            .map_err(text)?;
         let before = newest_rev();
         if !op.apply(conn).await {
             set_newest_rev(before);
@@ -231,20 +231,26 @@ async fn commit_group(
             return Ok(());
         }
     } else {
-        for op in batch.iter_mut() {
+        // Savepoint bookkeeping rides along with the statement before or after it, so a
+        // write costs one extra trip to the driver's thread, not two.
+        sqlx::query("BEGIN IMMEDIATE; SAVEPOINT op")
+            .execute(&mut *conn)
+            .await
+            .map_err(text)?;
+        let last = batch.len() - 1;
+        for (i, op) in batch.iter_mut().enumerate() {
             let before = newest_rev();
-            let step = async {
-                sqlx::query("SAVEPOINT op").execute(&mut *conn).await?;
-                if op.apply(conn).await {
-                    sqlx::query("RELEASE op").execute(&mut *conn).await?;
-                } else {
-                    set_newest_rev(before);
-                    sqlx::query("ROLLBACK TO op").execute(&mut *conn).await?;
-                    sqlx::query("RELEASE op").execute(&mut *conn).await?;
-                }
-                Ok::<(), sqlx::Error>(())
+            let ok = op.apply(conn).await;
+            if !ok {
+                set_newest_rev(before);
+            }
+            let next = match (ok, i == last) {
+                (true, false) => "RELEASE op; SAVEPOINT op",
+                (true, true) => "RELEASE op",
+                (false, false) => "ROLLBACK TO op; RELEASE op; SAVEPOINT op",
+                (false, true) => "ROLLBACK TO op; RELEASE op",
             };
-            if let Err(e) = step.await {
+            if let Err(e) = sqlx::query(next).execute(&mut *conn).await {
                 let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
                 return Err(e.to_string());
             }
@@ -297,6 +303,136 @@ fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
 }
 
+/// Most output rows written in the same statement batch as their job's row.
+const INLINE_OUTPUT_ROWS: usize = 500;
+
+/// Writes a job's row, output chunks and events as ONE multi-statement query: sqlx's
+/// SQLite driver hands every query to a worker thread and back, and on a small machine
+/// that hand-off costs more than the statements, so the hot path of every run makes one
+/// trip instead of one per statement. Anonymous `?` parameters are bound in order across
+/// the statements.
+async fn write_job_batch(
+    conn: &mut SqliteConnection,
+    job: &JobRecord,
+    insert: bool,
+    mut output: Vec<LogChunkBytes>,
+    events: Vec<NewEvent>,
+) -> StoreResult<Vec<Event>> {
+    if output.len() > INLINE_OUTPUT_ROWS {
+        insert_output(conn, &job.name, &output).await?;
+        output.clear();
+    }
+    let mut sql = String::with_capacity(512);
+    if insert {
+        sql.push_str(
+            "INSERT INTO jobs (name, script, state, params, node, submitted_by, created_at, \
+             started_at, finished_at, exit_code, signal, reason, return_values, results, spec, \
+             pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);",
+        );
+    } else {
+        // The RETURNING row tells a matched update from a job that was cleaned meanwhile.
+        sql.push_str(
+            "UPDATE jobs SET (script, state, params, node, submitted_by, created_at, \
+             started_at, finished_at, exit_code, signal, reason, return_values, results, spec, \
+             pid) = (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) WHERE name = ? RETURNING -1;",
+        );
+    }
+    if !output.is_empty() {
+        sql.push_str("INSERT INTO job_output (job, seq, stream, data) VALUES ");
+        for i in 0..output.len() {
+            sql.push_str(if i == 0 {
+                "(?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?)"
+            });
+        }
+        sql.push(';');
+    }
+    for _ in &events {
+        sql.push_str(
+            "INSERT INTO events (at, kind, subject, data) VALUES (?, ?, ?, ?) RETURNING rev;",
+        );
+    }
+    let mut query = sqlx::query(&sql);
+    if insert {
+        query = query.bind(job.name.clone());
+    }
+    query = query
+        .bind(job.script.clone())
+        .bind(job.state.as_str())
+        .bind(json(&job.params))
+        .bind(job.node.clone())
+        .bind(job.submitted_by.clone())
+        .bind(job.created_at)
+        .bind(job.started_at)
+        .bind(job.finished_at)
+        .bind(job.exit_code)
+        .bind(job.signal)
+        .bind(job.reason.clone())
+        .bind(json(&job.return_values))
+        .bind(json(&job.results))
+        .bind(job.spec.to_string())
+        .bind(job.pid.map(i64::from));
+    if !insert {
+        query = query.bind(job.name.clone());
+    }
+    for chunk in &output {
+        query = query
+            .bind(job.name.clone())
+            .bind(chunk.seq as i64)
+            .bind(stream_code(chunk.stream))
+            .bind(chunk.data.clone());
+    }
+    let at = Utc::now();
+    for event in &events {
+        query = query
+            .bind(at)
+            .bind(event.kind.clone())
+            .bind(event.subject.clone())
+            .bind(event.data.to_string());
+    }
+    let rows = match query.fetch_all(&mut *conn).await {
+        Ok(rows) => rows,
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            return Err(StoreError::Conflict(format!("job {}", job.name)));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let revs: Vec<i64> = rows
+        .iter()
+        .map(|row| row.try_get::<i64, _>(0))
+        .collect::<Result<_, _>>()?;
+    let revs = if insert {
+        &revs[..]
+    } else {
+        match revs.split_first() {
+            Some((-1, rest)) => rest,
+            _ => return Err(StoreError::NotFound(format!("job {}", job.name))),
+        }
+    };
+    if revs.len() != events.len() {
+        return Err(StoreError::Corrupt(format!(
+            "writing job {} gave {} revisions for {} events",
+            job.name,
+            revs.len(),
+            events.len()
+        )));
+    }
+    let mut written = Vec::with_capacity(events.len());
+    for (event, rev) in events.into_iter().zip(revs) {
+        let rev = *rev as u64;
+        set_newest_rev(newest_rev().max(rev));
+        written.push(Event {
+            rev,
+            at,
+            kind: event.kind,
+            subject: event.subject,
+            data: event.data,
+        });
+    }
+    Ok(written)
+}
+
 /// Output chunks go in as one multi-row INSERT: one statement however many chunks.
 async fn insert_output(
     conn: &mut SqliteConnection,
@@ -316,48 +452,6 @@ async fn insert_output(
         builder.build().execute(&mut *conn).await?;
     }
     Ok(())
-}
-
-async fn write_job(conn: &mut SqliteConnection, job: &JobRecord, insert: bool) -> StoreResult<()> {
-    let sql = if insert {
-        "INSERT INTO jobs (name, script, state, params, node, submitted_by, created_at,
-            started_at, finished_at, exit_code, signal, reason, return_values, results, spec, pid)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
-    } else {
-        "UPDATE jobs SET script = ?2, state = ?3, params = ?4, node = ?5, submitted_by = ?6,
-            created_at = ?7, started_at = ?8, finished_at = ?9, exit_code = ?10, signal = ?11,
-            reason = ?12, return_values = ?13, results = ?14, spec = ?15, pid = ?16
-         WHERE name = ?1"
-    };
-    let done = sqlx::query(sql)
-        .bind(&job.name)
-        .bind(&job.script)
-        .bind(job.state.as_str())
-        .bind(json(&job.params))
-        .bind(&job.node)
-        .bind(&job.submitted_by)
-        .bind(job.created_at)
-        .bind(job.started_at)
-        .bind(job.finished_at)
-        .bind(job.exit_code)
-        .bind(job.signal)
-        .bind(&job.reason)
-        .bind(json(&job.return_values))
-        .bind(json(&job.results))
-        .bind(job.spec.to_string())
-        .bind(job.pid.map(i64::from))
-        .execute(conn)
-        .await;
-    match done {
-        Ok(r) if !insert && r.rows_affected() == 0 => {
-            Err(StoreError::NotFound(format!("job {}", job.name)))
-        }
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            Err(StoreError::Conflict(format!("job {}", job.name)))
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -514,8 +608,8 @@ impl Store for SqliteStore {
         let job = job.clone();
         self.write(move |conn| {
             Box::pin(async move {
-                write_job(conn, &job, true).await?;
-                insert_event(conn, &event).await
+                let mut events = write_job_batch(conn, &job, true, Vec::new(), vec![event]).await?;
+                events.pop().ok_or(StoreError::Closed)
             })
         })
         .await
@@ -525,8 +619,9 @@ impl Store for SqliteStore {
         let job = job.clone();
         self.write(move |conn| {
             Box::pin(async move {
-                write_job(conn, &job, false).await?;
-                insert_event(conn, &event).await
+                let mut events =
+                    write_job_batch(conn, &job, false, Vec::new(), vec![event]).await?;
+                events.pop().ok_or(StoreError::Closed)
             })
         })
         .await
@@ -540,15 +635,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<Event>> {
         let job = job.clone();
         self.write(move |conn| {
-            Box::pin(async move {
-                write_job(conn, &job, false).await?;
-                insert_output(conn, &job.name, &output).await?;
-                let mut written = Vec::with_capacity(events.len());
-                for event in &events {
-                    written.push(insert_event(conn, event).await?);
-                }
-                Ok(written)
-            })
+            Box::pin(async move { write_job_batch(conn, &job, false, output, events).await })
         })
         .await
     }
