@@ -242,6 +242,29 @@ impl Client {
         self.block(self.inner.create_token(token))
     }
 
+    /// See [`crate::Client::rpc_call_value`].
+    pub fn rpc_call_value(
+        &self,
+        name: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        self.block(self.inner.rpc_call_value(name, params))
+    }
+
+    /// See [`crate::Client::call`].
+    pub fn call<P: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        params: P,
+    ) -> Result<R> {
+        self.block(self.inner.call(name, params))
+    }
+
+    /// See [`crate::Client::rpc_methods`].
+    pub fn rpc_methods(&self) -> Result<Vec<opsbox_api::RpcMethod>> {
+        self.block(self.inner.rpc_methods())
+    }
+
     pub fn revoke_token(&self, id: &str) -> Result<()> {
         self.block(self.inner.revoke_token(id))
     }

@@ -613,6 +613,89 @@ impl Client {
         f(cache.as_ref())
     }
 
+    // -----------------------------------------------------------------------------------
+    // RPC (JSON-RPC 2.0 at /rpc)
+    // -----------------------------------------------------------------------------------
+
+    /// Calls a registered function (built-in, host, script or embedded) with params
+    /// by position (a JSON array), by name (an object), or none (`null`), and returns
+    /// its raw JSON result. A script call waits for its job.
+    pub async fn rpc_call_value(
+        &self,
+        name: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let mut request = serde_json::json!({"jsonrpc": "2.0", "method": name, "id": 1});
+        match params {
+            serde_json::Value::Null => {}
+            p @ (serde_json::Value::Array(_) | serde_json::Value::Object(_)) => {
+                request["params"] = p
+            }
+            scalar => request["params"] = serde_json::Value::Array(vec![scalar]),
+        }
+        let mut answer: serde_json::Value = self
+            .json(self.request(Method::POST, "/rpc").json(&request))
+            .await?;
+        if let Some(error) = answer.get_mut("error") {
+            return Err(ClientError::Rpc {
+                code: error["code"].as_i64().unwrap_or(0),
+                message: error["message"].as_str().unwrap_or("").to_owned(),
+                data: error.get_mut("data").map(serde_json::Value::take),
+            });
+        }
+        Ok(answer
+            .get_mut("result")
+            .map(serde_json::Value::take)
+            .unwrap_or_default())
+    }
+
+    /// Typed call: `params` serialises to an array (a tuple or `Vec`), an object (a
+    /// struct or map) or `()`; the result is read into `R`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: opsbox_client::Client) -> opsbox_client::Result<()> {
+    /// let sum: i64 = client.call("add", (1, 2)).await?;
+    /// let help: String = client.call("method_help", ["ping"]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn call<P: serde::Serialize, R: DeserializeOwned>(
+        &self,
+        name: &str,
+        params: P,
+    ) -> Result<R> {
+        let params = serde_json::to_value(params).map_err(|source| ClientError::Decode {
+            what: format!("the params of {name}"),
+            source,
+        })?;
+        let result = self.rpc_call_value(name, params).await?;
+        serde_json::from_value(result).map_err(|source| ClientError::Decode {
+            what: format!("the result of {name}"),
+            source,
+        })
+    }
+
+    /// Every function the server serves, described (doc, params, role, source), from
+    /// its OpenRPC document.
+    pub async fn rpc_methods(&self) -> Result<Vec<opsbox_api::RpcMethod>> {
+        let doc = self
+            .rpc_call_value("rpc.discover", serde_json::Value::Null)
+            .await?;
+        let mut methods = Vec::new();
+        for m in doc["methods"].as_array().cloned().unwrap_or_default() {
+            methods.push(method_of_openrpc(&m));
+        }
+        Ok(methods)
+    }
+
+    /// One function, described; `None` when the server has no such function.
+    pub async fn rpc_method(&self, name: &str) -> Result<Option<opsbox_api::RpcMethod>> {
+        Ok(self
+            .rpc_methods()
+            .await?
+            .into_iter()
+            .find(|m| m.name == name))
+    }
+
     /// A request to `path` (already percent-encoded) with the credentials.
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let request = self
@@ -831,6 +914,34 @@ impl Client {
     pub async fn queue_stats(&self, node: &str) -> Result<opsbox_api::QueueStats> {
         let path = format!("/v1/queues/{}", encode_segment(node));
         self.json(self.request(Method::GET, &path)).await
+    }
+}
+
+/// Reads one method of an opsbox OpenRPC document back into its description.
+fn method_of_openrpc(m: &serde_json::Value) -> opsbox_api::RpcMethod {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+    opsbox_api::RpcMethod {
+        name: text(&m["name"]),
+        doc: text(&m["description"]),
+        params: m["params"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| opsbox_api::RpcParam {
+                        name: text(&p["name"]),
+                        kind: serde_json::from_value(p["schema"]["type"].clone())
+                            .unwrap_or_default(),
+                        required: p["required"].as_bool().unwrap_or(false),
+                        default: p["schema"].get("default").cloned(),
+                        description: p["description"].as_str().map(str::to_owned),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        role: serde_json::from_value(m["x-opsbox-role"].clone())
+            .unwrap_or(opsbox_api::Role::Operator),
+        source: serde_json::from_value(m["x-opsbox-source"].clone())
+            .unwrap_or(opsbox_api::RpcSource::Registered),
     }
 }
 

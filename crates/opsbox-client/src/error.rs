@@ -59,6 +59,15 @@ pub enum ClientError {
     /// The client was set up wrongly: a bad server URL, an unreadable config file.
     #[error("{0}")]
     Config(String),
+    /// An RPC call answered with a JSON-RPC error: -32601 no such function, -32602 bad
+    /// params (`data` says which), -32001 role too low, -32000 the function failed
+    /// (for a script, `data` is its job: state, exit code, output).
+    #[error("{message}{}", .data.as_ref().and_then(|d| d.as_str()).map(|d| format!(": {d}")).unwrap_or_default())]
+    Rpc {
+        code: i64,
+        message: String,
+        data: Option<serde_json::Value>,
+    },
 }
 
 impl ClientError {
