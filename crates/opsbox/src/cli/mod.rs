@@ -6,6 +6,7 @@ mod identity;
 mod jobs;
 mod output;
 mod queue;
+mod rpc;
 mod scripts;
 mod server;
 mod watch;
@@ -96,6 +97,10 @@ enum Command {
     Tokens(identity::TokensArgs),
     /// Message queues: push, pull, ack, get, list, delete, stats (act as --node).
     Queue(queue::QueueArgs),
+    /// Call the server's functions (built-ins, host introspection, scripts, embedded
+    /// ones) over JSON-RPC; list them; read their help.
+    #[command(subcommand)]
+    Rpc(rpc::RpcCommand),
 }
 
 impl Cli {
@@ -161,6 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Users(args) => identity::users(&ctx, args).await,
         Command::Tokens(args) => identity::tokens(&ctx, args).await,
         Command::Queue(args) => queue::run(&ctx, args).await,
+        Command::Rpc(command) => rpc::run(&ctx, command).await,
     }
 }
 
