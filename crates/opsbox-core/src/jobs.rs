@@ -65,7 +65,13 @@ struct Active {
     wake: Notify,
     /// The final record, once the job has ended.
     done: watch::Sender<Option<JobRecord>>,
+    /// The whole output as lines, when it was small enough to keep in memory: a
+    /// synchronous run answers from it instead of reading it back from the store.
+    output: Mutex<Option<JobOutput>>,
 }
+
+/// Output a run keeps in memory for its synchronous caller, at most.
+const MEMORY_OUTPUT: usize = 1024 * 1024;
 
 #[derive(Clone)]
 pub struct Jobs {
@@ -89,9 +95,23 @@ struct Inner {
 pub struct Submitted {
     pub job: Job,
     done: watch::Receiver<Option<JobRecord>>,
+    active: Arc<Active>,
 }
 
 impl Submitted {
+    /// Waits until the job has ended; returns the job and, when it was small enough to
+    /// keep, its output.
+    async fn finished_with_output(self) -> (Job, Option<JobOutput>) {
+        let active = self.active.clone();
+        let job = self.finished().await;
+        let output = active
+            .output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        (job, output)
+    }
+
     /// Waits until the job has ended and returns its final record.
     pub async fn finished(mut self) -> Job {
         loop {
@@ -252,6 +272,7 @@ impl Jobs {
             killed_by: Mutex::new(None),
             wake: Notify::new(),
             done: done_tx,
+            output: Mutex::new(None),
         });
         self.inner
             .store
@@ -260,6 +281,7 @@ impl Jobs {
         self.lock_active().insert(name.clone(), active.clone());
         let job = to_job(&record);
         let inner = self.inner.clone();
+        let submitted_active = active.clone();
         tokio::spawn(async move {
             let name = record.name.clone();
             let finished = inner.run(record, script, params, &active).await;
@@ -270,7 +292,11 @@ impl Jobs {
                 .remove(&name);
             active.done.send_replace(Some(finished));
         });
-        Ok(Submitted { job, done })
+        Ok(Submitted {
+            job,
+            done,
+            active: submitted_active,
+        })
     }
 
     /// Runs `script` and waits for its end; returns the job and its output.
@@ -280,12 +306,15 @@ impl Jobs {
         params: BTreeMap<String, String>,
         submitted_by: Option<String>,
     ) -> CoreResult<(Job, JobOutput)> {
-        let job = self
+        let (job, kept) = self
             .submit(script, params, submitted_by)
             .await?
-            .finished()
+            .finished_with_output()
             .await;
-        let output = self.output_lines(&job.name).await?;
+        let output = match kept {
+            Some(output) => output,
+            None => self.output_lines(&job.name).await?,
+        };
         Ok((job, output))
     }
 
@@ -642,7 +671,13 @@ impl Inner {
             })
         });
         record.pid = None;
-        let (return_values, last_output) = collector.await.unwrap_or_default();
+        let (return_values, last_output, kept) = collector.await.unwrap_or_default();
+        if let Some((out, err)) = kept {
+            *active.output.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobOutput {
+                stdout: split_lines(&String::from_utf8_lossy(&out)),
+                stderr: split_lines(&String::from_utf8_lossy(&err)),
+            });
+        }
         record.return_values = return_values;
         record.results = list_results(&results_dir);
         if record.results.is_empty() {
@@ -759,14 +794,16 @@ fn judge(
 }
 
 /// Stores output as it arrives, in batches, and finds return values on the way.
-/// Returns the values and the chunks not stored yet, which go in with the job's end.
+/// Returns the values, the chunks not stored yet (they go in with the job's end), and
+/// a copy of everything stored (stdout, stderr) unless it outgrew [`MEMORY_OUTPUT`].
 async fn collect_output(
     store: Arc<dyn Store>,
     job: String,
     mut rx: mpsc::Receiver<OutputPiece>,
     max_bytes: u64,
-) -> (BTreeMap<String, String>, Vec<LogChunkBytes>) {
+) -> (BTreeMap<String, String>, Vec<LogChunkBytes>, Kept) {
     let mut scanner = ReturnValueScanner::default();
+    let mut kept: Kept = Some((Vec::new(), Vec::new()));
     let mut pending: Vec<LogChunkBytes> = Vec::new();
     let mut pending_bytes = 0usize;
     let mut seq = 0u64;
@@ -795,6 +832,7 @@ async fn collect_output(
             total += data.len() as u64;
             seq += 1;
             pending_bytes += data.len();
+            keep(&mut kept, piece.stream, data);
             pending.push(LogChunkBytes {
                 seq,
                 stream: piece.stream,
@@ -805,11 +843,12 @@ async fn collect_output(
             // The limit is reached within this piece: say so right after what was kept.
             truncated = true;
             seq += 1;
+            let note = format!("\n[opsbox: output truncated after {max_bytes} bytes]\n");
+            keep(&mut kept, OutStream::Stderr, note.as_bytes());
             pending.push(LogChunkBytes {
                 seq,
                 stream: OutStream::Stderr,
-                data: format!("\n[opsbox: output truncated after {max_bytes} bytes]\n")
-                    .into_bytes(),
+                data: note.into_bytes(),
             });
         }
         if pending_bytes >= FLUSH_BYTES {
@@ -819,7 +858,22 @@ async fn collect_output(
             deadline = Some(tokio::time::Instant::now() + FLUSH_EVERY);
         }
     }
-    (scanner.finish(), pending)
+    (scanner.finish(), pending, kept)
+}
+
+/// The output a run keeps for its synchronous caller: (stdout, stderr).
+type Kept = Option<(Vec<u8>, Vec<u8>)>;
+
+fn keep(kept: &mut Kept, stream: OutStream, data: &[u8]) {
+    if let Some((out, err)) = kept {
+        if out.len() + err.len() + data.len() > MEMORY_OUTPUT {
+            *kept = None;
+        } else if stream == OutStream::Stderr {
+            err.extend_from_slice(data);
+        } else {
+            out.extend_from_slice(data);
+        }
+    }
 }
 
 async fn flush(store: &dyn Store, job: &str, pending: &mut Vec<LogChunkBytes>, bytes: &mut usize) {

@@ -67,6 +67,9 @@ impl SqliteStore {
         let read = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
+            // A local file cannot go stale like a network connection; the default
+            // liveness check would cost a round trip to the driver's thread per read.
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
         let revision = read_revision(&mut writer).await?;
