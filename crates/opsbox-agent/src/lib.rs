@@ -526,6 +526,15 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
+        // Until the child has exec'd, /proc shows the environment it was forked with.
+        let environ = format!("/proc/{pid}/environ");
+        for _ in 0..500 {
+            let seen = std::fs::read(&environ).unwrap_or_default();
+            if seen.split(|b| *b == 0).any(|e| e == b"OPSBOX_JOB=job@1") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         assert!(
             !reap_orphan(pid, "job@2"),
             "another job's name must not match"
