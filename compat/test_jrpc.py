@@ -109,6 +109,14 @@ def test_scripts_are_functions_and_runs_are_jobs(opsbox):
     assert any(j["name"] == out["job"] for j in jobs)
 
 
+def test_answers_over_64_kib_reach_the_client(opsbox):
+    # py-jrpc put the body in the reason phrase, so its own client could not read
+    # answers over 64 KiB (LineTooLong); opsbox answers `200 OK`.
+    conn = client(opsbox)
+    out = json.loads(conn.echo("x" * 70000))["echo"]
+    assert out["stdout"] == "echo'd text: " + "x" * 70000
+
+
 def test_errors_are_http_errors_never_dropped_connections(opsbox):
     conn = client(opsbox)
     with pytest.raises(jrpc.HTTPError) as e:

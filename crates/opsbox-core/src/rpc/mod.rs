@@ -518,11 +518,19 @@ impl Rpc {
             )));
         }
         let args = function.bind(name, params)?;
-        (function.handler)(Call {
-            args,
-            caller: caller.clone(),
-        })
-        .await
+        let span = tracing::debug_span!("rpc", method = name, caller = %caller.name);
+        let result = tracing::Instrument::instrument(
+            (function.handler)(Call {
+                args,
+                caller: caller.clone(),
+            }),
+            span,
+        )
+        .await;
+        if let Err(e) = &result {
+            tracing::debug!(method = name, error = %e, "rpc call failed");
+        }
+        result
     }
 }
 
