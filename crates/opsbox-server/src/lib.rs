@@ -78,6 +78,9 @@ pub fn router(state: AppState) -> Router {
         .merge(faces::jsonrpc::routes(state.clone()))
         .merge(faces::jrpc::routes(state.clone()))
         .layer(RequestBodyLimitLayer::new(limit))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            faces::jsonrpc::json_413(limit, request, next)
+        }))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -146,6 +146,16 @@ async fn http_rules() {
             "{ct}"
         );
     }
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","method":"ping","params":["{}"],"id":1}}"#,
+        "x".repeat(2 << 20)
+    );
+    let (status, body) = rpc(&server, &big).await;
+    assert_eq!(status, 413);
+    assert!(
+        body.starts_with(r#"{"jsonrpc":"2.0","error":{"code":-32007,"#),
+        "{body}"
+    );
     let response = common::client()
         .get(server.url("/rpc"))
         .send()

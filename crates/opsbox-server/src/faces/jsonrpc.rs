@@ -261,6 +261,17 @@ pub fn too_big(limit: usize) -> Response {
         .into_response()
 }
 
+/// Around the global body limit: a refused `/rpc` body gets its 413 with a JSON-RPC
+/// error (wire reference §12 H5), as jsonrpsee answers it.
+pub async fn json_413(limit: usize, request: Request, next: axum::middleware::Next) -> Response {
+    let rpc = request.uri().path() == "/rpc";
+    let response = next.run(request).await;
+    if rpc && response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return too_big(limit);
+    }
+    response
+}
+
 /// Answers a POSTed body: 200 with the JSON, or 200 with an empty body.
 pub async fn answer_http(state: &AppState, caller: &Identity, body: &Bytes) -> Response {
     let ctx = Context {
