@@ -43,6 +43,16 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// A node token acts only as the nodes it names; any other identity as any node.
+    pub fn may_act_as(&self, node: &str) -> bool {
+        self.nodes.is_empty() || self.nodes.iter().any(|n| n == node)
+    }
+
+    /// True for a token bound to nodes.
+    pub fn is_node_bound(&self) -> bool {
+        !self.nodes.is_empty()
+    }
+
     pub fn require(&self, role: Role) -> CoreResult<()> {
         if self.role.allows(role) {
             Ok(())

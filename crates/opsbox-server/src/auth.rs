@@ -39,6 +39,24 @@ pub enum Refusal {
     Internal(CoreError),
 }
 
+/// Middleware of the native API: authenticates every request before its handler runs
+/// and hands the [`Caller`] on; refusals are native JSON errors.
+pub async fn require_caller(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match authenticate(&state.core, request.headers()).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(Refusal::Unauthenticated) => crate::error::ApiError::unauthorized().into_response(),
+        Err(Refusal::Internal(e)) => crate::error::ApiError::from(e).into_response(),
+    }
+}
+
 /// Reads `Authorization: Basic …` or `Authorization: Bearer …`.
 pub fn credentials(headers: &HeaderMap) -> Option<Credentials> {
     let value = headers

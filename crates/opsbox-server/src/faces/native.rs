@@ -11,7 +11,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
-use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,8 +26,8 @@ use opsbox_core::CoreError;
 use serde::Deserialize;
 use utoipa::OpenApi;
 
-use crate::auth::{authenticate, Caller, Refusal};
-use crate::error::{ApiError, ApiResult};
+use crate::auth::Caller;
+use crate::error::{json_body, json_body_or_default, ApiError, ApiResult};
 use crate::AppState;
 
 /// The `/v1` routes, behind the native auth check.
@@ -56,23 +55,10 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(state, require_caller))
-}
-
-/// Every `/v1` request is authenticated before its handler runs.
-async fn require_caller(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    match authenticate(&state.core, request.headers()).await {
-        Ok(caller) => {
-            request.extensions_mut().insert(caller);
-            next.run(request).await
-        }
-        Err(Refusal::Unauthenticated) => ApiError::unauthorized().into_response(),
-        Err(Refusal::Internal(e)) => ApiError::from(e).into_response(),
-    }
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            crate::auth::require_caller,
+        ))
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -485,19 +471,6 @@ async fn revoke_token(
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// Parses a JSON body; an empty body is the type's default.
-fn json_body_or_default<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> ApiResult<T> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    json_body(body)
-}
-
-fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
 
 fn sse_json<T: serde::Serialize>(kind: &str, value: &T) -> SseEvent {
     SseEvent::default()

@@ -7,10 +7,8 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use opsbox_api::{
@@ -21,8 +19,8 @@ use opsbox_core::queues::{self, check_node, EditRule, Payload, PullOptions, Push
 use opsbox_core::CoreError;
 use serde::Deserialize;
 
-use crate::auth::{authenticate, Caller, Refusal};
-use crate::error::{ApiError, ApiResult};
+use crate::auth::Caller;
+use crate::error::{json_body_or_default, ApiError, ApiResult};
 use crate::AppState;
 
 /// The queue routes, behind the native auth check.
@@ -42,30 +40,18 @@ pub fn routes(state: AppState) -> Router<AppState> {
                 .patch(update_message)
                 .delete(delete_message),
         )
-        .layer(axum::middleware::from_fn_with_state(state, require_caller))
-}
-
-async fn require_caller(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    match authenticate(&state.core, request.headers()).await {
-        Ok(caller) => {
-            request.extensions_mut().insert(caller);
-            next.run(request).await
-        }
-        Err(Refusal::Unauthenticated) => ApiError::unauthorized().into_response(),
-        Err(Refusal::Internal(e)) => ApiError::from(e).into_response(),
-    }
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            crate::auth::require_caller,
+        ))
 }
 
 /// Checks the caller's role and that it may act as `node`.
 fn act_as(caller: &Caller, node: &str, role: Role) -> ApiResult<()> {
     caller.require(role)?;
     check_node(node)?;
-    let nodes = &caller.0.nodes;
-    if !nodes.is_empty() && !nodes.iter().any(|n| n == node) {
+    if !caller.0.may_act_as(node) {
+        let nodes = &caller.0.nodes;
         return Err(CoreError::Forbidden(format!(
             "{} may act only as node {}, not {node}",
             caller.0.name,
@@ -74,14 +60,6 @@ fn act_as(caller: &Caller, node: &str, role: Role) -> ApiResult<()> {
         .into());
     }
     Ok(())
-}
-
-fn json_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> ApiResult<T> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn seconds(value: Option<f64>, what: &str, max: u64) -> ApiResult<Option<Duration>> {
@@ -125,10 +103,7 @@ async fn list_queues(
 ) -> ApiResult<Json<QueueStatsList>> {
     caller.require(Role::Reader)?;
     let mut queues = state.core.queues.stats(None).await?;
-    let nodes = &caller.0.nodes;
-    if !nodes.is_empty() {
-        queues.retain(|q| nodes.contains(&q.node));
-    }
+    queues.retain(|q| caller.0.may_act_as(&q.node));
     Ok(Json(QueueStatsList { queues }))
 }
 
@@ -164,7 +139,7 @@ async fn push(
     let source = query.from.unwrap_or_else(|| node.clone());
     act_as(&caller, &source, Role::Operator)?;
     check_node(&node)?;
-    let request: PushRequest = json_body(&body)?;
+    let request: PushRequest = json_body_or_default(&body)?;
     if request.messages.is_empty() {
         return Err(ApiError::bad_request("no messages to push"));
     }
@@ -192,7 +167,7 @@ async fn pull(
     body: Bytes,
 ) -> ApiResult<Json<MessageList>> {
     act_as(&caller, &node, Role::Operator)?;
-    let request: PullRequest = json_body(&body)?;
+    let request: PullRequest = json_body_or_default(&body)?;
     let max_wait = state.config.limits.max_wait_secs;
     let options = PullOptions {
         max: request.max.unwrap_or(1),
@@ -212,7 +187,7 @@ async fn ack(
     body: Bytes,
 ) -> ApiResult<Json<AckResponse>> {
     act_as(&caller, &node, Role::Operator)?;
-    let request: AckRequest = json_body(&body)?;
+    let request: AckRequest = json_body_or_default(&body)?;
     let (acked, missing) = state.core.queues.ack(&node, request.ids).await?;
     Ok(Json(AckResponse {
         acked: acked.iter().map(queues::to_message).collect(),
@@ -276,9 +251,7 @@ async fn visible(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Messa
         .get(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no message {id}")))?;
-    let nodes = &caller.0.nodes;
-    if !nodes.is_empty() && !nodes.contains(&record.source) && !nodes.contains(&record.destination)
-    {
+    if !caller.0.may_act_as(&record.source) && !caller.0.may_act_as(&record.destination) {
         return Err(ApiError::not_found(format!("no message {id}")));
     }
     Ok(queues::to_message(&record))

@@ -344,9 +344,9 @@ async fn gate(State(state): State<AppState>, mut request: Request, next: Next) -
                 if identity.require(role).is_err() {
                     return forbidden();
                 }
-                if !identity.nodes.is_empty() {
+                if identity.is_node_bound() {
                     // A node token acts only as its own nodes, and never wipes.
-                    if node.as_ref().is_some_and(|n| !identity.nodes.contains(n)) {
+                    if node.as_ref().is_some_and(|n| !identity.may_act_as(n)) {
                         return forbidden();
                     }
                     false
