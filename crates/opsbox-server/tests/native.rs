@@ -532,6 +532,8 @@ async fn openapi_document_lists_the_routes() {
     let doc: serde_json::Value = server.get_json("/v1/openapi.json").await;
     let paths = doc["paths"].as_object().unwrap();
     for path in [
+        "/v1/queues/{node}/pull",
+        "/v1/messages/{id}",
         "/v1/scripts",
         "/v1/scripts/{name}/run",
         "/v1/jobs/{name}/wait",

@@ -90,7 +90,9 @@ async fn info(
 }
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::faces::queues::QueuesDoc::openapi());
+    Json(doc)
 }
 
 // ---------------------------------------------------------------------------------------

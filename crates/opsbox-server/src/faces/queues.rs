@@ -322,3 +322,19 @@ async fn delete_message(
     }
     Ok(Json(DeleteReport { deleted }))
 }
+
+/// The queue routes' part of the OpenAPI document at `/v1/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list_queues,
+    queue_stats,
+    push,
+    pull,
+    ack,
+    list_messages,
+    purge,
+    get_message,
+    update_message,
+    delete_message
+))]
+pub struct QueuesDoc;
