@@ -3,52 +3,13 @@
 //! with its payload; nothing acked is delivered again.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod serving;
+use serving::{free_port, serve};
 
 use serde_json::Value;
-
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn serve(data: &Path, scripts: &Path, port: u16) -> Serve {
-    let child = Command::new(env!("CARGO_BIN_EXE_opsbox"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data")
-        .arg(data)
-        .arg("--scripts")
-        .arg(scripts)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Serve(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("http://127.0.0.1:{port}/v1/info"))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "opsbox serve did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    server
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn answered_pushes_and_acks_survive_sigkill() {

@@ -3,61 +3,10 @@
 //! which the dead server could not stop, are killed by the new one.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn serve(data: &Path, scripts: &Path, port: u16) -> Serve {
-    let child = Command::new(env!("CARGO_BIN_EXE_opsbox"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data")
-        .arg(data)
-        .arg("--scripts")
-        .arg(scripts)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Serve(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("http://127.0.0.1:{port}/v1/info"))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "opsbox serve did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    server
-}
-
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
+mod serving;
+use serving::{alive, free_port, serve};
 
 #[tokio::test]
 async fn a_crash_marks_running_jobs_lost_and_leaves_no_process() {
