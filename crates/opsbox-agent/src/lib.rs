@@ -212,7 +212,7 @@ impl Runtime {
             let (reader, writer) = os_pipe::pipe().map_err(RunError::Pipe)?;
             let writer2 = writer.try_clone().map_err(RunError::Pipe)?;
             cmd.stdout(Stdio::from(writer)).stderr(Stdio::from(writer2));
-            let child = spawn(&mut cmd, spec)?;
+            let child = spawn(&mut cmd, spec).await?;
             // Our copies of the write end must be closed, or the reader never sees EOF.
             drop(cmd);
             let receiver =
@@ -222,7 +222,7 @@ impl Runtime {
             child
         } else {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-            let mut child = spawn(&mut cmd, spec)?;
+            let mut child = spawn(&mut cmd, spec).await?;
             drop(cmd);
             if let Some(out) = child.stdout.take() {
                 readers.push(tokio::spawn(pump(out, Stream::Stdout, output.clone())));
@@ -350,11 +350,30 @@ impl Drop for Prepared {
     }
 }
 
-fn spawn(cmd: &mut Command, spec: &TaskSpec) -> Result<tokio::process::Child, RunError> {
-    cmd.spawn().map_err(|source| RunError::Spawn {
-        program: spec.program.display().to_string(),
-        source,
-    })
+/// Starts the process. "Text file busy" (ETXTBSY) is retried for a moment: it means the
+/// script is still open for writing somewhere, which is brief when a deploy tool has
+/// just written it, or when another thread of this process forked while holding it
+/// open (the child closes it at its own exec).
+async fn spawn(cmd: &mut Command, spec: &TaskSpec) -> Result<tokio::process::Child, RunError> {
+    const ETXTBSY: i32 = 26;
+    let mut delay = Duration::from_millis(2);
+    let mut waited = Duration::ZERO;
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return Ok(child),
+            Err(e) if e.raw_os_error() == Some(ETXTBSY) && waited < Duration::from_secs(1) => {
+                tokio::time::sleep(delay).await;
+                waited += delay;
+                delay = (delay * 2).min(Duration::from_millis(100));
+            }
+            Err(source) => {
+                return Err(RunError::Spawn {
+                    program: spec.program.display().to_string(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// Copies a stream into the output channel until EOF.
