@@ -89,6 +89,92 @@ struct Inner {
     /// One mutex per locked script name.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     active: Mutex<HashMap<String, Arc<Active>>>,
+    /// Empty results directories of ended jobs, kept for the next runs.
+    spare: SpareDirs,
+}
+
+/// Most empty results directories kept for reuse.
+const SPARE_DIRS: usize = 256;
+
+/// Empty results directories kept in `<results>/.spare/` and handed to new jobs by a
+/// rename: making and removing a directory per job costs an inode allocation and free
+/// each time (ext4 scans its bitmap past recently freed inodes), far more than a rename.
+/// Job names always hold an `@`, so `.spare` never collides with a job's directory.
+struct SpareDirs {
+    dir: PathBuf,
+    /// Names of the directories in `dir`, and the next name to give one.
+    free: Mutex<(Vec<PathBuf>, u64)>,
+}
+
+impl SpareDirs {
+    /// Finds the spares a previous server process left.
+    fn new(results: &Path) -> Self {
+        let dir = results.join(".spare");
+        let mut free = Vec::new();
+        let mut next = 0u64;
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if let Some(n) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    next = next.max(n + 1);
+                    free.push(entry.path());
+                }
+            }
+        }
+        SpareDirs {
+            dir,
+            free: Mutex::new((free, next)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<PathBuf>, u64)> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `target`, an empty directory: a spare renamed, or a new one.
+    fn take(&self, target: &Path) -> std::io::Result<()> {
+        let spare = self.lock().0.pop();
+        if let Some(spare) = spare {
+            if std::fs::rename(&spare, target).is_ok() {
+                return Ok(());
+            }
+        }
+        std::fs::create_dir_all(target)
+    }
+
+    /// Keeps `dir` for a later job if it is empty (else leaves it in place).
+    fn give_back(&self, dir: &Path) {
+        let empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none());
+        if !empty {
+            return;
+        }
+        let name = {
+            let mut free = self.lock();
+            if free.0.len() >= SPARE_DIRS {
+                None
+            } else {
+                free.1 += 1;
+                Some(self.dir.join((free.1 - 1).to_string()))
+            }
+        };
+        let Some(name) = name else {
+            let _ = std::fs::remove_dir(dir);
+            return;
+        };
+        let moved = std::fs::rename(dir, &name).or_else(|_| {
+            std::fs::create_dir_all(&self.dir)?;
+            std::fs::rename(dir, &name)
+        });
+        match moved {
+            Ok(()) => self.lock().0.push(name),
+            Err(_) => {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
 }
 
 /// A submitted job: its record now, and a way to wait for its end.
@@ -138,6 +224,7 @@ impl Jobs {
                 store,
                 scripts,
                 names: NameGen::default(),
+                spare: SpareDirs::new(&config.results_dir),
                 config,
                 locks: Mutex::new(HashMap::new()),
                 active: Mutex::new(HashMap::new()),
@@ -621,7 +708,7 @@ impl Inner {
                     .await
             }
         };
-        if let Err(e) = tokio::fs::create_dir_all(&results_dir).await {
+        if let Err(e) = self.spare.take(&results_dir) {
             let reason = format!("cannot create {}: {e}", results_dir.display());
             return self.finish(record, JobState::Failed, Some(reason)).await;
         }
@@ -683,7 +770,7 @@ impl Inner {
         if record.results.is_empty() {
             // Most jobs write no results; an empty directory per job would only grow
             // the results directory.
-            let _ = tokio::fs::remove_dir(&results_dir).await;
+            self.spare.give_back(&results_dir);
         }
         let by = active
             .killed_by
