@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,10 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 
 /// Target ratios from the issue: at least webhook's throughput, at least 80% of raw spawns.
+#[path = "children.rs"]
+mod children;
+use children::{program_path, ChildGuard};
+
 const TARGET_VS_WEBHOOK: f64 = 1.0;
 const TARGET_VS_SPAWN: f64 = 0.8;
 
@@ -73,66 +77,6 @@ impl System {
             System::Webhook => "webhook",
             System::Spawn => "spawn",
         }
-    }
-}
-
-/// A started server process, killed (and reaped) when dropped: at the end, on an error
-/// and on a panic alike.
-struct ChildGuard {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl ChildGuard {
-    fn start(name: &'static str, mut command: Command, log: PathBuf) -> anyhow::Result<Self> {
-        let file =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
-        Ok(ChildGuard { name, child, log })
-    }
-
-    /// An error if the process has exited, with the tail of its log.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
-                "{} exited ({status}) before it was ready; its log:\n{}",
-                self.name,
-                tail.join("\n")
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A program path that still works from another working directory: a path with a
-/// directory part is made absolute; a bare name is left for the `PATH` lookup.
-fn program_path(program: &Path) -> anyhow::Result<PathBuf> {
-    if program.components().count() > 1 {
-        std::fs::canonicalize(program).with_context(|| {
-            format!(
-                "{} not found (build it: cargo build --release -p opsbox)",
-                program.display()
-            )
-        })
-    } else {
-        Ok(program.to_path_buf())
     }
 }
 

@@ -25,8 +25,8 @@
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 /// Targets from the issue, at 64 clients: ≥ 5× beanstalkd with fsync, ≥ 1× JetStream.
+#[path = "../children.rs"]
+mod children;
+use children::{program_path, ChildGuard};
+
 const TARGET_VS_BEANSTALKD: f64 = 5.0;
 const TARGET_VS_JETSTREAM: f64 = 1.0;
 const STREAM: &str = "OPSBOX_BENCH_QUEUES";
@@ -85,66 +89,6 @@ struct Args {
 
 // ---------------------------------------------------------------------------------
 // Child processes
-
-/// A started server process, killed (and reaped) when dropped: at the end, on an error
-/// and on a panic alike.
-struct ChildGuard {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl ChildGuard {
-    fn start(name: &'static str, mut command: Command, log: PathBuf) -> anyhow::Result<Self> {
-        let file =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
-        Ok(ChildGuard { name, child, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// An error if the process has exited, with the tail of its log.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
-                "{} exited ({status}); its log:\n{}",
-                self.name,
-                tail.join("\n")
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A program path that still works from another working directory: a path with a
-/// directory part is made absolute; a bare name is left for the `PATH` lookup.
-fn program_path(program: &Path) -> anyhow::Result<PathBuf> {
-    if program.components().count() > 1 {
-        std::fs::canonicalize(program)
-            .with_context(|| format!("{} not found (build it first)", program.display()))
-    } else {
-        Ok(program.to_path_buf())
-    }
-}
 
 /// A free loopback port (bound, read, released: the server binds it right after).
 fn free_port() -> anyhow::Result<u16> {
