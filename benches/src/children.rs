@@ -3,6 +3,7 @@
 //! (`#[path]`-included, as the crate has no library target).
 #![allow(dead_code)]
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -68,4 +69,10 @@ pub fn program_path(program: &Path) -> anyhow::Result<PathBuf> {
     } else {
         Ok(program.to_path_buf())
     }
+}
+
+/// A free loopback port (bound, read, released: the server binds it right after).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
 }

@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use clap::{Parser, ValueEnum};
 /// Target ratios from the issue: at least webhook's throughput, at least 80% of raw spawns.
 #[path = "children.rs"]
 mod children;
-use children::{program_path, ChildGuard};
+use children::{free_port, program_path, ChildGuard};
 
 const TARGET_VS_WEBHOOK: f64 = 1.0;
 const TARGET_VS_SPAWN: f64 = 0.8;
@@ -78,12 +78,6 @@ impl System {
             System::Spawn => "spawn",
         }
     }
-}
-
-/// A free loopback port (bound, read, released: the server binds it right after).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Waits until `url` answers any HTTP status, or the child dies, or 60 s pass.

@@ -24,7 +24,6 @@
 //! `cargo build --release -p opsbox -p opsbox-bench && target/release/queues`
 
 use std::fmt::Write as _;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -42,7 +41,7 @@ use tokio::net::TcpStream;
 /// Targets from the issue, at 64 clients: ≥ 5× beanstalkd with fsync, ≥ 1× JetStream.
 #[path = "../children.rs"]
 mod children;
-use children::{program_path, ChildGuard};
+use children::{free_port, program_path, ChildGuard};
 
 const TARGET_VS_BEANSTALKD: f64 = 5.0;
 const TARGET_VS_JETSTREAM: f64 = 1.0;
@@ -89,12 +88,6 @@ struct Args {
 
 // ---------------------------------------------------------------------------------
 // Child processes
-
-/// A free loopback port (bound, read, released: the server binds it right after).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
 
 /// CPU seconds (user + system) of a process's own threads, from `/proc/PID/stat`
 /// (USER_HZ ticks, 100 per second on Linux).
