@@ -6,11 +6,18 @@
 //! fighting over its lock. Each write runs inside its own savepoint, so one failing write
 //! (a name conflict, say) does not undo the others of its group. Reads use a separate
 //! pool and never wait for the writer.
+//!
+//! The writer also keeps the newest committed events in memory (the tail): a watcher
+//! woken by a commit reads what it missed from there instead of from the database, so a
+//! thousand watchers cost one insert and a thousand clones, not a thousand queries.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -35,6 +42,9 @@ mod queues;
 /// Most writes committed in one transaction.
 const MAX_GROUP: usize = 512;
 
+/// Committed events kept in memory for watchers (see the module docs).
+const TAIL_EVENTS: usize = 2048;
+
 type BoxFut<'c, T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'c>>;
 
 /// The SQLite [`Store`].
@@ -46,6 +56,56 @@ pub struct SqliteStore {
     writes: mpsc::Sender<Box<dyn Op>>,
     /// Bumped by the writer after each commit with the newest revision.
     changes: watch::Receiver<u64>,
+    /// The newest committed events, filled by the writer before it bumps `changes`.
+    tail: Arc<Mutex<Tail>>,
+}
+
+/// Every committed event with a revision above `from`, oldest first.
+#[derive(Debug)]
+struct Tail {
+    from: u64,
+    events: VecDeque<Event>,
+}
+
+impl Tail {
+    fn push(&mut self, events: Vec<Event>) {
+        self.events.extend(events);
+        while self.events.len() > TAIL_EVENTS {
+            if let Some(old) = self.events.pop_front() {
+                self.from = old.rev;
+            }
+        }
+    }
+
+    /// Events after `since`, when the tail holds all of them.
+    fn since(&self, since: u64, limit: u32) -> Option<Vec<Event>> {
+        if since < self.from {
+            return None;
+        }
+        let start = self.events.partition_point(|e| e.rev <= since);
+        Some(
+            self.events
+                .range(start..)
+                .take(limit as usize)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Forgets what compaction dropped from the database, so a reader that far behind
+    /// is told the log is gone, as it would be without the tail.
+    fn compacted(&mut self, through: u64) {
+        while self.events.front().is_some_and(|e| e.rev <= through) {
+            self.events.pop_front();
+        }
+        self.from = self.from.max(through);
+    }
+}
+
+fn lock(tail: &Mutex<Tail>) -> std::sync::MutexGuard<'_, Tail> {
+    // The tail holds plain data that every method leaves consistent, so a panic
+    // elsewhere while it was held leaves nothing to repair.
+    tail.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl SqliteStore {
@@ -75,11 +135,16 @@ impl SqliteStore {
         let revision = read_revision(&mut writer).await?;
         let (changes_tx, changes) = watch::channel(revision);
         let (writes, queue) = mpsc::channel(4096);
-        tokio::spawn(writer_loop(writer, queue, changes_tx));
+        let tail = Arc::new(Mutex::new(Tail {
+            from: revision,
+            events: VecDeque::new(),
+        }));
+        tokio::spawn(writer_loop(writer, queue, changes_tx, tail.clone()));
         Ok(SqliteStore {
             read,
             writes,
             changes,
+            tail,
         })
     }
 
@@ -161,28 +226,60 @@ where
     }
 }
 
+/// What the event inserts of the current group produced: the newest revision (the
+/// writer announces it after the commit without asking the database again) and the
+/// events themselves (published to the tail after the commit).
+#[derive(Default)]
+struct GroupEvents {
+    newest: u64,
+    events: Vec<Event>,
+}
+
 tokio::task_local! {
-    /// The newest revision an event insert of the current group got: the writer
-    /// announces it after the commit without asking the database again.
-    static NEWEST_REV: std::cell::Cell<u64>;
+    static GROUP: RefCell<GroupEvents>;
 }
 
-fn newest_rev() -> u64 {
-    NEWEST_REV.try_with(|c| c.get()).unwrap_or(0)
+/// Where the group stands before a write: pass it to [`undo_events`] if the write fails.
+fn events_mark() -> (u64, usize) {
+    GROUP
+        .try_with(|g| {
+            let g = g.borrow();
+            (g.newest, g.events.len())
+        })
+        .unwrap_or((0, 0))
 }
 
-fn set_newest_rev(rev: u64) {
-    let _ = NEWEST_REV.try_with(|c| c.set(rev));
+/// Forgets the events of a write that was rolled back.
+fn undo_events((newest, len): (u64, usize)) {
+    let _ = GROUP.try_with(|g| {
+        let mut g = g.borrow_mut();
+        g.newest = newest;
+        g.events.truncate(len);
+    });
+}
+
+/// Notes an event inserted in the current group.
+fn record_event(event: &Event) {
+    let _ = GROUP.try_with(|g| {
+        let mut g = g.borrow_mut();
+        g.newest = g.newest.max(event.rev);
+        g.events.push(event.clone());
+    });
 }
 
 async fn writer_loop(
     mut conn: SqliteConnection,
     mut queue: mpsc::Receiver<Box<dyn Op>>,
     changes: watch::Sender<u64>,
+    tail: Arc<Mutex<Tail>>,
 ) {
     let mut revision = *changes.borrow();
-    NEWEST_REV
-        .scope(std::cell::Cell::new(revision), async move {
+    let start = GroupEvents {
+        newest: revision,
+        events: Vec::new(),
+    };
+    GROUP
+        .scope(RefCell::new(start), async move {
             let mut batch: Vec<Box<dyn Op>> = Vec::with_capacity(MAX_GROUP);
             while let Some(first) = queue.recv().await {
                 batch.push(first);
@@ -193,15 +290,32 @@ async fn writer_loop(
                     }
                 }
                 let committed = commit_group(&mut conn, &mut batch).await;
+                let group = GROUP.with(|g| std::mem::take(&mut *g.borrow_mut()));
                 if committed.is_ok() {
-                    revision = revision.max(newest_rev());
+                    revision = revision.max(group.newest);
+                    if !group.events.is_empty() {
+                        lock(&tail).push(group.events);
+                    }
+                    // Every event must go in through `insert_event`/`record_event`, or
+                    // watchers reading the tail would miss it: tests check that.
+                    #[cfg(debug_assertions)]
+                    if let Ok(max) =
+                        sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(rev), 0) FROM events")
+                            .fetch_one(&mut conn)
+                            .await
+                    {
+                        assert!(
+                            max as u64 <= revision,
+                            "event {max} was inserted without record_event (tail at {revision})"
+                        );
+                    }
                     // Sent even when no event was added (output appends): followers of
                     // logs wake on every commit.
                     changes.send_replace(revision);
                 } else {
-                    set_newest_rev(revision);
                     tracing::error!(error = ?committed, "store commit failed");
                 }
+                GROUP.with(|g| g.borrow_mut().newest = revision);
                 for op in batch.drain(..) {
                     op.finish(committed.clone());
                 }
@@ -223,9 +337,9 @@ async fn commit_group(
             .execute(&mut *conn)
             .await
             .map_err(text)?;
-        let before = newest_rev();
+        let before = events_mark();
         if !op.apply(conn).await {
-            set_newest_rev(before);
+            undo_events(before);
             // The write failed and delivers its own error; nothing else to keep.
             sqlx::query("ROLLBACK")
                 .execute(&mut *conn)
@@ -242,10 +356,10 @@ async fn commit_group(
             .map_err(text)?;
         let last = batch.len() - 1;
         for (i, op) in batch.iter_mut().enumerate() {
-            let before = newest_rev();
+            let before = events_mark();
             let ok = op.apply(conn).await;
             if !ok {
-                set_newest_rev(before);
+                undo_events(before);
             }
             let next = match (ok, i == last) {
                 (true, false) => "RELEASE op; SAVEPOINT op",
@@ -291,14 +405,15 @@ async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreRes
     .bind(event.data.to_string())
     .fetch_one(conn)
     .await?;
-    let _ = NEWEST_REV.try_with(|newest| newest.set(newest.get().max(rev as u64)));
-    Ok(Event {
+    let event = Event {
         rev: rev as u64,
         at,
         kind: event.kind.clone(),
         subject: event.subject.clone(),
         data: event.data.clone(),
-    })
+    };
+    record_event(&event);
+    Ok(event)
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -423,15 +538,15 @@ async fn write_job_batch(
     }
     let mut written = Vec::with_capacity(events.len());
     for (event, rev) in events.into_iter().zip(revs) {
-        let rev = *rev as u64;
-        set_newest_rev(newest_rev().max(rev));
-        written.push(Event {
-            rev,
+        let event = Event {
+            rev: *rev as u64,
             at,
             kind: event.kind,
             subject: event.subject,
             data: event.data,
-        });
+        };
+        record_event(&event);
+        written.push(event);
     }
     Ok(written)
 }
@@ -548,6 +663,9 @@ impl Store for SqliteStore {
     }
 
     async fn events_since(&self, since: u64, limit: u32) -> StoreResult<EventsSince> {
+        if let Some(events) = lock(&self.tail).since(since, limit) {
+            return Ok(EventsSince::Events(events));
+        }
         let mut conn = self.read.acquire().await?;
         // One read transaction, so the compaction mark and the rows agree.
         let mut tx = conn.begin().await?;
@@ -580,31 +698,34 @@ impl Store for SqliteStore {
     }
 
     async fn compact_events(&self, keep: u64) -> StoreResult<u64> {
-        self.write(move |conn| {
-            Box::pin(async move {
-                let newest = read_revision(conn).await? as i64;
-                // Saturating: a huge `keep` ("keep everything") must not wrap to a
-                // negative number, which cut past the newest revision and dropped the
-                // whole log.
-                let cut = newest.saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX));
-                if cut <= 0 {
-                    return Ok(0);
-                }
-                let dropped = sqlx::query("DELETE FROM events WHERE rev <= ?")
+        let (dropped, cut) = self
+            .write(move |conn| {
+                Box::pin(async move {
+                    let newest = read_revision(conn).await? as i64;
+                    // Saturating: a huge `keep` ("keep everything") must not wrap to a
+                    // negative number, which cut past the newest revision and dropped the
+                    // whole log.
+                    let cut = newest.saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX));
+                    if cut <= 0 {
+                        return Ok((0, 0));
+                    }
+                    let dropped = sqlx::query("DELETE FROM events WHERE rev <= ?")
+                        .bind(cut)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                    sqlx::query(
+                        "UPDATE meta SET value = MAX(value, ?) WHERE key = 'compacted_through'",
+                    )
                     .bind(cut)
                     .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                sqlx::query(
-                    "UPDATE meta SET value = MAX(value, ?) WHERE key = 'compacted_through'",
-                )
-                .bind(cut)
-                .execute(&mut *conn)
-                .await?;
-                Ok(dropped)
+                    .await?;
+                    Ok((dropped, cut as u64))
+                })
             })
-        })
-        .await
+            .await?;
+        lock(&self.tail).compacted(cut);
+        Ok(dropped)
     }
 
     async fn insert_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event> {
