@@ -10,6 +10,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub mod nodes;
+
+pub use nodes::{
+    AgentMessage, FanoutRequest, FileData, Node, NodeList, PhaseProgress, Placement, ServerMessage,
+    Task, TaskList, TaskState, LOCAL_NODE,
+};
+
 /// The path prefix of the native API.
 pub const API_PREFIX: &str = "/v1";
 
@@ -121,6 +128,9 @@ pub struct RunRequest {
     /// Parameter values by name. They reach the script as environment variables.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// Where to run it (`node`, `labels`, `all`); by default on the server's own node.
+    #[serde(default, flatten)]
+    pub placement: Placement,
 }
 
 /// Answer to a run: the job, and its output when the request waited for the end.
@@ -129,6 +139,9 @@ pub struct RunResponse {
     pub job: Job,
     /// Present when the run was synchronous (the default).
     pub output: Option<JobOutput>,
+    /// The other jobs of a run on every matching node (`all`), the first being `job`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<Job>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -216,6 +229,18 @@ pub struct Job {
     /// `jojo_return_value key=value` lines of stdout.
     pub return_values: BTreeMap<String, String>,
     pub results: Vec<ResultFile>,
+    /// Inputs of a fan-out job (one map task each); empty for a single run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+    /// Reduce script of a fan-out job (`script` is its map script).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce: Option<String>,
+    /// Task counts per phase of a fan-out job; empty for a single run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub progress: Vec<PhaseProgress>,
+    /// Failed or lost task attempts a fan-out job survives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failures: Option<u32>,
 }
 
 /// What was asked for: everything needed to run the job again.

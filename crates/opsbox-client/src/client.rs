@@ -757,6 +757,7 @@ where
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect(),
+        placement: Default::default(),
     }
 }
 
@@ -791,6 +792,61 @@ fn job_path(name: &str, suffix: &str) -> String {
 
 fn script_run_path(name: &str) -> String {
     format!("/v1/scripts/{}/run", encode_segment(name))
+}
+
+// ---------------------------------------------------------------------------------------
+// Nodes and fan-out jobs
+// ---------------------------------------------------------------------------------------
+
+impl Client {
+    /// `GET /v1/nodes`: every node ever seen, connected or not.
+    pub async fn nodes(&self) -> Result<Vec<opsbox_api::Node>> {
+        let list: opsbox_api::NodeList = self.json(self.request(Method::GET, "/v1/nodes")).await?;
+        Ok(list.nodes)
+    }
+
+    pub async fn node(&self, id: &str) -> Result<opsbox_api::Node> {
+        let path = format!("/v1/nodes/{}", encode_segment(id));
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// Stops (`true`) or resumes (`false`) giving the node new tasks.
+    pub async fn blacklist(&self, id: &str, on: bool) -> Result<opsbox_api::Node> {
+        let verb = if on { "blacklist" } else { "whitelist" };
+        let path = format!("/v1/nodes/{}/{verb}", encode_segment(id));
+        self.json(self.request(Method::POST, &path)).await
+    }
+
+    /// `POST /v1/jobs`: queues a fan-out job and returns it at once.
+    pub async fn submit(&self, request: &opsbox_api::FanoutRequest) -> Result<Job> {
+        self.json(self.request(Method::POST, "/v1/jobs").json(request))
+            .await
+    }
+
+    /// The tasks of a fan-out job.
+    pub async fn tasks(&self, name: &str) -> Result<Vec<opsbox_api::Task>> {
+        let list: opsbox_api::TaskList = self
+            .json(self.request(Method::GET, &job_path(name, "/tasks")))
+            .await?;
+        Ok(list.tasks)
+    }
+
+    /// Runs a script where `placement` says; waits for the end unless `wait` is false.
+    pub async fn run_placed(
+        &self,
+        script: &str,
+        params: std::collections::BTreeMap<String, String>,
+        placement: opsbox_api::Placement,
+        wait: bool,
+    ) -> Result<RunResponse> {
+        let mut request = self
+            .request(Method::POST, &script_run_path(script))
+            .json(&RunRequest { params, placement });
+        if !wait {
+            request = request.query(&[("wait", "false")]);
+        }
+        self.json(request).await
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -91,7 +91,16 @@ struct Inner {
     active: Mutex<HashMap<String, Arc<Active>>>,
     /// Empty results directories of ended jobs, kept for the next runs.
     spare: SpareDirs,
+    /// Kills fan-out jobs, which the nodes service runs (set once by it).
+    fanout_kill: std::sync::OnceLock<FanoutKill>,
 }
+
+/// How [`Jobs::kill`] reaches a fan-out job: the nodes service's kill.
+pub type FanoutKill = Arc<
+    dyn Fn(String, Option<String>) -> futures::future::BoxFuture<'static, CoreResult<()>>
+        + Send
+        + Sync,
+>;
 
 /// Most empty results directories kept for reuse.
 const SPARE_DIRS: usize = 256;
@@ -228,6 +237,7 @@ impl Jobs {
                 config,
                 locks: Mutex::new(HashMap::new()),
                 active: Mutex::new(HashMap::new()),
+                fanout_kill: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -481,6 +491,13 @@ impl Jobs {
     pub async fn kill(&self, name: &str, by: Option<&str>) -> CoreResult<Job> {
         let active = self.lock_active().get(name).cloned();
         let Some(active) = active else {
+            let record = self.record(name).await?;
+            if let (Some(kill), true) = (
+                self.inner.fanout_kill.get(),
+                record.spec.get("fanout").is_some(),
+            ) {
+                kill(name.to_owned(), by.map(str::to_owned)).await?;
+            }
             return self.get(name).await;
         };
         *active.killed_by.lock().unwrap_or_else(|e| e.into_inner()) = by.map(str::to_owned);
@@ -641,6 +658,40 @@ impl Jobs {
     pub fn active(&self) -> Vec<String> {
         self.lock_active().keys().cloned().collect()
     }
+
+    /// Lets [`Jobs::kill`] reach fan-out jobs (called once by the nodes service).
+    pub(crate) fn set_fanout_kill(&self, kill: FanoutKill) {
+        let _ = self.inner.fanout_kill.set(kill);
+    }
+
+    /// A new unique job name.
+    pub(crate) fn new_name(&self, prefix: &str) -> String {
+        self.inner.names.next(prefix)
+    }
+
+    /// The environment a run of `script` gets (see [`Inner::environment`]), for a task
+    /// that runs on another node: the node adds its own `OPSBOX_RESULTS` and
+    /// `OPSBOX_NODE`.
+    pub(crate) fn task_environment(
+        &self,
+        job: &str,
+        script: &Script,
+        params: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = self
+            .inner
+            .environment(job, script, params, Path::new(""))
+            .into_iter()
+            .collect();
+        env.remove("OPSBOX_RESULTS");
+        env.remove("OPSBOX_NODE");
+        env
+    }
+}
+
+/// The files under a results directory.
+pub(crate) fn results_in(dir: &Path) -> Vec<ResultFile> {
+    list_results(dir)
 }
 
 impl Inner {
@@ -1016,7 +1067,7 @@ fn event(kind: &str, record: &JobRecord) -> NewEvent {
 }
 
 pub fn to_job(record: &JobRecord) -> Job {
-    Job {
+    let mut job = Job {
         name: record.name.clone(),
         script: record.script.clone(),
         state: record.state,
@@ -1031,5 +1082,13 @@ pub fn to_job(record: &JobRecord) -> Job {
         reason: record.reason.clone(),
         return_values: record.return_values.clone(),
         results: record.results.clone(),
+        inputs: Vec::new(),
+        reduce: None,
+        progress: Vec::new(),
+        max_failures: None,
+    };
+    if let Some(fanout) = record.spec.get("fanout") {
+        crate::nodes::describe(&mut job, fanout);
     }
+    job
 }

@@ -7,13 +7,15 @@
 //! - [`jobs`]: runs, from queue to end, with output, results, kill, wait;
 //! - [`events`]: the revisioned event log as a resumable watch stream;
 //! - [`identities`]: users and tokens that every face authenticates against;
-//! - [`rpc`]: the registry of functions that the RPC faces call.
+//! - [`rpc`]: the registry of functions that the RPC faces call;
+//! - [`nodes`]: agents, the local node, the scheduler and fan-out jobs.
 
 pub mod error;
 pub mod events;
 pub mod identities;
 pub mod jobs;
 pub mod names;
+pub mod nodes;
 pub mod output;
 pub mod queues;
 pub mod rpc;
@@ -30,6 +32,7 @@ pub use error::{CoreError, CoreResult};
 use events::Events;
 use identities::Identities;
 use jobs::{Jobs, JobsConfig};
+use nodes::{Nodes, NodesConfig};
 use queues::{Queues, QueuesConfig};
 use scripts::Scripts;
 use store::{NewEvent, SqliteStore, Store};
@@ -47,11 +50,14 @@ pub struct CoreConfig {
     pub kill_grace: Duration,
     /// Limits of the message queues.
     pub queues: QueuesConfig,
+    /// Nodes, heartbeats and fan-out defaults.
+    pub nodes: NodesConfig,
 }
 
 impl CoreConfig {
     pub fn new(data_dir: PathBuf, scripts_dir: PathBuf) -> Self {
         CoreConfig {
+            nodes: NodesConfig::new(&data_dir),
             data_dir,
             scripts_dir,
             max_concurrent_runs: 64,
@@ -78,6 +84,8 @@ pub struct Core {
     pub queues: Queues,
     /// Functions callable over py-jrpc, JSON-RPC, the CLI and the SDK.
     pub rpc: rpc::Rpc,
+    /// Agents, the scheduler and fan-out jobs.
+    pub nodes: Nodes,
     pub config: Arc<CoreConfig>,
 }
 
@@ -124,8 +132,18 @@ impl Core {
             );
         }
         let rpc = rpc::Rpc::new(scripts.clone(), jobs.clone());
+        let nodes = Nodes::start(
+            store.clone(),
+            scripts.clone(),
+            jobs.clone(),
+            config.nodes.clone(),
+            config.data_dir.join("results"),
+            config.kill_grace,
+        )
+        .await?;
         let core = Core {
             rpc,
+            nodes,
             events: Events::new(store.clone()),
             identities: Identities::new(store.clone()),
             queues: Queues::new(store.clone(), config.queues.clone()),

@@ -481,6 +481,18 @@ async fn the_event_tail_and_the_database_agree() {
     let from_disk = all_events(&other).await;
     assert_eq!(from_tail, from_disk);
     assert_eq!(from_tail.len(), 201);
+    // An event another process writes is found by the gap it leaves at the next write.
+    other.append_event(ev("test.other", "x")).await.unwrap();
+    store.append_event(ev("test.own", "y")).await.unwrap();
+    let kinds: Vec<String> = all_events(&store)
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds[kinds.len() - 2..], ["test.other", "test.own"]);
+    let from_tail = all_events(&store).await;
+    let from_disk = all_events(&other).await;
+    assert_eq!(from_tail, from_disk);
     // A page from the middle, too.
     let middle = from_tail[99].rev;
     let (EventsSince::Events(a), EventsSince::Events(b)) = (
@@ -493,7 +505,7 @@ async fn the_event_tail_and_the_database_agree() {
     assert_eq!(a.len(), 10);
 
     // After compaction the tail answers "gone" for what the database dropped.
-    assert_eq!(store.compact_events(50).await.unwrap(), 151);
+    assert_eq!(store.compact_events(50).await.unwrap(), 153);
     assert!(matches!(
         store.events_since(0, 10).await.unwrap(),
         EventsSince::Gone { .. }

@@ -37,6 +37,34 @@ pub struct ServerConfig {
     pub jojo: JojoConfig,
     pub rpc: RpcConfig,
     pub scirocco: SciroccoConfig,
+    pub nodes: NodesSettings,
+}
+
+/// Settings of nodes and fan-out jobs (`[nodes]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodesSettings {
+    /// Seconds without a heartbeat after which an agent is disconnected and its tasks
+    /// are retried elsewhere.
+    pub heartbeat_timeout_secs: u64,
+    /// Failed or lost task attempts a fan-out job survives unless it says otherwise.
+    pub max_failures: u32,
+    /// Labels of the server's own node (`local`).
+    pub local_labels: Vec<String>,
+    /// Fan-out tasks the local node runs at once; 0 leaves them all to agents.
+    /// Default: the number of CPUs (at least 2).
+    pub local_slots: Option<u32>,
+}
+
+impl Default for NodesSettings {
+    fn default() -> Self {
+        NodesSettings {
+            heartbeat_timeout_secs: 15,
+            max_failures: 3,
+            local_labels: Vec::new(),
+            local_slots: None,
+        }
+    }
 }
 
 /// Settings of the Scirocco face (message queues for scirocco-pyclient).
@@ -154,6 +182,7 @@ impl Default for ServerConfig {
             jojo: JojoConfig::default(),
             rpc: RpcConfig::default(),
             scirocco: SciroccoConfig::default(),
+            nodes: NodesSettings::default(),
         }
     }
 }

@@ -29,7 +29,7 @@ use opsbox_core::{Core, CoreConfig, CoreError};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
-pub use config::{JojoConfig, Limits, SciroccoConfig, ServerConfig, TlsSource};
+pub use config::{JojoConfig, Limits, NodesSettings, SciroccoConfig, ServerConfig, TlsSource};
 pub use embed::ServerBuilder;
 
 /// What a program that embeds the server needs to register functions.
@@ -71,6 +71,7 @@ pub enum ServerError {
 pub fn router(state: AppState) -> Router {
     let limit = state.config.limits.max_body_bytes;
     Router::new()
+        .merge(faces::nodes::routes(state.clone()))
         .merge(faces::native::routes(state.clone()))
         .merge(faces::jojo::routes(state.clone()))
         .merge(faces::queues::routes(state.clone()))
@@ -214,13 +215,21 @@ impl Server {
         for address in &config.rpc.jrpc_listen {
             addresses.extend(parse_listen(address)?);
         }
-        let core_config = CoreConfig {
+        let mut core_config = CoreConfig {
             max_concurrent_runs: config.limits.max_concurrent_runs,
             max_output_bytes: config.limits.max_output_bytes,
             event_retention: config.limits.event_retention,
             kill_grace: Duration::from_secs(config.limits.kill_grace_secs),
             ..CoreConfig::new(config.data.clone(), config.scripts.clone())
         };
+        let nodes = &config.nodes;
+        core_config.nodes.heartbeat_timeout =
+            Duration::from_secs(nodes.heartbeat_timeout_secs.max(1));
+        core_config.nodes.max_failures = nodes.max_failures;
+        core_config.nodes.local_labels = nodes.local_labels.clone();
+        if let Some(slots) = nodes.local_slots {
+            core_config.nodes.local_slots = slots;
+        }
         let core = Core::open(core_config).await?;
         if let Some(path) = &config.htpasswd {
             import_htpasswd(&core, path).await?;

@@ -340,10 +340,9 @@ async fn watch_resumes_from_a_revision_and_compacted_is_gone() {
     server.shutdown().await;
 }
 
-/// Compacts the server's event log through a second store handle on the same file.
+/// Compacts the server's event log, as its periodic compaction does.
 async fn server_compact(server: &TestServer, keep: u64) {
-    let store = opsbox_core::Core::open_store(&server.data).await.unwrap();
-    store.compact_events(keep).await.unwrap();
+    server.core.store.compact_events(keep).await.unwrap();
 }
 
 #[tokio::test]

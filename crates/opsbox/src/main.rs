@@ -6,6 +6,7 @@
 //! runtime, and turns the outcome into an exit status and a one-line error.
 
 mod admin;
+mod agent;
 mod cli;
 mod serve;
 

@@ -66,6 +66,23 @@ pub struct ServeArgs {
         value_name = "ROLE"
     )]
     pub jrpc_anonymous: Option<String>,
+    /// Seconds without a heartbeat after which an agent's tasks are retried elsewhere.
+    #[arg(
+        long = "heartbeat-timeout",
+        env = "OPSBOX_HEARTBEAT_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub heartbeat_timeout: Option<u64>,
+    /// Labels of the server's own node, `local` (comma-separated).
+    #[arg(
+        long = "local-labels",
+        env = "OPSBOX_LOCAL_LABELS",
+        value_delimiter = ','
+    )]
+    pub local_labels: Vec<String>,
+    /// Fan-out tasks the server's own node runs at once (0: leave them to agents).
+    #[arg(long = "local-slots", env = "OPSBOX_LOCAL_SLOTS", value_name = "N")]
+    pub local_slots: Option<u32>,
 }
 
 /// The configuration these flags give, over the config file's.
@@ -118,6 +135,16 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
             Some(opsbox_api::Role::parse(role).with_context(|| {
                 format!("--jrpc-anonymous takes reader, operator or admin, not '{role}'")
             })?);
+    }
+    if let Some(secs) = args.heartbeat_timeout {
+        anyhow::ensure!(secs > 0, "--heartbeat-timeout must be at least 1 second");
+        config.nodes.heartbeat_timeout_secs = secs;
+    }
+    if !args.local_labels.is_empty() {
+        config.nodes.local_labels = args.local_labels.clone();
+    }
+    if let Some(slots) = args.local_slots {
+        config.nodes.local_slots = Some(slots);
     }
     Ok(config)
 }

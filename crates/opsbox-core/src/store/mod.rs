@@ -240,6 +240,20 @@ pub trait Store: Send + Sync + 'static {
     async fn list_messages(&self, selector: &MessageSelector) -> StoreResult<Vec<MessageRecord>>;
     /// Counts per destination (only `destination`'s when given).
     async fn queue_stats(&self, destination: Option<&str>) -> StoreResult<Vec<QueueStats>>;
+
+    // -- nodes and tasks (see [`crate::nodes`]) --------------------------------------
+    /// Inserts or replaces a node, with its event if any.
+    async fn put_node(&self, node: &NodeRecord, event: Option<NewEvent>) -> StoreResult<()>;
+    async fn list_nodes(&self) -> StoreResult<Vec<NodeRecord>>;
+    /// Writes tasks, the job's row and events in one transaction;
+    /// [`StoreError::NotFound`] when the job to replace was cleaned meanwhile.
+    async fn write_tasks(&self, write: TaskWrite) -> StoreResult<Vec<Event>>;
+    /// The tasks of a job, in order.
+    async fn job_tasks(&self, job: &str) -> StoreResult<Vec<TaskRecord>>;
+    /// Tasks in any of these states, oldest first.
+    async fn tasks_in(&self, states: &[opsbox_api::TaskState]) -> StoreResult<Vec<TaskRecord>>;
+    /// Deletes a job's tasks (when the job is cleaned).
+    async fn delete_tasks(&self, job: &str) -> StoreResult<()>;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -304,4 +318,45 @@ pub struct LogChunkBytes {
     pub seq: u64,
     pub stream: Stream,
     pub data: Vec<u8>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Nodes and tasks
+// ---------------------------------------------------------------------------------------
+
+/// A node as stored: what outlives its connection.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub labels: Vec<String>,
+    pub slots: u32,
+    pub blacklisted: bool,
+    pub hostname: Option<String>,
+    pub version: Option<String>,
+    pub server: Option<String>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub tasks_ok: u64,
+    pub tasks_failed: u64,
+    pub tasks_lost: u64,
+}
+
+/// A task as stored: the public [`opsbox_api::Task`] plus the scheduler's bookkeeping.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskRecord {
+    pub task: opsbox_api::Task,
+    /// Submission order: tasks are taken oldest job first within a round.
+    pub seq: i64,
+    /// Nodes where an attempt failed or was lost: not tried again while others fit.
+    pub excluded: Vec<String>,
+}
+
+/// One transaction of the scheduler: tasks inserted or replaced, the job's row
+/// inserted or replaced, and their events.
+#[derive(Debug, Clone, Default)]
+pub struct TaskWrite {
+    pub job: Option<JobRecord>,
+    /// Insert the job (a new fan-out job) rather than replace it.
+    pub insert_job: bool,
+    pub tasks: Vec<TaskRecord>,
+    pub events: Vec<NewEvent>,
 }

@@ -1,5 +1,6 @@
 //! The faces: each turns one wire protocol into calls of the core services.
 //! - [`native`]: opsbox's own `/v1` API;
+//! - [`nodes`]: nodes, fan-out jobs and the agents' WebSocket (`/v1/nodes`, `/v1/agent`);
 //! - [`queues`]: the native message queue API (`/v1/queues`, `/v1/messages`);
 //! - [`scirocco`]: scirocco-server's queue API, both client generations;
 //! - [`jojo`]: Pyjojo's script API, for PyMoJo and friends;
@@ -10,6 +11,7 @@ pub mod jojo;
 pub mod jrpc;
 pub mod jsonrpc;
 pub mod native;
+pub mod nodes;
 pub mod pyjson;
 pub mod queues;
 pub mod scirocco;

@@ -92,6 +92,7 @@ async fn info(
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::faces::queues::QueuesDoc::openapi());
+    doc.merge(crate::faces::nodes::NodesDoc::openapi());
     Json(doc)
 }
 
@@ -141,12 +142,23 @@ async fn run_script(
 ) -> ApiResult<Response> {
     caller.require(Role::Operator)?;
     let request: RunRequest = json_body_or_default(&body)?;
+    if !request.placement.is_local() {
+        return crate::faces::nodes::run_placed(
+            &state,
+            &caller,
+            &name,
+            request,
+            query.wait != Some(false),
+        )
+        .await;
+    }
     let jobs = &state.core.jobs;
     if query.wait == Some(false) {
         let submitted = jobs.submit(&name, request.params, caller.name()).await?;
         let response = RunResponse {
             job: submitted.job,
             output: None,
+            others: Vec::new(),
         };
         return Ok((StatusCode::ACCEPTED, Json(response)).into_response());
     }
@@ -154,6 +166,7 @@ async fn run_script(
     Ok(Json(RunResponse {
         job,
         output: Some(output),
+        others: Vec::new(),
     })
     .into_response())
 }

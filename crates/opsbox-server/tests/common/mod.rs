@@ -13,6 +13,8 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
     pub scripts: PathBuf,
     pub data: PathBuf,
+    /// The server's core, for what no route does (compaction now, say).
+    pub core: opsbox_core::Core,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -64,6 +66,7 @@ impl TestServer {
             })
             .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let core = server.core().clone();
         let task = tokio::spawn(async move {
             server
                 .run(async {
@@ -77,6 +80,7 @@ impl TestServer {
             _dir: dir,
             scripts,
             data,
+            core,
             stop: Some(stop),
             task: Some(task),
         }

@@ -8,6 +8,7 @@ use clap::Subcommand;
 use opsbox_api::{Job, JobState};
 use opsbox_client::{Client, JobFilter};
 
+use super::scripts::parse_param;
 use super::{output, scripts, Ctx, EXIT_TIMEOUT};
 
 #[derive(Subcommand, Debug)]
@@ -60,6 +61,42 @@ pub enum JobsCommand {
         /// Job name (as printed by `scripts run --async` or `jobs list`).
         name: String,
     },
+    /// Queue a fan-out job: the map script once per input (in $INPUT), on nodes with
+    /// free slots, then the reduce script over their outputs ($OPSBOX_INPUTS_DIR).
+    Submit {
+        /// Script run once per input.
+        #[arg(long, value_name = "SCRIPT")]
+        map: String,
+        /// An input (repeatable).
+        #[arg(long = "input", value_name = "INPUT")]
+        inputs: Vec<String>,
+        /// A file with one input per line (`-`: standard input).
+        #[arg(long, value_name = "FILE")]
+        inputs_file: Option<PathBuf>,
+        /// Script run once over the map outputs.
+        #[arg(long, value_name = "SCRIPT")]
+        reduce: Option<String>,
+        /// A parameter of the scripts, as key=value (repeatable).
+        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        /// Only nodes with all these labels (comma-separated).
+        #[arg(long, value_name = "LABEL,...", value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Failed or lost task attempts the job survives (default: the server's, 3).
+        #[arg(long, value_name = "N")]
+        max_failures: Option<u32>,
+        /// Wait for the end (with progress), exiting non-zero when it fails.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The tasks of a fan-out job: input, state, node, attempts.
+    Tasks {
+        /// Job name.
+        name: String,
+    },
     /// List a job's result files, or download one.
     Results {
         /// Job name.
@@ -71,6 +108,24 @@ pub enum JobsCommand {
         #[arg(long, short = 'o', value_name = "FILE", requires = "download")]
         output: Option<PathBuf>,
     },
+}
+
+/// `map 7/10 done, 2 running, 1 failed; reduce 0/1`, or "" for a plain run.
+pub fn progress_text(job: &Job) -> String {
+    job.progress
+        .iter()
+        .map(|p| {
+            let mut text = format!("{} {}/{} done", p.phase, p.done, p.total);
+            if p.running > 0 {
+                text.push_str(&format!(", {} running", p.running));
+            }
+            if p.failed > 0 {
+                text.push_str(&format!(", {} failed", p.failed));
+            }
+            text
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn parse_state(word: &str) -> Result<JobState, String> {
@@ -162,6 +217,77 @@ pub async fn run(ctx: &Ctx, command: JobsCommand) -> anyhow::Result<u8> {
             Ok(0)
         }
         JobsCommand::Wait { name, timeout } => wait(ctx, &client, &name, timeout).await,
+        JobsCommand::Submit {
+            map,
+            mut inputs,
+            inputs_file,
+            reduce,
+            params,
+            labels,
+            node,
+            max_failures,
+            wait: and_wait,
+        } => {
+            if let Some(file) = inputs_file {
+                let text = if file.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&file)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+                };
+                inputs.extend(text.lines().filter(|l| !l.is_empty()).map(str::to_owned));
+            }
+            if inputs.is_empty() {
+                anyhow::bail!("give at least one --input (or --inputs-file)");
+            }
+            let request = opsbox_api::FanoutRequest {
+                map,
+                inputs,
+                reduce,
+                params: params.into_iter().collect(),
+                labels,
+                node,
+                max_failures,
+            };
+            let job = client.submit(&request).await?;
+            if and_wait {
+                return wait(ctx, &client, &job.name, None).await;
+            }
+            if ctx.json {
+                output::json(&job)?;
+            } else {
+                println!("{}", job.name);
+            }
+            Ok(0)
+        }
+        JobsCommand::Tasks { name } => {
+            let tasks = client.tasks(&name).await?;
+            if ctx.json {
+                output::json(&tasks)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = tasks
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.state.as_str().into(),
+                        t.node.clone().unwrap_or_default(),
+                        t.attempts.to_string(),
+                        t.input.clone().unwrap_or_default(),
+                        t.reason.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                output::table(
+                    &["TASK", "STATE", "NODE", "ATTEMPTS", "INPUT", "REASON"],
+                    &rows
+                )
+            );
+            Ok(0)
+        }
         JobsCommand::Kill { name } => {
             let job = client.kill(&name).await?;
             if ctx.json {
@@ -264,6 +390,13 @@ fn describe(job: &Job) -> String {
     if job.state.is_terminal() && job.state != JobState::Succeeded {
         pairs.push(("reason", output::failure_reason(job)));
     }
+    if !job.progress.is_empty() {
+        pairs.push(("progress", progress_text(job)));
+        pairs.push(("inputs", job.inputs.len().to_string()));
+        if let Some(reduce) = &job.reduce {
+            pairs.push(("reduce", reduce.clone()));
+        }
+    }
     pairs.extend([
         (
             "exit code",
@@ -316,7 +449,29 @@ async fn wait(
         spinner.enable_steady_tick(Duration::from_millis(120));
         spinner
     });
-    let answer = client.wait(name, timeout).await;
+    let answer = match &spinner {
+        // On a terminal: wait a second at a time and show the tasks' progress.
+        Some(spinner) => {
+            let deadline = timeout.map(|t| std::time::Instant::now() + t);
+            loop {
+                let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+                let step = left.map_or(Duration::from_secs(1), |l| l.min(Duration::from_secs(1)));
+                match client.wait_once(name, step).await {
+                    Ok(r) if r.done || left.is_some_and(|l| l <= step) => break Ok(r),
+                    Ok(r) => {
+                        let progress = progress_text(&r.job);
+                        spinner.set_message(if progress.is_empty() {
+                            name.to_string()
+                        } else {
+                            format!("{name}: {progress}")
+                        });
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+        }
+        None => client.wait(name, timeout).await,
+    };
     if let Some(spinner) = spinner {
         spinner.finish_and_clear();
     }

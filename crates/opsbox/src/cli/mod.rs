@@ -4,6 +4,7 @@
 
 mod identity;
 mod jobs;
+mod nodes;
 mod output;
 mod queue;
 mod rpc;
@@ -79,6 +80,12 @@ pub struct GlobalArgs {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Run tasks for a server on this machine (connects to --server, several
+    /// comma-separated URLs allowed, with --token).
+    Agent(crate::agent::AgentArgs),
+    /// Nodes: list, info, blacklist, whitelist.
+    #[command(subcommand)]
+    Nodes(nodes::NodesCommand),
     /// List, show and run scripts.
     #[command(subcommand)]
     Scripts(scripts::ScriptsCommand),
@@ -106,7 +113,7 @@ enum Command {
 impl Cli {
     /// True for `opsbox serve`, which logs more than the client commands.
     pub fn is_serve(&self) -> bool {
-        matches!(self.command, Command::Serve(_))
+        matches!(self.command, Command::Serve(_) | Command::Agent(_))
     }
 }
 
@@ -153,11 +160,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             crate::serve::run(args).await?;
             return Ok(0);
         }
+        Command::Agent(args) => {
+            let g = cli.global;
+            crate::agent::run(args, g.server, g.token, g.insecure).await?;
+            return Ok(0);
+        }
         command => command,
     };
     let ctx = Ctx::new(&cli.global)?;
     match command {
-        Command::Serve(_) => Ok(0),
+        Command::Serve(_) | Command::Agent(_) => Ok(0),
+        Command::Nodes(command) => nodes::run(&ctx, command).await,
         Command::Scripts(command) => scripts::run(&ctx, command).await,
         Command::Jobs(command) => jobs::run(&ctx, command).await,
         Command::Watch(args) => watch::run(&ctx, args).await,

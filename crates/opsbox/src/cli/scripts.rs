@@ -33,10 +33,19 @@ pub enum ScriptsCommand {
         /// Submit the run, then stream its output live until it ends.
         #[arg(long)]
         follow: bool,
+        /// Run it on this node (see `opsbox nodes list`).
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
+        /// Run it on a node with all these labels (comma-separated).
+        #[arg(long, value_name = "LABEL,...", value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Run it once on every connected node that matches --labels/--node.
+        #[arg(long, conflicts_with = "follow")]
+        all: bool,
     },
 }
 
-fn parse_param(text: &str) -> Result<(String, String), String> {
+pub fn parse_param(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.trim().is_empty() => {
             Ok((key.trim().to_string(), value.to_string()))
@@ -55,7 +64,14 @@ pub async fn run(ctx: &Ctx, command: ScriptsCommand) -> anyhow::Result<u8> {
             params,
             run_async,
             follow,
+            node,
+            labels,
+            all,
         } => {
+            let placement = opsbox_api::Placement { node, labels, all };
+            if !placement.is_local() {
+                return run_placed(ctx, &client, &name, params, placement, run_async, follow).await;
+            }
             if run_async {
                 submit(ctx, &client, &name, params).await
             } else if follow {
@@ -192,6 +208,61 @@ async fn submit(
         println!("{}", job.name);
     }
     Ok(0)
+}
+
+/// A run on chosen nodes: like a local one, and with `--all` each node's output in
+/// turn, headed by the node's name; the exit status is the first failure's.
+async fn run_placed(
+    ctx: &Ctx,
+    client: &Client,
+    name: &str,
+    params: Vec<(String, String)>,
+    placement: opsbox_api::Placement,
+    run_async: bool,
+    follow: bool,
+) -> anyhow::Result<u8> {
+    let params = params.into_iter().collect();
+    let wait = !(run_async || follow);
+    let response = client.run_placed(name, params, placement, wait).await?;
+    if run_async {
+        let jobs: Vec<&opsbox_api::Job> = std::iter::once(&response.job)
+            .chain(&response.others)
+            .collect();
+        if ctx.json {
+            output::json(&jobs)?;
+        } else {
+            for job in jobs {
+                println!("{}", job.name);
+            }
+        }
+        return Ok(0);
+    }
+    if follow {
+        return follow_job(ctx, client, &response.job.name).await;
+    }
+    if ctx.json {
+        output::json(&response)?;
+        return Ok(output::job_exit_status(&response.job));
+    }
+    let several = !response.others.is_empty();
+    let mut status = 0;
+    for job in std::iter::once(&response.job).chain(&response.others) {
+        if several {
+            println!("== {} ({})", job.node.as_deref().unwrap_or("?"), job.name);
+        }
+        let log = client.log(&job.name).await?;
+        for line in &log.stdout {
+            println!("{line}");
+        }
+        for line in &log.stderr {
+            eprintln!("{line}");
+        }
+        finish(job);
+        if status == 0 {
+            status = output::job_exit_status(job);
+        }
+    }
+    Ok(status)
 }
 
 async fn run_and_wait(

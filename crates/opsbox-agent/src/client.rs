@@ -1,0 +1,279 @@
+//! `opsbox agent`: one WebSocket to a server (`GET /v1/agent`), `Hello` with the node's
+//! id, labels and slots, then tasks in and output, results and heartbeats out, through
+//! an [`Executor`]. When the connection drops the agent reconnects with backoff, to the
+//! next of its server URLs, and tells the server which tasks it still runs; what the
+//! tasks reported meanwhile waits in memory and is sent after the reconnect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use opsbox_api::{AgentMessage, ServerMessage};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::Connector;
+
+use crate::executor::Executor;
+
+/// How an agent connects and what it offers.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Server base URLs (`http(s)://host:port`), tried in turn.
+    pub servers: Vec<String>,
+    /// A node token (`obx_...`) or any token allowed to act as `node_id`.
+    pub token: Option<String>,
+    pub node_id: String,
+    pub labels: Vec<String>,
+    pub slots: u32,
+    /// Skip TLS certificate checks (self-signed servers).
+    pub insecure: bool,
+}
+
+/// Why the agent stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("no server URL given")]
+    NoServer,
+    #[error("invalid server URL '{0}': use http://host:port or https://host:port")]
+    BadUrl(String),
+    #[error("the server refused this agent: {0}")]
+    Refused(String),
+}
+
+/// The longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Runs the agent until `shutdown` resolves; reconnects on its own.
+pub async fn run(
+    config: AgentConfig,
+    executor: Executor,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    if config.servers.is_empty() {
+        return Err(AgentError::NoServer);
+    }
+    let urls: Vec<String> = config
+        .servers
+        .iter()
+        .map(|s| ws_url(s))
+        .collect::<Result<_, _>>()?;
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMessage>();
+    // Messages taken from the queue but not yet written when a connection died.
+    let mut unsent: Vec<AgentMessage> = Vec::new();
+    tokio::pin!(shutdown);
+    let mut attempt = 0usize;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let url = &urls[attempt % urls.len()];
+        attempt += 1;
+        let session = tokio::select! {
+            _ = &mut shutdown => break,
+            s = session(&config, url, &executor, &out_tx, &mut out_rx, &mut unsent) => s,
+        };
+        match session {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(SessionError::Refused(reason)) => return Err(AgentError::Refused(reason)),
+            Err(SessionError::Lost(e)) => {
+                tracing::warn!(server = %url, error = %e, "connection to the server lost; reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    executor.kill_all();
+    Ok(())
+}
+
+enum SessionError {
+    Refused(String),
+    Lost(String),
+}
+
+/// `http(s)://host:port[/]` → `ws(s)://host:port/v1/agent`.
+fn ws_url(server: &str) -> Result<String, AgentError> {
+    let base = server.trim_end_matches('/');
+    let rest = if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if base.starts_with("ws://") || base.starts_with("wss://") {
+        base.to_owned()
+    } else {
+        return Err(AgentError::BadUrl(server.to_owned()));
+    };
+    Ok(format!("{rest}/v1/agent"))
+}
+
+async fn session(
+    config: &AgentConfig,
+    url: &str,
+    executor: &Executor,
+    out_tx: &mpsc::UnboundedSender<AgentMessage>,
+    out_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    unsent: &mut Vec<AgentMessage>,
+) -> Result<(), SessionError> {
+    let lost = |e: &dyn std::fmt::Display| SessionError::Lost(e.to_string());
+    let mut request = url.into_client_request().map_err(|e| lost(&e))?;
+    if let Some(token) = &config.token {
+        let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| lost(&e))?;
+        request.headers_mut().insert("Authorization", value);
+    }
+    let connector = config.insecure.then(insecure_connector);
+    let (socket, _) =
+        tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(response)
+                    if response.status().as_u16() == 401 || response.status().as_u16() == 403 =>
+                {
+                    SessionError::Refused(format!(
+                        "{} (check --token: it must be a node token for '{}' or an admin token)",
+                        response.status(),
+                        config.node_id
+                    ))
+                }
+                e => lost(&e),
+            })?;
+    let (mut sink, mut stream) = socket.split();
+    let hello = AgentMessage::Hello {
+        node_id: config.node_id.clone(),
+        labels: config.labels.clone(),
+        slots: config.slots,
+        hostname: hostname(),
+        version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        running: executor.running(),
+    };
+    send(&mut sink, &hello).await.map_err(|e| lost(&e))?;
+    let heartbeat = match stream.next().await {
+        Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMessage>(&text) {
+            Ok(ServerMessage::Welcome { heartbeat_secs, .. }) => {
+                Duration::from_secs(heartbeat_secs.max(1))
+            }
+            Ok(ServerMessage::Refused { reason }) => return Err(SessionError::Refused(reason)),
+            other => {
+                return Err(SessionError::Lost(format!(
+                    "expected Welcome, got {other:?}"
+                )))
+            }
+        },
+        other => {
+            return Err(SessionError::Lost(format!(
+                "expected Welcome, got {other:?}"
+            )))
+        }
+    };
+    tracing::info!(server = %url, node = %config.node_id, "connected");
+    for message in unsent.drain(..) {
+        send(&mut sink, &message).await.map_err(|e| lost(&e))?;
+    }
+    // Beats a third of the server's limit apart, so one late beat is not a lost node.
+    let mut beat = tokio::time::interval(heartbeat / 3);
+    loop {
+        tokio::select! {
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMessage>(&text) {
+                    Ok(ServerMessage::Refused { reason }) => return Err(SessionError::Refused(reason)),
+                    Ok(message) => executor.handle(message, out_tx.clone()),
+                    Err(e) => tracing::warn!(error = %e, "ignored a message the agent does not understand"),
+                },
+                Some(Ok(Message::Close(_))) | None => return Err(SessionError::Lost("closed by the server".into())),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(lost(&e)),
+            },
+            outgoing = out_rx.recv() => {
+                let Some(message) = outgoing else { return Ok(()) };
+                if let Err(e) = send(&mut sink, &message).await {
+                    unsent.push(message);
+                    return Err(lost(&e));
+                }
+            }
+            _ = beat.tick() => {
+                send(&mut sink, &AgentMessage::Heartbeat).await.map_err(|e| lost(&e))?;
+            }
+        }
+    }
+}
+
+async fn send<S>(sink: &mut S, message: &AgentMessage) -> Result<(), String>
+where
+    S: futures::Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
+    sink.send(Message::Text(text))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+/// A TLS connector that accepts any certificate: `--insecure`, for servers with the
+/// self-signed certificate opsbox makes on first start.
+fn insecure_connector() -> Connector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    Connector::Rustls(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

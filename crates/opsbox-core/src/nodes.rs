@@ -1,0 +1,1611 @@
+//! Nodes and the scheduler: which machines run tasks, and which task runs where.
+//!
+//! A node is an `opsbox agent` connected over `GET /v1/agent`, or the server's own
+//! `local` node, which speaks the same messages over in-process channels (an
+//! [`Executor`] in this process), so placement, output, results, kill and failure
+//! handling are one code path wherever a task lands.
+//!
+//! A fan-out job is a map script over inputs (one task each) with an optional reduce
+//! over their outputs; a run on chosen nodes (`--node`, `--labels`, `--all`) is a fan-out
+//! job with one task. Tasks live in the store, so a restart loses nothing: queued tasks
+//! stay queued, tasks of remote nodes are resumed when their agent reconnects and reports
+//! them (or become lost after the heartbeat timeout), tasks of the local node (whose
+//! processes died with the server) are lost at once and retried.
+//!
+//! The scheduler is the only one to place tasks: a queued task goes to the least
+//! loaded connected node that has a free slot, every label the job asks for, is not
+//! blacklisted and (when possible) has not failed this task before. Jobs take turns, one
+//! task each per round, so a big job does not starve a small one. A failed or lost
+//! attempt is retried until the job has used up its `max_failures`; then the job fails
+//! and its other tasks are killed.
+//!
+//! Every change of a job, a task or a node is an event on the event log. All
+//! read-modify-write of a job and its tasks holds one lock, so a task's end and the
+//! scheduler never overwrite each other's view of a job.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use chrono::Utc;
+use opsbox_agent::executor::{safe_relative, Executor};
+use opsbox_agent::Runtime;
+use opsbox_api::{
+    AgentMessage, FanoutRequest, FileData, Job, JobSpec, JobState, Node, PhaseProgress, Placement,
+    ServerMessage, Stream as OutStream, Task, TaskState, LOCAL_NODE,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Notify};
+
+use crate::error::{CoreError, CoreResult};
+use crate::jobs::{results_in, to_job, Jobs};
+use crate::scripts::Scripts;
+use crate::store::{
+    JobRecord, LogChunkBytes, NewEvent, NodeRecord, Store, StoreError, TaskRecord, TaskWrite,
+};
+
+/// Inputs a fan-out job may have.
+pub const MAX_INPUTS: usize = 100_000;
+
+/// Limits and defaults of the nodes service.
+#[derive(Debug, Clone)]
+pub struct NodesConfig {
+    /// A node silent this long is disconnected and its tasks are lost (and retried).
+    pub heartbeat_timeout: Duration,
+    /// Failed or lost task attempts a job survives unless it says otherwise.
+    pub max_failures: u32,
+    /// Labels of the local node.
+    pub local_labels: Vec<String>,
+    /// Tasks the local node runs at once (0: it takes none).
+    pub local_slots: u32,
+    /// Where tasks of the local node keep their scratch directories.
+    pub local_work: PathBuf,
+    /// This server, as the node list shows it.
+    pub server_id: String,
+}
+
+impl NodesConfig {
+    pub fn new(data_dir: &Path) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+        NodesConfig {
+            heartbeat_timeout: Duration::from_secs(15),
+            max_failures: 3,
+            local_labels: Vec::new(),
+            local_slots: cpus.max(2),
+            local_work: data_dir.join("local-node"),
+            server_id: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "opsbox".into()),
+        }
+    }
+}
+
+/// What a fan-out job keeps in its spec (`spec.fanout`), beyond [`JobSpec`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Fanout {
+    inputs: Vec<String>,
+    #[serde(default)]
+    reduce: Option<String>,
+    #[serde(default)]
+    labels: Vec<String>,
+    #[serde(default)]
+    node: Option<String>,
+    max_failures: u32,
+    #[serde(default)]
+    failures: u32,
+    #[serde(default)]
+    progress: Vec<PhaseProgress>,
+    /// The parameter values the tasks run with. Kept in the store because tasks may
+    /// start after a restart; filtered values are shown as such everywhere else.
+    #[serde(default)]
+    params: BTreeMap<String, String>,
+}
+
+/// Fills the fan-out fields of a job from its `spec.fanout`.
+pub(crate) fn describe(job: &mut Job, fanout: &serde_json::Value) {
+    if let Ok(f) = serde_json::from_value::<Fanout>(fanout.clone()) {
+        job.inputs = f.inputs;
+        job.reduce = f.reduce;
+        job.progress = f.progress;
+        job.max_failures = Some(f.max_failures);
+    }
+}
+
+fn fanout_of(record: &JobRecord) -> CoreResult<Fanout> {
+    let value =
+        record.spec.get("fanout").cloned().ok_or_else(|| {
+            CoreError::Invalid(format!("job {} is not a fan-out job", record.name))
+        })?;
+    serde_json::from_value(value).map_err(|e| {
+        CoreError::Store(StoreError::Corrupt(format!(
+            "fan-out spec of {}: {e}",
+            record.name
+        )))
+    })
+}
+
+fn set_fanout(record: &mut JobRecord, fanout: &Fanout) {
+    if let Some(spec) = record.spec.as_object_mut() {
+        spec.insert(
+            "fanout".into(),
+            serde_json::to_value(fanout).unwrap_or_default(),
+        );
+    }
+}
+
+/// The task's key in a node's list of running tasks.
+fn key(job: &str, task: &str) -> String {
+    opsbox_agent::executor::key(job, task)
+}
+
+/// A connected node, as the scheduler sees it.
+struct Link {
+    session: u64,
+    tx: mpsc::UnboundedSender<ServerMessage>,
+    labels: Vec<String>,
+    slots: u32,
+    running: HashSet<String>,
+    last_seen: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    links: HashMap<String, Link>,
+    next_session: u64,
+    /// Since when a node with running tasks has been away (restart: since the start).
+    away: HashMap<String, Instant>,
+    blacklisted: HashSet<String>,
+}
+
+/// One agent connection, from [`Nodes::connect`].
+pub struct Connection {
+    pub node_id: String,
+    pub session: u64,
+    /// Messages for the agent; ends when the node is disconnected by the server.
+    pub messages: mpsc::UnboundedReceiver<ServerMessage>,
+    pub heartbeat_secs: u64,
+}
+
+/// The nodes service. Cheap to clone.
+#[derive(Clone)]
+pub struct Nodes {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    scripts: Arc<Scripts>,
+    jobs: Jobs,
+    config: NodesConfig,
+    results_dir: PathBuf,
+    state: Mutex<State>,
+    /// Wakes the scheduler.
+    kick: Arc<Notify>,
+    /// Serialises read-modify-write of jobs and tasks (see the module docs).
+    ops: tokio::sync::Mutex<()>,
+    /// Output chunk numbers: increasing across restarts (they start from the clock).
+    out_seq: AtomicU64,
+}
+
+impl Nodes {
+    /// Starts the service: the local node, the scheduler and the heartbeat sweep.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        scripts: Arc<Scripts>,
+        jobs: Jobs,
+        config: NodesConfig,
+        results_dir: PathBuf,
+        kill_grace: Duration,
+    ) -> CoreResult<Nodes> {
+        let now_us = Utc::now().timestamp_micros().max(0) as u64;
+        let mut state = State::default();
+        for node in store.list_nodes().await? {
+            if node.blacklisted {
+                state.blacklisted.insert(node.id.clone());
+            }
+            state.away.insert(node.id, Instant::now());
+        }
+        let nodes = Nodes {
+            inner: Arc::new(Inner {
+                store,
+                scripts,
+                jobs: jobs.clone(),
+                config,
+                results_dir,
+                state: Mutex::new(state),
+                kick: Arc::new(Notify::new()),
+                ops: tokio::sync::Mutex::new(()),
+                out_seq: AtomicU64::new(now_us),
+            }),
+        };
+        let weak = Arc::downgrade(&nodes.inner);
+        jobs.set_fanout_kill(Arc::new(move |name, by| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(inner) => Nodes { inner }.kill(&name, by.as_deref()).await,
+                    None => Ok(()),
+                }
+            })
+        }));
+        // Tasks the local node ran before a restart died with the server.
+        let local_running: Vec<TaskRecord> = nodes
+            .inner
+            .store
+            .tasks_in(&[TaskState::Running])
+            .await?
+            .into_iter()
+            .filter(|t| t.task.node.as_deref() == Some(LOCAL_NODE))
+            .collect();
+        for task in local_running {
+            nodes
+                .lost(
+                    &task.task.job,
+                    &task.task.id,
+                    LOCAL_NODE,
+                    "the server restarted while it ran",
+                )
+                .await?;
+        }
+        nodes.start_local(kill_grace).await?;
+        nodes.spawn_loops();
+        Ok(nodes)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every critical section leaves the maps consistent, so a poisoned lock is sound.
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The local node: an executor in this process, fed through channels.
+    async fn start_local(&self, kill_grace: Duration) -> CoreResult<()> {
+        let executor = Executor::new(
+            Runtime::new(kill_grace),
+            self.inner.config.local_work.clone(),
+            LOCAL_NODE,
+        );
+        let connection = self
+            .register(
+                LOCAL_NODE,
+                self.inner.config.local_labels.clone(),
+                self.inner.config.local_slots,
+                Vec::new(),
+                self.inner.config.server_id.clone().into(),
+                Some(env!("CARGO_PKG_VERSION").to_owned()),
+            )
+            .await?;
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let mut messages = connection.messages;
+        tokio::spawn(async move {
+            while let Some(message) = messages.recv().await {
+                executor.handle(message, out_tx.clone());
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
+        let session = connection.session;
+        tokio::spawn(async move {
+            while let Some(message) = out_rx.recv().await {
+                let Some(inner) = weak.upgrade() else { return };
+                let nodes = Nodes { inner };
+                if let Err(e) = nodes.message(LOCAL_NODE, session, message).await {
+                    tracing::warn!(error = %e, "local node message failed");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn spawn_loops(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let kick = self.inner.kick.clone();
+        tokio::spawn(async move {
+            loop {
+                let kicked = kick.notified();
+                tokio::pin!(kicked);
+                kicked.as_mut().enable();
+                {
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Err(e) = (Nodes { inner }).dispatch().await {
+                        tracing::warn!(error = %e, "scheduling failed; retrying");
+                    }
+                }
+                // The sweep kicks twice a second, so a failed dispatch is retried.
+                kicked.await;
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let nodes = Nodes { inner };
+                if let Err(e) = nodes.sweep().await {
+                    tracing::warn!(error = %e, "node sweep failed");
+                }
+                nodes.inner.kick.notify_one();
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Agents
+    // -----------------------------------------------------------------------------------
+
+    /// An agent said `Hello`: registers it (replacing an older connection of the same
+    /// node) and reconciles the tasks it runs.
+    pub async fn connect(
+        &self,
+        hello: AgentMessage,
+        server: Option<String>,
+    ) -> CoreResult<Connection> {
+        let AgentMessage::Hello {
+            node_id,
+            labels,
+            slots,
+            hostname,
+            version,
+            running,
+        } = hello
+        else {
+            return Err(CoreError::Invalid(
+                "the first message of an agent must be hello".into(),
+            ));
+        };
+        check_node_id(&node_id)?;
+        if node_id == LOCAL_NODE {
+            return Err(CoreError::Invalid(format!(
+                "node id '{LOCAL_NODE}' is the server's own node: give the agent another --node-id"
+            )));
+        }
+        if slots == 0 || slots > 4096 {
+            return Err(CoreError::Invalid(format!(
+                "slots must be between 1 and 4096, not {slots}"
+            )));
+        }
+        let _ = server;
+        let connection = self
+            .register(&node_id, labels, slots, running.clone(), hostname, version)
+            .await?;
+        // Tasks the store has running there that the agent no longer knows are lost.
+        let stale: Vec<TaskRecord> = self
+            .inner
+            .store
+            .tasks_in(&[TaskState::Running])
+            .await?
+            .into_iter()
+            .filter(|t| {
+                t.task.node.as_deref() == Some(node_id.as_str())
+                    && !running.contains(&key(&t.task.job, &t.task.id))
+            })
+            .collect();
+        for task in stale {
+            self.lost(
+                &task.task.job,
+                &task.task.id,
+                &node_id,
+                "the agent restarted while it ran",
+            )
+            .await?;
+        }
+        self.inner.kick.notify_one();
+        Ok(connection)
+    }
+
+    async fn register(
+        &self,
+        node_id: &str,
+        labels: Vec<String>,
+        slots: u32,
+        running: Vec<String>,
+        hostname: Option<String>,
+        version: Option<String>,
+    ) -> CoreResult<Connection> {
+        let (tx, messages) = mpsc::unbounded_channel();
+        let session = {
+            let mut state = self.lock();
+            state.next_session += 1;
+            let session = state.next_session;
+            state.away.remove(node_id);
+            state.links.insert(
+                node_id.to_owned(),
+                Link {
+                    session,
+                    tx,
+                    labels: labels.clone(),
+                    slots,
+                    running: running.into_iter().collect(),
+                    last_seen: Instant::now(),
+                },
+            );
+            session
+        };
+        let mut record = self.record(node_id).await?.unwrap_or_default();
+        record.id = node_id.to_owned();
+        record.labels = labels;
+        record.slots = slots;
+        record.hostname = hostname;
+        record.version = version;
+        record.server = Some(self.inner.config.server_id.clone());
+        record.last_seen = Some(Utc::now());
+        // The local node comes up with the server: no event of its own.
+        let event = (node_id != LOCAL_NODE).then_some("node.connected");
+        self.put_node(&record, event).await?;
+        Ok(Connection {
+            node_id: node_id.to_owned(),
+            session,
+            messages,
+            heartbeat_secs: self.inner.config.heartbeat_timeout.as_secs().max(1),
+        })
+    }
+
+    /// The connection of `session` ended. Its running tasks stay running for the
+    /// heartbeat timeout, so an agent that reconnects at once keeps them.
+    pub async fn disconnect(&self, node_id: &str, session: u64) -> CoreResult<()> {
+        let removed = {
+            let mut state = self.lock();
+            let mine = state
+                .links
+                .get(node_id)
+                .is_some_and(|link| link.session == session);
+            if mine {
+                state.links.remove(node_id);
+                state.away.insert(node_id.to_owned(), Instant::now());
+            }
+            mine
+        };
+        if removed {
+            if let Some(record) = self.record(node_id).await? {
+                self.put_node(&record, Some("node.disconnected")).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A message from a connected agent.
+    pub async fn message(
+        &self,
+        node_id: &str,
+        session: u64,
+        message: AgentMessage,
+    ) -> CoreResult<()> {
+        {
+            let mut state = self.lock();
+            match state.links.get_mut(node_id) {
+                Some(link) if link.session == session => link.last_seen = Instant::now(),
+                // A replaced connection: what it still says no longer counts.
+                _ => return Ok(()),
+            }
+        }
+        match message {
+            AgentMessage::Heartbeat | AgentMessage::Hello { .. } => Ok(()),
+            AgentMessage::Output {
+                job,
+                task,
+                stream,
+                data,
+            } => self.output(&job, &task, stream, &data).await,
+            AgentMessage::Finished {
+                job,
+                task,
+                exit_code,
+                signal,
+                reason,
+                results,
+                killed,
+            } => {
+                if let Some(link) = self.lock().links.get_mut(node_id) {
+                    link.running.remove(&key(&job, &task));
+                }
+                let end = TaskEnd {
+                    exit_code,
+                    signal,
+                    reason,
+                    results,
+                    killed,
+                };
+                self.finished(node_id, &job, &task, end).await
+            }
+        }
+    }
+
+    /// Disconnects nodes that stopped beating and loses the tasks of nodes away for
+    /// longer than the heartbeat timeout.
+    async fn sweep(&self) -> CoreResult<()> {
+        let timeout = self.inner.config.heartbeat_timeout;
+        let silent: Vec<(String, u64)> = self
+            .lock()
+            .links
+            .iter()
+            .filter(|(id, link)| id.as_str() != LOCAL_NODE && link.last_seen.elapsed() > timeout)
+            .map(|(id, link)| (id.clone(), link.session))
+            .collect();
+        for (id, session) in silent {
+            tracing::warn!(node = %id, "no heartbeat within {timeout:?}: disconnected");
+            self.disconnect(&id, session).await?;
+        }
+        let gone: HashSet<String> = self
+            .lock()
+            .away
+            .iter()
+            .filter(|(_, since)| since.elapsed() > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let lost: Vec<TaskRecord> = self
+            .inner
+            .store
+            .tasks_in(&[TaskState::Running])
+            .await?
+            .into_iter()
+            .filter(|t| t.task.node.as_ref().is_some_and(|n| gone.contains(n)))
+            .collect();
+        for task in lost {
+            let node = task.task.node.clone().unwrap_or_default();
+            self.lost(
+                &task.task.job,
+                &task.task.id,
+                &node,
+                &format!("node {node} stopped responding"),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Node list
+    // -----------------------------------------------------------------------------------
+
+    async fn record(&self, id: &str) -> CoreResult<Option<NodeRecord>> {
+        Ok(self
+            .inner
+            .store
+            .list_nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.id == id))
+    }
+
+    async fn put_node(&self, record: &NodeRecord, event: Option<&str>) -> CoreResult<()> {
+        let event = event.map(|kind| {
+            NewEvent::new(
+                kind,
+                &record.id,
+                serde_json::to_value(self.view(record)).unwrap_or_default(),
+            )
+        });
+        self.inner.store.put_node(record, event).await?;
+        Ok(())
+    }
+
+    fn view(&self, record: &NodeRecord) -> Node {
+        let state = self.lock();
+        let link = state.links.get(&record.id);
+        let mut running: Vec<String> = link
+            .map(|l| l.running.iter().cloned().collect())
+            .unwrap_or_default();
+        running.sort();
+        let jobs = running
+            .iter()
+            .map(|k| {
+                k.split_once('/')
+                    .map_or(k.clone(), |(job, _)| job.to_owned())
+            })
+            .collect();
+        Node {
+            id: record.id.clone(),
+            labels: link.map_or(record.labels.clone(), |l| l.labels.clone()),
+            slots: link.map_or(record.slots, |l| l.slots),
+            connected: link.is_some(),
+            blacklisted: state.blacklisted.contains(&record.id),
+            // A connected node's last heartbeat; else what was stored.
+            last_seen: link
+                .and_then(|l| chrono::Duration::from_std(l.last_seen.elapsed()).ok())
+                .map(|ago| Utc::now() - ago)
+                .or(record.last_seen),
+            running,
+            jobs,
+            tasks_ok: record.tasks_ok,
+            tasks_failed: record.tasks_failed,
+            tasks_lost: record.tasks_lost,
+            hostname: record.hostname.clone(),
+            version: record.version.clone(),
+            server: link.and(record.server.clone()),
+        }
+    }
+
+    /// Every node ever seen, connected or not.
+    pub async fn list(&self) -> CoreResult<Vec<Node>> {
+        let records = self.inner.store.list_nodes().await?;
+        Ok(records.iter().map(|r| self.view(r)).collect())
+    }
+
+    pub async fn get(&self, id: &str) -> CoreResult<Node> {
+        let record = self
+            .record(id)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("node '{id}'")))?;
+        Ok(self.view(&record))
+    }
+
+    /// Ids of the blacklisted nodes.
+    pub fn blacklisted(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock().blacklisted.iter().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Stops giving the node new tasks (running ones go on).
+    pub async fn blacklist(&self, id: &str) -> CoreResult<Node> {
+        self.set_blacklisted(id, true).await
+    }
+
+    pub async fn whitelist(&self, id: &str) -> CoreResult<Node> {
+        self.set_blacklisted(id, false).await
+    }
+
+    async fn set_blacklisted(&self, id: &str, on: bool) -> CoreResult<Node> {
+        let mut record = self
+            .record(id)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("node '{id}'")))?;
+        record.blacklisted = on;
+        {
+            let mut state = self.lock();
+            if on {
+                state.blacklisted.insert(id.to_owned());
+            } else {
+                state.blacklisted.remove(id);
+            }
+        }
+        let kind = if on {
+            "node.blacklisted"
+        } else {
+            "node.whitelisted"
+        };
+        self.put_node(&record, Some(kind)).await?;
+        self.inner.kick.notify_one();
+        Ok(self.view(&record))
+    }
+
+    /// Sets how many tasks a node runs at once (until it reconnects with its own).
+    pub async fn set_slots(&self, id: &str, slots: u32) -> CoreResult<Node> {
+        let mut record = self
+            .record(id)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("node '{id}'")))?;
+        record.slots = slots;
+        if let Some(link) = self.lock().links.get_mut(id) {
+            link.slots = slots;
+        }
+        self.put_node(&record, Some("node.changed")).await?;
+        self.inner.kick.notify_one();
+        Ok(self.view(&record))
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Jobs
+    // -----------------------------------------------------------------------------------
+
+    /// Queues a fan-out job: one map task per input, a reduce after them if asked.
+    pub async fn submit(
+        &self,
+        request: FanoutRequest,
+        submitted_by: Option<String>,
+    ) -> CoreResult<Job> {
+        let catalog = self.inner.scripts.catalog();
+        let map = catalog
+            .get(&request.map)
+            .ok_or_else(|| CoreError::UnknownScript(request.map.clone()))?;
+        if let Some(reduce) = &request.reduce {
+            catalog
+                .get(reduce)
+                .ok_or_else(|| CoreError::UnknownScript(reduce.clone()))?;
+        }
+        Jobs::check_params(&map, &request.params)?;
+        if request.inputs.is_empty() {
+            return Err(CoreError::Invalid(
+                "a fan-out job needs at least one input".into(),
+            ));
+        }
+        if request.inputs.len() > MAX_INPUTS {
+            return Err(CoreError::Invalid(format!(
+                "at most {MAX_INPUTS} inputs per job, not {}",
+                request.inputs.len()
+            )));
+        }
+        if let Some(input) = request.inputs.iter().find(|i| i.contains('\0')) {
+            return Err(CoreError::Invalid(format!(
+                "input {input:?} holds a NUL byte, which an environment variable cannot carry"
+            )));
+        }
+        if let Some(node) = &request.node {
+            check_node_id(node)?;
+        }
+        let name = self.inner.jobs.new_name(&map.name);
+        let now = Utc::now();
+        let shown: BTreeMap<String, String> = request
+            .params
+            .iter()
+            .map(|(k, v)| {
+                let filtered = map.filtered_params.iter().any(|f| f == k);
+                (
+                    k.clone(),
+                    if filtered {
+                        crate::jobs::FILTERED.into()
+                    } else {
+                        v.clone()
+                    },
+                )
+            })
+            .collect();
+        let spec = JobSpec {
+            name: name.clone(),
+            script: map.name.clone(),
+            filename: map.filename.clone(),
+            params: shown.clone(),
+            output: map.output,
+            lock: false,
+            timeout_secs: map.timeout_secs,
+            submitted_by: submitted_by.clone(),
+            created_at: now,
+        };
+        let mut fanout = Fanout {
+            inputs: request.inputs.clone(),
+            reduce: request.reduce.clone(),
+            labels: request.labels.clone(),
+            node: request.node.clone(),
+            max_failures: request
+                .max_failures
+                .unwrap_or(self.inner.config.max_failures),
+            failures: 0,
+            progress: Vec::new(),
+            params: request.params.clone(),
+        };
+        let base = now.timestamp_millis().max(0) * 100_000;
+        let tasks: Vec<TaskRecord> = request
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| TaskRecord {
+                task: Task {
+                    job: name.clone(),
+                    id: format!("map:{i}"),
+                    phase: "map".into(),
+                    index: i as u32,
+                    input: Some(input.clone()),
+                    state: TaskState::Queued,
+                    node: None,
+                    attempts: 0,
+                    exit_code: None,
+                    reason: None,
+                    started_at: None,
+                    finished_at: None,
+                    results: Vec::new(),
+                },
+                seq: base + i as i64,
+                excluded: Vec::new(),
+            })
+            .collect();
+        fanout.progress = progress(&tasks, fanout.reduce.is_some());
+        let mut record = JobRecord {
+            name: name.clone(),
+            script: map.name.clone(),
+            state: JobState::Queued,
+            params: shown,
+            node: request.node.clone(),
+            submitted_by,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            return_values: BTreeMap::new(),
+            results: Vec::new(),
+            spec: serde_json::to_value(&spec).unwrap_or_default(),
+            pid: None,
+        };
+        set_fanout(&mut record, &fanout);
+        std::fs::create_dir_all(self.inner.results_dir.join(&name)).map_err(|source| {
+            CoreError::Io {
+                action: format!("create the results directory of {name}"),
+                source,
+            }
+        })?;
+        self.inner
+            .store
+            .write_tasks(TaskWrite {
+                events: vec![job_event("job.created", &record)],
+                job: Some(record.clone()),
+                insert_job: true,
+                tasks,
+            })
+            .await?;
+        self.inner.kick.notify_one();
+        Ok(to_job(&record))
+    }
+
+    /// Runs one script where `placement` says: one job with one task on the chosen node
+    /// or any node with the labels, or with `all`, one such job per matching node.
+    pub async fn run_on(
+        &self,
+        script: &str,
+        params: BTreeMap<String, String>,
+        placement: &Placement,
+        submitted_by: Option<String>,
+    ) -> CoreResult<Vec<Job>> {
+        let request = |node: Option<String>| FanoutRequest {
+            map: script.to_owned(),
+            inputs: vec![String::new()],
+            reduce: None,
+            params: params.clone(),
+            labels: placement.labels.clone(),
+            node,
+            max_failures: Some(0),
+        };
+        if !placement.all {
+            if let Some(node) = &placement.node {
+                self.get(node).await.map_err(|_| {
+                    CoreError::NotFound(format!("node '{node}' (see opsbox nodes list)"))
+                })?;
+            }
+            return Ok(vec![
+                self.submit(request(placement.node.clone()), submitted_by)
+                    .await?,
+            ]);
+        }
+        let targets: Vec<String> = {
+            let state = self.lock();
+            let mut ids: Vec<String> = state
+                .links
+                .iter()
+                .filter(|(id, link)| {
+                    !state.blacklisted.contains(*id)
+                        && has_labels(&link.labels, &placement.labels)
+                        && placement.node.as_ref().is_none_or(|n| n == *id)
+                        && link.slots > 0
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.sort();
+            ids
+        };
+        if targets.is_empty() {
+            return Err(CoreError::Invalid(
+                "no connected node matches: see opsbox nodes list".into(),
+            ));
+        }
+        let mut jobs = Vec::new();
+        for node in targets {
+            jobs.push(
+                self.submit(request(Some(node)), submitted_by.clone())
+                    .await?,
+            );
+        }
+        Ok(jobs)
+    }
+
+    /// The tasks of a fan-out job, in order.
+    pub async fn tasks(&self, job: &str) -> CoreResult<Vec<Task>> {
+        let record = self
+            .inner
+            .store
+            .get_job(job)
+            .await?
+            .ok_or_else(|| CoreError::UnknownJob(job.to_owned()))?;
+        if record.spec.get("fanout").is_none() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .inner
+            .store
+            .job_tasks(job)
+            .await?
+            .into_iter()
+            .map(|t| t.task)
+            .collect())
+    }
+
+    /// Kills a fan-out job: queued tasks never start, running ones are stopped on their
+    /// nodes. The job is `killed` at once.
+    pub async fn kill(&self, job: &str, by: Option<&str>) -> CoreResult<()> {
+        let _ops = self.inner.ops.lock().await;
+        let Some(mut record) = self.inner.store.get_job(job).await? else {
+            return Err(CoreError::UnknownJob(job.to_owned()));
+        };
+        if record.state.is_terminal() {
+            return Ok(());
+        }
+        let mut fanout = fanout_of(&record)?;
+        let mut tasks = self.inner.store.job_tasks(job).await?;
+        let reason = match by {
+            Some(who) => format!("killed by {who}"),
+            None => "killed".to_owned(),
+        };
+        let changed = self.stop_tasks(&mut tasks, TaskState::Killed, &reason);
+        record.state = JobState::Killed;
+        record.reason = Some(reason);
+        record.finished_at = Some(Utc::now());
+        fanout.progress = progress(&tasks, fanout.reduce.is_some());
+        set_fanout(&mut record, &fanout);
+        record.results = results_in(&self.inner.results_dir.join(job));
+        self.write(record, changed, Vec::new(), "job.finished")
+            .await
+    }
+
+    /// Ends every unfinished task of a job with `state`: queued ones at once, running
+    /// ones after telling their node (or at once when the node is away). Returns those
+    /// changed.
+    fn stop_tasks(
+        &self,
+        tasks: &mut [TaskRecord],
+        state: TaskState,
+        reason: &str,
+    ) -> Vec<TaskRecord> {
+        let links = self.lock();
+        let mut changed = Vec::new();
+        for t in tasks.iter_mut() {
+            match t.task.state {
+                TaskState::Queued => {}
+                TaskState::Running => {
+                    let node = t.task.node.clone().unwrap_or_default();
+                    if let Some(link) = links.links.get(&node) {
+                        let _ = link.tx.send(ServerMessage::Kill {
+                            job: t.task.job.clone(),
+                            task: t.task.id.clone(),
+                        });
+                        // It ends when the node reports it.
+                        continue;
+                    }
+                }
+                _ => continue,
+            }
+            t.task.state = state;
+            t.task.reason = Some(reason.to_owned());
+            t.task.finished_at = Some(Utc::now());
+            changed.push(t.clone());
+        }
+        changed
+    }
+
+    /// One transaction: the job's row, the changed tasks, their events and the job's.
+    async fn write(
+        &self,
+        record: JobRecord,
+        tasks: Vec<TaskRecord>,
+        mut events: Vec<NewEvent>,
+        job_kind: &str,
+    ) -> CoreResult<()> {
+        for t in &tasks {
+            events.push(NewEvent::new(
+                &format!("task.{}", t.task.state.as_str()),
+                &t.task.job,
+                serde_json::to_value(&t.task).unwrap_or_default(),
+            ));
+        }
+        events.push(job_event(job_kind, &record));
+        match self
+            .inner
+            .store
+            .write_tasks(TaskWrite {
+                job: Some(record),
+                insert_job: false,
+                tasks,
+                events,
+            })
+            .await
+        {
+            // Cleaned meanwhile: nothing left to record.
+            Err(StoreError::NotFound(_)) => Ok(()),
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Scheduling
+    // -----------------------------------------------------------------------------------
+
+    /// Places what can be placed of the queued tasks.
+    async fn dispatch(&self) -> CoreResult<()> {
+        let _ops = self.inner.ops.lock().await;
+        let queued = self.inner.store.tasks_in(&[TaskState::Queued]).await?;
+        if queued.is_empty() {
+            return Ok(());
+        }
+        // Round robin between jobs, oldest job first within a round.
+        let mut per_job: Vec<(String, std::collections::VecDeque<TaskRecord>)> = Vec::new();
+        for task in queued {
+            match per_job.iter_mut().find(|(job, _)| *job == task.task.job) {
+                Some((_, list)) => list.push_back(task),
+                None => per_job.push((task.task.job.clone(), [task].into())),
+            }
+        }
+        let mut records: HashMap<String, (JobRecord, Fanout)> = HashMap::new();
+        for (job, _) in &per_job {
+            if let Some(record) = self.inner.store.get_job(job).await? {
+                if let Ok(fanout) = fanout_of(&record) {
+                    records.insert(job.clone(), (record, fanout));
+                }
+            }
+        }
+        let mut placed_any = true;
+        while placed_any {
+            placed_any = false;
+            for (job, list) in per_job.iter_mut() {
+                let Some(task) = list.front() else { continue };
+                let Some((record, fanout)) = records.get(job) else {
+                    list.clear();
+                    continue;
+                };
+                if record.state.is_terminal() {
+                    list.clear();
+                    continue;
+                }
+                let Some(node) = self.choose(task, fanout) else {
+                    // Nothing fits this job's next task now; its others need the same.
+                    list.clear();
+                    continue;
+                };
+                let task = list.pop_front().expect("front exists");
+                let (record, fanout) = records.get_mut(job).expect("loaded above");
+                self.place(record, fanout, task, &node).await?;
+                placed_any = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// The node for a task now, if any has room.
+    fn choose(&self, task: &TaskRecord, fanout: &Fanout) -> Option<String> {
+        let state = self.lock();
+        let fits = |id: &String, link: &Link| {
+            !state.blacklisted.contains(id)
+                && has_labels(&link.labels, &fanout.labels)
+                && fanout.node.as_ref().is_none_or(|n| n == id)
+        };
+        let free = |link: &Link| (link.running.len() as u32) < link.slots;
+        let load = |link: &Link| link.running.len() as f64 / link.slots.max(1) as f64;
+        let pick = |allow_excluded: bool| {
+            state
+                .links
+                .iter()
+                .filter(|(id, link)| {
+                    fits(id, link) && free(link) && (allow_excluded || !task.excluded.contains(id))
+                })
+                .min_by(|a, b| load(a.1).total_cmp(&load(b.1)).then(a.0.cmp(b.0)))
+                .map(|(id, _)| id.clone())
+        };
+        // A node that failed this task is used again only when no other fitting node
+        // exists at all (busy or not).
+        let others_exist = state
+            .links
+            .iter()
+            .any(|(id, link)| fits(id, link) && !task.excluded.contains(id));
+        pick(false).or_else(|| if others_exist { None } else { pick(true) })
+    }
+
+    /// Sends a task to a node and records it running.
+    async fn place(
+        &self,
+        record: &mut JobRecord,
+        fanout: &mut Fanout,
+        mut task: TaskRecord,
+        node: &str,
+    ) -> CoreResult<()> {
+        let message = match self.run_message(record, fanout, &task) {
+            Ok(message) => message,
+            Err(reason) => {
+                // The script vanished (a reload) or its inputs cannot be read: the task
+                // cannot run anywhere, so the job fails.
+                return self.fail_job(record, fanout, task, &reason).await;
+            }
+        };
+        let sent = {
+            let mut state = self.lock();
+            match state.links.get_mut(node) {
+                Some(link) => {
+                    link.running.insert(key(&task.task.job, &task.task.id));
+                    link.tx.send(message).is_ok()
+                }
+                None => false,
+            }
+        };
+        if !sent {
+            return Ok(());
+        }
+        task.task.state = TaskState::Running;
+        task.task.node = Some(node.to_owned());
+        task.task.attempts += 1;
+        task.task.started_at = Some(Utc::now());
+        task.task.finished_at = None;
+        task.task.exit_code = None;
+        if record.state == JobState::Queued {
+            record.state = JobState::Running;
+            record.started_at = Some(Utc::now());
+        }
+        if fanout.inputs.len() == 1 && fanout.reduce.is_none() {
+            record.node = Some(node.to_owned());
+        }
+        let mut tasks = self.inner.store.job_tasks(&record.name).await?;
+        if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task.task.id) {
+            *t = task.clone();
+        }
+        fanout.progress = progress(&tasks, fanout.reduce.is_some());
+        set_fanout(record, fanout);
+        self.write(record.clone(), vec![task], Vec::new(), "job.progress")
+            .await
+    }
+
+    /// The `Run` message of a task.
+    fn run_message(
+        &self,
+        record: &JobRecord,
+        fanout: &Fanout,
+        task: &TaskRecord,
+    ) -> Result<ServerMessage, String> {
+        let script_name = if task.task.phase == "reduce" {
+            fanout.reduce.clone().unwrap_or_default()
+        } else {
+            record.script.clone()
+        };
+        let script = self
+            .inner
+            .scripts
+            .catalog()
+            .get(&script_name)
+            .ok_or_else(|| format!("script '{script_name}' is no longer in the catalog"))?;
+        let path = self.inner.scripts.dir().join(&script.filename);
+        let program =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let params: BTreeMap<String, String> = fanout
+            .params
+            .iter()
+            .filter(|(k, _)| script.params.iter().any(|p| &p.name == *k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut env = self
+            .inner
+            .jobs
+            .task_environment(&record.name, &script, &params);
+        env.insert("OPSBOX_TASK".into(), task.task.id.clone());
+        if let Some(input) = &task.task.input {
+            env.insert("INPUT".into(), input.clone());
+        }
+        let inputs = if task.task.phase == "reduce" {
+            self.reduce_inputs(&record.name)
+                .map_err(|e| e.to_string())?
+        } else {
+            Vec::new()
+        };
+        Ok(ServerMessage::Run {
+            job: record.name.clone(),
+            task: task.task.id.clone(),
+            script: script.filename.clone(),
+            program: b64().encode(program),
+            env,
+            timeout_secs: script.timeout_secs,
+            inputs,
+        })
+    }
+
+    /// The map outputs, for the reduce task: `map-N.out` and `map-N/...` of each.
+    fn reduce_inputs(&self, job: &str) -> std::io::Result<Vec<FileData>> {
+        let dir = self.inner.results_dir.join(job);
+        let mut files = Vec::new();
+        for file in results_in(&dir) {
+            if file.path.starts_with("map-") {
+                let data = std::fs::read(dir.join(&file.path))?;
+                files.push(FileData {
+                    path: file.path,
+                    data: b64().encode(data),
+                });
+            }
+        }
+        Ok(files)
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Task ends
+    // -----------------------------------------------------------------------------------
+
+    /// Stores a piece of a task's output: in its `.out`/`.err` result file and in the
+    /// job's output (what `jobs log` shows).
+    async fn output(&self, job: &str, task: &str, stream: OutStream, data: &str) -> CoreResult<()> {
+        let Ok(bytes) = b64().decode(data) else {
+            return Ok(());
+        };
+        let suffix = match stream {
+            OutStream::Stdout => "out",
+            OutStream::Stderr => "err",
+        };
+        let dir = self.inner.results_dir.join(job);
+        if dir.is_dir() {
+            let path = dir.join(format!("{}.{suffix}", task.replace(':', "-")));
+            use std::io::Write;
+            if let Ok(mut file) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+            {
+                let _ = file.write_all(&bytes);
+            }
+        }
+        let seq = self.inner.out_seq.fetch_add(1, Ordering::SeqCst);
+        match self
+            .inner
+            .store
+            .append_output(
+                job,
+                vec![LogChunkBytes {
+                    seq,
+                    stream,
+                    data: bytes,
+                }],
+            )
+            .await
+        {
+            Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn finished(&self, node: &str, job: &str, task_id: &str, end: TaskEnd) -> CoreResult<()> {
+        let _ops = self.inner.ops.lock().await;
+        let Some(mut record) = self.inner.store.get_job(job).await? else {
+            return Ok(());
+        };
+        let mut tasks = self.inner.store.job_tasks(job).await?;
+        let Some(index) = tasks.iter().position(|t| t.task.id == task_id) else {
+            return Ok(());
+        };
+        if tasks[index].task.state != TaskState::Running
+            || tasks[index].task.node.as_deref() != Some(node)
+        {
+            // A report about an attempt that was already settled (lost, then found).
+            return Ok(());
+        }
+        let success = end.exit_code == Some(0) && !end.killed && end.signal.is_none();
+        let saved = self.save_results(job, task_id, &end.results);
+        let mut counters = self.record(node).await?.unwrap_or_default();
+        if success {
+            counters.tasks_ok += 1;
+        } else {
+            counters.tasks_failed += 1;
+        }
+        if !counters.id.is_empty() {
+            self.put_node(&counters, None).await?;
+        }
+        let mut fanout = fanout_of(&record)?;
+        let t = &mut tasks[index];
+        t.task.exit_code = end.exit_code;
+        t.task.finished_at = Some(Utc::now());
+        t.task.results = saved;
+        t.task.reason = end.reason.clone();
+        if record.state.is_terminal() {
+            t.task.state = if end.killed {
+                TaskState::Killed
+            } else if success {
+                TaskState::Succeeded
+            } else {
+                TaskState::Failed
+            };
+            let changed = vec![t.clone()];
+            fanout.progress = progress(&tasks, fanout.reduce.is_some());
+            set_fanout(&mut record, &fanout);
+            return self
+                .write(record, changed, Vec::new(), "job.progress")
+                .await;
+        }
+        if success {
+            t.task.state = TaskState::Succeeded;
+            let mut changed = vec![t.clone()];
+            let maps_done = tasks
+                .iter()
+                .filter(|t| t.task.phase == "map")
+                .all(|t| t.task.state == TaskState::Succeeded);
+            let has_reduce = tasks.iter().any(|t| t.task.phase == "reduce");
+            if maps_done && fanout.reduce.is_some() && !has_reduce {
+                let reduce = TaskRecord {
+                    task: Task {
+                        job: job.to_owned(),
+                        id: "reduce:0".into(),
+                        phase: "reduce".into(),
+                        index: 0,
+                        input: None,
+                        state: TaskState::Queued,
+                        node: None,
+                        attempts: 0,
+                        exit_code: None,
+                        reason: None,
+                        started_at: None,
+                        finished_at: None,
+                        results: Vec::new(),
+                    },
+                    seq: tasks.iter().map(|t| t.seq).max().unwrap_or(0) + 1,
+                    excluded: Vec::new(),
+                };
+                tasks.push(reduce.clone());
+                changed.push(reduce);
+                self.inner.kick.notify_one();
+            }
+            let all_done = tasks.iter().all(|t| t.task.state == TaskState::Succeeded);
+            fanout.progress = progress(&tasks, fanout.reduce.is_some());
+            set_fanout(&mut record, &fanout);
+            if all_done {
+                record.state = JobState::Succeeded;
+                record.exit_code = Some(0);
+                record.finished_at = Some(Utc::now());
+                record.results = results_in(&self.inner.results_dir.join(job));
+                return self
+                    .write(record, changed, Vec::new(), "job.finished")
+                    .await;
+            }
+            return self
+                .write(record, changed, Vec::new(), "job.progress")
+                .await;
+        }
+        let reason = end
+            .reason
+            .clone()
+            .unwrap_or_else(|| match (end.exit_code, end.signal) {
+                (Some(code), _) => format!("exit status {code}"),
+                (None, Some(signal)) => format!("killed by signal {signal}"),
+                _ => "failed".into(),
+            });
+        let task = t.clone();
+        self.retry_or_fail(
+            record,
+            fanout,
+            tasks,
+            task,
+            node,
+            &format!("{task_id} failed on {node}: {reason}"),
+        )
+        .await
+    }
+
+    /// A task's node is gone: the attempt counts as failed and is retried elsewhere.
+    async fn lost(&self, job: &str, task_id: &str, node: &str, why: &str) -> CoreResult<()> {
+        let _ops = self.inner.ops.lock().await;
+        if let Some(link) = self.lock().links.get_mut(node) {
+            link.running.remove(&key(job, task_id));
+        }
+        let Some(record) = self.inner.store.get_job(job).await? else {
+            return Ok(());
+        };
+        let mut tasks = self.inner.store.job_tasks(job).await?;
+        let Some(t) = tasks.iter_mut().find(|t| t.task.id == task_id) else {
+            return Ok(());
+        };
+        if t.task.state != TaskState::Running {
+            return Ok(());
+        }
+        if let Some(mut counters) = self.record(node).await? {
+            counters.tasks_lost += 1;
+            self.put_node(&counters, None).await?;
+        }
+        t.task.finished_at = Some(Utc::now());
+        let task = t.clone();
+        let fanout = fanout_of(&record)?;
+        if record.state.is_terminal() {
+            let mut task = task;
+            task.task.state = TaskState::Lost;
+            task.task.reason = Some(why.to_owned());
+            let mut record = record;
+            let mut fanout = fanout;
+            if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task_id) {
+                *t = task.clone();
+            }
+            fanout.progress = progress(&tasks, fanout.reduce.is_some());
+            set_fanout(&mut record, &fanout);
+            return self
+                .write(record, vec![task], Vec::new(), "job.progress")
+                .await;
+        }
+        self.retry_or_fail(
+            record,
+            fanout,
+            tasks,
+            task,
+            node,
+            &format!("{task_id} lost on {node}: {why}"),
+        )
+        .await
+    }
+
+    /// After a failed or lost attempt: queue the task again (away from that node), or,
+    /// past the job's failure limit, fail the job and stop its other tasks.
+    async fn retry_or_fail(
+        &self,
+        mut record: JobRecord,
+        mut fanout: Fanout,
+        mut tasks: Vec<TaskRecord>,
+        mut task: TaskRecord,
+        node: &str,
+        reason: &str,
+    ) -> CoreResult<()> {
+        fanout.failures += 1;
+        if fanout.failures > fanout.max_failures {
+            task.task.state = TaskState::Failed;
+            task.task.reason = Some(reason.to_owned());
+            if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task.task.id) {
+                *t = task.clone();
+            }
+            return self.fail_job(&mut record, &mut fanout, task, reason).await;
+        }
+        task.task.state = TaskState::Queued;
+        task.task.reason = Some(format!("{reason}; retrying"));
+        if !task.excluded.iter().any(|n| n == node) {
+            task.excluded.push(node.to_owned());
+        }
+        if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task.task.id) {
+            *t = task.clone();
+        }
+        fanout.progress = progress(&tasks, fanout.reduce.is_some());
+        set_fanout(&mut record, &fanout);
+        let retried = NewEvent::new(
+            "task.retried",
+            &task.task.job,
+            serde_json::to_value(&task.task).unwrap_or_default(),
+        );
+        // The task's own event is the "retried" one: written as a queued task.
+        self.inner
+            .store
+            .write_tasks(TaskWrite {
+                events: vec![retried, job_event("job.progress", &record)],
+                job: Some(record),
+                insert_job: false,
+                tasks: vec![task],
+            })
+            .await
+            .or_else(|e| match e {
+                StoreError::NotFound(_) => Ok(Vec::new()),
+                e => Err(e),
+            })?;
+        self.inner.kick.notify_one();
+        Ok(())
+    }
+
+    /// Fails the job because of `task`, and stops its other tasks.
+    async fn fail_job(
+        &self,
+        record: &mut JobRecord,
+        fanout: &mut Fanout,
+        mut task: TaskRecord,
+        reason: &str,
+    ) -> CoreResult<()> {
+        task.task.state = TaskState::Failed;
+        task.task.reason = Some(reason.to_owned());
+        let mut tasks = self.inner.store.job_tasks(&record.name).await?;
+        if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task.task.id) {
+            *t = task.clone();
+        }
+        let mut changed = self.stop_tasks(&mut tasks, TaskState::Killed, "the job failed");
+        changed.push(task);
+        record.state = JobState::Failed;
+        record.reason = Some(if fanout.failures > fanout.max_failures {
+            format!(
+                "{reason} ({} failed attempts, more than the job's max_failures {})",
+                fanout.failures, fanout.max_failures
+            )
+        } else {
+            reason.to_owned()
+        });
+        record.finished_at = Some(Utc::now());
+        record.results = results_in(&self.inner.results_dir.join(&record.name));
+        fanout.progress = progress(&tasks, fanout.reduce.is_some());
+        set_fanout(record, fanout);
+        self.write(record.clone(), changed, Vec::new(), "job.finished")
+            .await
+    }
+
+    /// Writes a task's result files under `<results>/<job>/<phase>-<index>/`.
+    fn save_results(
+        &self,
+        job: &str,
+        task: &str,
+        files: &[FileData],
+    ) -> Vec<opsbox_api::ResultFile> {
+        let dir = self.inner.results_dir.join(job);
+        let prefix = task.replace(':', "-");
+        for file in files {
+            let (Some(relative), Ok(data)) = (safe_relative(&file.path), b64().decode(&file.data))
+            else {
+                tracing::warn!(job, task, path = %file.path, "refused a result file");
+                continue;
+            };
+            let target = dir.join(&prefix).join(relative);
+            if let Some(parent) = target.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            if let Err(e) = std::fs::write(&target, data) {
+                tracing::warn!(job, task, error = %e, "cannot store a result file");
+            }
+        }
+        results_in(&dir)
+            .into_iter()
+            .filter(|f| {
+                f.path.starts_with(&format!("{prefix}/"))
+                    || f.path.starts_with(&format!("{prefix}."))
+            })
+            .collect()
+    }
+}
+
+/// What a node reported about a task's end.
+struct TaskEnd {
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    reason: Option<String>,
+    results: Vec<FileData>,
+    killed: bool,
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+fn job_event(kind: &str, record: &JobRecord) -> NewEvent {
+    NewEvent::new(
+        kind,
+        &record.name,
+        serde_json::to_value(to_job(record)).unwrap_or_default(),
+    )
+}
+
+fn has_labels(node: &[String], wanted: &[String]) -> bool {
+    wanted.iter().all(|w| node.iter().any(|l| l == w))
+}
+
+/// Node ids are names: letters, digits, `.`, `_`, `-`, at most 64.
+pub fn check_node_id(id: &str) -> CoreResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CoreError::Invalid(format!(
+            "invalid node id '{id}': use letters, digits, '.', '_' and '-' (at most 64)"
+        )))
+    }
+}
+
+/// Task counts per phase.
+fn progress(tasks: &[TaskRecord], reduce: bool) -> Vec<PhaseProgress> {
+    let mut phases = vec![PhaseProgress {
+        phase: "map".into(),
+        ..PhaseProgress::default()
+    }];
+    if reduce {
+        phases.push(PhaseProgress {
+            phase: "reduce".into(),
+            total: 1,
+            ..PhaseProgress::default()
+        });
+    }
+    for t in tasks {
+        let Some(p) = phases.iter_mut().find(|p| p.phase == t.task.phase) else {
+            continue;
+        };
+        if t.task.phase == "map" {
+            p.total += 1;
+        }
+        match t.task.state {
+            TaskState::Queued => p.queued += 1,
+            TaskState::Running => p.running += 1,
+            TaskState::Succeeded => p.done += 1,
+            TaskState::Failed | TaskState::Killed | TaskState::Lost => p.failed += 1,
+        }
+    }
+    phases
+}

@@ -1,0 +1,137 @@
+//! The SQLite side of nodes and tasks: the statements behind the node and task methods
+//! of [`Store`](crate::store::Store). Records are JSON documents; the scheduler queries
+//! tasks by state through an index.
+
+use opsbox_api::{Event, TaskState};
+use sqlx::sqlite::SqliteConnection;
+use sqlx::Row;
+
+use super::{insert_event, write_job_batch, SqliteStore};
+use crate::store::{NodeRecord, StoreError, StoreResult, TaskRecord, TaskWrite};
+
+fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+async fn put_task(conn: &mut SqliteConnection, task: &TaskRecord) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO tasks (job, id, seq, state, node, data) VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (job, id) DO UPDATE SET state = excluded.state, node = excluded.node,
+            data = excluded.data",
+    )
+    .bind(&task.task.job)
+    .bind(&task.task.id)
+    .bind(task.seq)
+    .bind(task.task.state.as_str())
+    .bind(&task.task.node)
+    .bind(to_json(task)?)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+impl SqliteStore {
+    pub(super) async fn n_put_node(
+        &self,
+        node: &NodeRecord,
+        event: Option<crate::store::NewEvent>,
+    ) -> StoreResult<()> {
+        let id = node.id.clone();
+        let data = to_json(node)?;
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO nodes (id, data) VALUES (?, ?)
+                     ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+                )
+                .bind(&id)
+                .bind(&data)
+                .execute(&mut *conn)
+                .await?;
+                if let Some(event) = event {
+                    insert_event(conn, &event).await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn n_list_nodes(&self) -> StoreResult<Vec<NodeRecord>> {
+        let rows = sqlx::query("SELECT data FROM nodes ORDER BY id")
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|row| from_json("node", &row.try_get::<String, _>(0)?))
+            .collect()
+    }
+
+    pub(super) async fn n_write_tasks(&self, write: TaskWrite) -> StoreResult<Vec<Event>> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let mut events = Vec::new();
+                let mut pending = write.events;
+                if let Some(job) = &write.job {
+                    // The job's row and all events in one statement batch.
+                    events =
+                        write_job_batch(conn, job, write.insert_job, Vec::new(), pending).await?;
+                    pending = Vec::new();
+                }
+                for task in &write.tasks {
+                    put_task(conn, task).await?;
+                }
+                for event in &pending {
+                    events.push(insert_event(conn, event).await?);
+                }
+                Ok(events)
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn n_job_tasks(&self, job: &str) -> StoreResult<Vec<TaskRecord>> {
+        let rows = sqlx::query("SELECT data FROM tasks WHERE job = ? ORDER BY seq")
+            .bind(job)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|row| from_json("task", &row.try_get::<String, _>(0)?))
+            .collect()
+    }
+
+    pub(super) async fn n_tasks_in(&self, states: &[TaskState]) -> StoreResult<Vec<TaskRecord>> {
+        let mut all = Vec::new();
+        for state in states {
+            let rows = sqlx::query("SELECT data FROM tasks WHERE state = ? ORDER BY seq")
+                .bind(state.as_str())
+                .fetch_all(&self.read)
+                .await?;
+            for row in &rows {
+                all.push(from_json::<TaskRecord>(
+                    "task",
+                    &row.try_get::<String, _>(0)?,
+                )?);
+            }
+        }
+        all.sort_by_key(|t| t.seq);
+        Ok(all)
+    }
+
+    pub(super) async fn n_delete_tasks(&self, job: &str) -> StoreResult<()> {
+        let job = job.to_owned();
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query("DELETE FROM tasks WHERE job = ?")
+                    .bind(&job)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,423 @@
+//! Nodes and fan-out jobs with real processes: `opsbox serve` and several `opsbox agent`s
+//! on loopback, driven through the SDK. The server's own node takes no fan-out tasks
+//! here (`--local-slots 0`), so every task crosses the agent protocol.
+
+mod serving;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use opsbox_api::{FanoutRequest, JobState, Placement, TaskState};
+use opsbox_client::Client;
+use serving::{alive, free_port};
+
+/// A child process killed when dropped (a server or an agent).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    server: Proc,
+    client: Client,
+}
+
+fn scripts(dir: &Path) -> PathBuf {
+    let scripts = dir.join("scripts");
+    std::fs::create_dir_all(&scripts).unwrap();
+    let write = |name: &str, body: &str| {
+        let path = scripts.join(name);
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    };
+    write(
+        "count.sh",
+        "#!/bin/sh\nn=$(printf '%s\\n' \"$INPUT\" | wc -w)\necho \"$n on $OPSBOX_NODE\"\necho \"$n\" > \"$OPSBOX_RESULTS/n\"\n",
+    );
+    write(
+        "sum.sh",
+        "#!/bin/sh\nt=0\nfor f in \"$OPSBOX_INPUTS_DIR\"/map-*/n; do read -r n < \"$f\"; t=$((t + n)); done\necho \"$t\" > \"$OPSBOX_RESULTS/total\"\necho total $t\n",
+    );
+    // Input "SECONDS [DIR]": writes its pid into DIR (when given), then sleeps.
+    write(
+        "slow.sh",
+        "#!/bin/sh\nset -- $INPUT\n[ -n \"$2\" ] && echo $$ > \"$2/$OPSBOX_NODE-$OPSBOX_TASK\"\nsleep \"$1\"\necho slept on $OPSBOX_NODE\n",
+    );
+    write(
+        "fail.sh",
+        "#!/bin/sh\necho failing on $OPSBOX_NODE >&2\nexit 3\n",
+    );
+    scripts
+}
+
+fn start_server(dir: &Path, port: u16) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data")
+        .arg(dir.join("data"))
+        .arg("--scripts")
+        .arg(dir.join("scripts"))
+        .args(["--local-slots", "0", "--heartbeat-timeout", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+async fn up(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://127.0.0.1:{port}/v1/info"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "opsbox serve did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        scripts(dir.path());
+        std::fs::create_dir_all(dir.path().join("pids")).unwrap();
+        let port = free_port();
+        let server = start_server(dir.path(), port);
+        up(port).await;
+        let client = Client::builder(format!("http://127.0.0.1:{port}"))
+            .build()
+            .unwrap();
+        Cluster {
+            dir,
+            port,
+            server,
+            client,
+        }
+    }
+
+    fn pids(&self) -> PathBuf {
+        self.dir.path().join("pids")
+    }
+
+    /// Starts an agent and waits until the server lists it connected.
+    async fn agent(&self, id: &str, labels: &str, slots: u32) -> Proc {
+        let child = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+            .args([
+                "agent",
+                "--server",
+                &format!("http://127.0.0.1:{}", self.port),
+            ])
+            .args(["--node-id", id, "--slots", &slots.to_string()])
+            .args(["--labels", labels])
+            .arg("--work-dir")
+            .arg(self.dir.path().join(format!("work-{id}")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let agent = Proc(child);
+        self.until_connected(id, true).await;
+        agent
+    }
+
+    async fn until_connected(&self, id: &str, connected: bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(node) = self.client.node(id).await {
+                if node.connected == connected {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} never became connected={connected}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn submit(
+        &self,
+        map: &str,
+        inputs: Vec<String>,
+        reduce: Option<&str>,
+        labels: &[&str],
+    ) -> String {
+        let job = self
+            .client
+            .submit(&FanoutRequest {
+                map: map.into(),
+                inputs,
+                reduce: reduce.map(str::to_owned),
+                labels: labels.iter().map(|l| l.to_string()).collect(),
+                ..FanoutRequest::default()
+            })
+            .await
+            .unwrap();
+        job.name
+    }
+
+    async fn finished(&self, job: &str) -> opsbox_api::Job {
+        let response = self
+            .client
+            .wait(job, Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(response.done, "{job} did not end: {:?}", response.job);
+        response.job
+    }
+
+    /// Waits until a task of `job` runs on `node`.
+    async fn until_running_on(&self, job: &str, node: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let tasks = self.client.tasks(job).await.unwrap();
+            if tasks
+                .iter()
+                .any(|t| t.state == TaskState::Running && t.node.as_deref() == Some(node))
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no task of {job} ran on {node}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_over_100_inputs_with_a_reduce_runs_only_on_labelled_nodes() {
+    let cluster = Cluster::start().await;
+    let _a = cluster.agent("batch-1", "linux,batch", 4).await;
+    let _b = cluster.agent("batch-2", "linux,batch", 4).await;
+    let _c = cluster.agent("web-1", "linux,web", 4).await;
+    // Input i has i+1 words: 100 inputs, 5050 words.
+    let inputs: Vec<String> = (0..100).map(|i| vec!["w"; i + 1].join(" ")).collect();
+    let job = cluster
+        .submit("count", inputs, Some("sum"), &["batch"])
+        .await;
+    let done = cluster.finished(&job).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert_eq!(done.progress[0].done, 100);
+    assert_eq!(done.progress[1].done, 1);
+    let tasks = cluster.client.tasks(&job).await.unwrap();
+    assert_eq!(tasks.len(), 101);
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for task in &tasks {
+        assert_eq!(task.state, TaskState::Succeeded);
+        *per_node.entry(task.node.clone().unwrap()).or_default() += 1;
+    }
+    assert!(!per_node.contains_key("web-1"), "{per_node:?}");
+    assert!(
+        per_node.get("batch-1").copied().unwrap_or(0) > 10,
+        "{per_node:?}"
+    );
+    assert!(
+        per_node.get("batch-2").copied().unwrap_or(0) > 10,
+        "{per_node:?}"
+    );
+    let total = cluster
+        .client
+        .download_result(&job, "reduce-0/total")
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&total).trim(), "5050");
+    // Each map task's stdout is its own result file and part of the job's log.
+    let out = cluster
+        .client
+        .download_result(&job, "map-9.out")
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("10 on batch-"));
+    let log = cluster.client.log(&job).await.unwrap();
+    assert!(
+        log.stdout.iter().any(|l| l == "total 5050"),
+        "{:?}",
+        log.stdout
+    );
+    let nodes = cluster.client.nodes().await.unwrap();
+    let web = nodes.iter().find(|n| n.id == "web-1").unwrap();
+    assert_eq!(web.tasks_ok, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_of_an_agent_killed_mid_task_is_retried_elsewhere() {
+    let cluster = Cluster::start().await;
+    let mut doomed = cluster.agent("doomed", "linux", 1).await;
+    let job = cluster.submit("slow", vec!["2".into()], None, &[]).await;
+    cluster.until_running_on(&job, "doomed").await;
+    let _b = cluster.agent("survivor", "linux", 1).await;
+    doomed.kill9();
+    let done = cluster.finished(&job).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let task = &cluster.client.tasks(&job).await.unwrap()[0];
+    assert_eq!(task.node.as_deref(), Some("survivor"));
+    assert_eq!(task.attempts, 2);
+    let doomed = cluster.client.node("doomed").await.unwrap();
+    assert!(!doomed.connected);
+    assert_eq!(doomed.tasks_lost, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_failures_fail_the_job_and_a_blacklisted_node_gets_nothing() {
+    let cluster = Cluster::start().await;
+    let _a = cluster.agent("n1", "linux", 2).await;
+    let _b = cluster.agent("n2", "linux", 2).await;
+    let job = cluster
+        .client
+        .submit(&FanoutRequest {
+            map: "fail".into(),
+            inputs: vec!["x".into()],
+            max_failures: Some(1),
+            ..FanoutRequest::default()
+        })
+        .await
+        .unwrap();
+    let done = cluster.finished(&job.name).await;
+    assert_eq!(done.state, JobState::Failed);
+    let reason = done.reason.unwrap();
+    assert!(
+        reason.contains("exit status 3") && reason.contains("max_failures 1"),
+        "{reason}"
+    );
+    let task = &cluster.client.tasks(&job.name).await.unwrap()[0];
+    // The retry went to the other node.
+    assert_eq!(task.attempts, 2);
+
+    cluster.client.blacklist("n1", true).await.unwrap();
+    let inputs: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    let job = cluster.submit("count", inputs, None, &[]).await;
+    assert_eq!(cluster.finished(&job).await.state, JobState::Succeeded);
+    let tasks = cluster.client.tasks(&job).await.unwrap();
+    assert!(
+        tasks.iter().all(|t| t.node.as_deref() == Some("n2")),
+        "{tasks:?}"
+    );
+    assert!(cluster.client.node("n1").await.unwrap().blacklisted);
+    cluster.client.blacklist("n1", false).await.unwrap();
+    assert!(!cluster.client.node("n1").await.unwrap().blacklisted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_fan_out_job_stops_its_remote_processes() {
+    let cluster = Cluster::start().await;
+    let _a = cluster.agent("k1", "linux", 2).await;
+    let input = format!("60 {}", cluster.pids().display());
+    let job = cluster
+        .submit("slow", vec![input.clone(), input.clone(), input], None, &[])
+        .await;
+    cluster.until_running_on(&job, "k1").await;
+    // Wait for both running tasks to have written their pids.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pids: Vec<i32> = loop {
+        let pids: Vec<i32> = std::fs::read_dir(cluster.pids())
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|t| t.trim().parse().ok())
+            .collect();
+        if pids.len() == 2 {
+            break pids;
+        }
+        assert!(Instant::now() < deadline, "tasks did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let killed = cluster.client.kill(&job).await.unwrap();
+    assert_eq!(killed.state, JobState::Killed);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "task processes outlived the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each task ends killed (the queued one never started).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tasks = cluster.client.tasks(&job).await.unwrap();
+        if tasks.iter().all(|t| t.state == TaskState::Killed) {
+            assert_eq!(tasks.iter().filter(|t| t.attempts == 0).count(), 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "tasks not all killed: {tasks:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_survives_a_server_restart_and_runs_on_chosen_nodes() {
+    let mut cluster = Cluster::start().await;
+    let _a = cluster.agent("r1", "linux,db", 2).await;
+    let _b = cluster.agent("r2", "linux", 2).await;
+    let job = cluster
+        .submit(
+            "slow",
+            vec!["2".into(), "2".into(), "2".into(), "2".into(), "2".into()],
+            None,
+            &[],
+        )
+        .await;
+    cluster.until_running_on(&job, "r1").await;
+    cluster.server.kill9();
+    cluster.server = start_server(cluster.dir.path(), cluster.port);
+    up(cluster.port).await;
+    // The agents come back on their own and carry on.
+    cluster.until_connected("r1", true).await;
+    cluster.until_connected("r2", true).await;
+    let done = cluster.finished(&job).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert_eq!(done.progress[0].done, 5);
+
+    // A single run on a chosen node, on labels, and on all nodes.
+    let params: BTreeMap<String, String> = BTreeMap::new();
+    let on_db = cluster
+        .client
+        .run_placed(
+            "count",
+            params.clone(),
+            Placement {
+                labels: vec!["db".into()],
+                ..Placement::default()
+            },
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(on_db.job.node.as_deref(), Some("r1"));
+    assert_eq!(on_db.output.unwrap().stdout, vec!["0 on r1"]);
+    let everywhere = cluster
+        .client
+        .run_placed(
+            "count",
+            params,
+            Placement {
+                all: true,
+                ..Placement::default()
+            },
+            true,
+        )
+        .await
+        .unwrap();
+    let mut nodes: Vec<String> = std::iter::once(&everywhere.job)
+        .chain(&everywhere.others)
+        .map(|j| j.node.clone().unwrap())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, vec!["r1", "r2"]);
+}
