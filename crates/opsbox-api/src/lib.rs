@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub mod nodes;
+pub mod paths;
 
 pub use nodes::{
     AgentMessage, FanoutRequest, FileData, Node, NodeList, PhaseProgress, Placement, ServerMessage,

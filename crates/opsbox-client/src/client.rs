@@ -698,10 +698,13 @@ impl Client {
 
     /// A request to `path` (already percent-encoded) with the credentials.
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let request = self
-            .inner
-            .http
-            .request(method, format!("{}{path}", self.inner.base));
+        self.request_url(method, &format!("{}{path}", self.inner.base))
+    }
+
+    /// A request to any URL with this client's credentials and TLS settings: for the
+    /// older APIs a server also speaks (`opsbox disco` uses it for `/disco/...`).
+    pub fn request_url(&self, method: Method, url: &str) -> RequestBuilder {
+        let request = self.inner.http.request(method, url);
         match &self.inner.auth {
             Some(Auth::Basic { user, password }) => request.basic_auth(user, Some(password)),
             Some(Auth::Bearer(token)) => request.bearer_auth(token),
@@ -765,26 +768,7 @@ fn resume_delay(attempt: u32) -> Duration {
     Duration::from_millis(250 * u64::from(attempt.min(8)))
 }
 
-/// Characters kept as they are in a path segment: RFC 3986 "unreserved". Everything
-/// else, including the `@` and `:` of job names and `/`, is percent-encoded.
-const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-/// Percent-encodes one path segment (a script, job, user or token name).
-pub fn encode_segment(segment: &str) -> String {
-    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
-}
-
-/// Percent-encodes a `/`-separated relative path segment by segment, keeping the `/`.
-pub fn encode_path(path: &str) -> String {
-    path.split('/')
-        .map(encode_segment)
-        .collect::<Vec<_>>()
-        .join("/")
-}
+pub use opsbox_api::paths::{encode_path, encode_segment};
 
 fn job_path(name: &str, suffix: &str) -> String {
     format!("/v1/jobs/{}{suffix}", encode_segment(name))

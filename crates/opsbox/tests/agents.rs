@@ -421,3 +421,44 @@ async fn a_job_survives_a_server_restart_and_runs_on_chosen_nodes() {
     nodes.sort();
     assert_eq!(nodes, vec!["r1", "r2"]);
 }
+
+/// `opsbox disco MASTER METHOD [ARG]`, the discoapi command line, against the face.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disco_command_line_waits_lists_and_kills() {
+    let cluster = Cluster::start().await;
+    let _a = cluster.agent("d1", "linux", 2).await;
+    let job = cluster
+        .submit("count", vec!["a b".into(), "c".into()], Some("sum"), &[])
+        .await;
+    let master = format!("disco://127.0.0.1:{}", cluster.port);
+    let disco = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+            .arg("disco")
+            .arg(&master)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = disco(&["wait", &job, "--timeout", "60"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("/results/reduce-0/total"), "{out}");
+    let (code, out, _) = disco(&["jobinfo", &job]);
+    assert_eq!(code, 0);
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["active"], "ready");
+    assert_eq!(info["mapi"], serde_json::json!([0, 0, 2, 0]));
+    let (_, out, _) = disco(&["nodeinfo"]);
+    assert!(out.contains("\"d1\""), "{out}");
+    let (_, out, _) = disco(&["jobspec", &job]);
+    assert!(out.contains("\"prefix\": \"count\""), "{out}");
+    let (code, out, _) = disco(&["kill", "nosuch@1"]);
+    assert_eq!((code, out.trim()), (0, "\"\""));
+    let (code, _, err) = disco(&["wait", "nosuch@1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown job"), "{err}");
+}

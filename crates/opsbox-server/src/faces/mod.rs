@@ -3,10 +3,12 @@
 //! - [`nodes`]: nodes, fan-out jobs and the agents' WebSocket (`/v1/nodes`, `/v1/agent`);
 //! - [`queues`]: the native message queue API (`/v1/queues`, `/v1/messages`);
 //! - [`scirocco`]: scirocco-server's queue API, both client generations;
+//! - [`disco`]: the Disco master's `/disco/...` API, for discoapi-style callers;
 //! - [`jojo`]: Pyjojo's script API, for PyMoJo and friends;
 //! - [`jsonrpc`]: JSON-RPC 2.0 over HTTP and WebSocket at `/rpc`;
 //! - [`jrpc`]: py-jrpc's `POST /` and `GET /{name}`, for SimpleTCPClient and curl.
 
+pub mod disco;
 pub mod jojo;
 pub mod jrpc;
 pub mod jsonrpc;

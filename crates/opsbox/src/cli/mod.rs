@@ -2,6 +2,7 @@
 //! server, which credentials, JSON or human output), then one module per command group
 //! does the work through the SDK.
 
+mod disco;
 mod identity;
 mod jobs;
 mod nodes;
@@ -86,6 +87,9 @@ enum Command {
     /// Nodes: list, info, blacklist, whitelist.
     #[command(subcommand)]
     Nodes(nodes::NodesCommand),
+    /// The discoapi command line: `opsbox disco disco://HOST:PORT METHOD [ARG]`
+    /// (nodeinfo, joblist, jobinfo, results, jobspec, wait, kill, clean, purge, events...).
+    Disco(disco::DiscoArgs),
     /// List, show and run scripts.
     #[command(subcommand)]
     Scripts(scripts::ScriptsCommand),
@@ -171,6 +175,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match command {
         Command::Serve(_) | Command::Agent(_) => Ok(0),
         Command::Nodes(command) => nodes::run(&ctx, command).await,
+        Command::Disco(args) => disco::run(&ctx, args).await,
         Command::Scripts(command) => scripts::run(&ctx, command).await,
         Command::Jobs(command) => jobs::run(&ctx, command).await,
         Command::Watch(args) => watch::run(&ctx, args).await,

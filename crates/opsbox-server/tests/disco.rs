@@ -1,0 +1,363 @@
+//! The Disco master face over a real socket: every endpoint with the shapes of the wire
+//! reference (E4 plus the E1 shims), against jobs that really run on the local node.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, write_script, TestServer};
+use serde_json::{json, Value};
+
+async fn get(server: &TestServer, path: &str) -> (u16, Value) {
+    let r = client().get(server.url(path)).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(server: &TestServer, path: &str, body: Value) -> (u16, Value) {
+    let r = client()
+        .post(server.url(path))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn server() -> TestServer {
+    let server = TestServer::start().await;
+    write_script(
+        &server.scripts,
+        "words.sh",
+        "# description: count words",
+        "n=$(printf '%s\\n' \"$INPUT\" | wc -w)\necho \"$n\" > \"$OPSBOX_RESULTS/n\"\necho $n",
+    );
+    write_script(
+        &server.scripts,
+        "total.sh",
+        "# description: add counts",
+        "t=0\nfor f in \"$OPSBOX_INPUTS_DIR\"/map-*/n; do read -r n < \"$f\"; t=$((t + n)); done\necho $t > \"$OPSBOX_RESULTS/total\"",
+    );
+    client()
+        .post(server.url("/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    server
+}
+
+async fn fan_out(server: &TestServer) -> String {
+    let (status, job) = post(
+        server,
+        "/v1/jobs",
+        json!({"map": "words", "inputs": ["a b", "c d e"], "reduce": "total"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{job}");
+    job["name"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn jobs_are_listed_described_and_their_results_long_polled() {
+    let server = server().await;
+    let name = fan_out(&server).await;
+    assert!(name.starts_with("words@"), "{name}");
+
+    // Long-poll: returns once the active job ends (or at the timeout).
+    let mut answer = Value::Null;
+    for _ in 0..20 {
+        let (status, a) = post(
+            &server,
+            "/disco/ctrl/get_results",
+            json!([2000, [name, "nosuch@1"]]),
+        )
+        .await;
+        assert_eq!(status, 200);
+        answer = a;
+        if answer[0][1][0] == "ready" {
+            break;
+        }
+    }
+    assert_eq!(answer[0][0], name);
+    assert_eq!(answer[0][1][0], "ready", "{answer}");
+    let results = answer[0][1][1].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{answer}");
+    // E4: a list of replica lists, each an http URL the client can fetch as it is.
+    let url = results[0][0].as_str().unwrap();
+    assert!(url.ends_with("/results/reduce-0/total"), "{url}");
+    let total = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(total.trim(), "5");
+    assert_eq!(answer[1], json!(["nosuch@1", ["unknown job", []]]));
+
+    // E1 form: GET with the name unescaped in the query.
+    let r = client()
+        .get(format!(
+            "{}/disco/ctrl/get_results?name={name}",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    let e1: Value = r.json().await.unwrap();
+    assert_eq!(e1[0], "ready");
+    assert!(e1[1][0].as_str().unwrap().ends_with("/reduce-0/total"));
+
+    let (_, list) = get(&server, "/disco/ctrl/joblist").await;
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r[2] == name)
+        .unwrap();
+    assert_eq!(row[1], "ready");
+    assert!(row[0].as_i64().unwrap() > 1_700_000_000);
+    let (_, v1) = get(&server, "/disco/ctrl/joblist?format=v1").await;
+    assert!(v1.as_array().unwrap().iter().any(|r| r[1] == "job_ready"));
+
+    let (status, info) = get(&server, &format!("/disco/ctrl/jobinfo?name={name}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(info["active"], "ready");
+    assert_eq!(info["mapi"], json!([0, 0, 2, 0]));
+    assert_eq!(info["redi"], json!([0, 0, 1, 0]));
+    assert_eq!(info["reduce"], true);
+    assert_eq!(info["inputs"], json!(["a b", "c d e"]));
+    assert_eq!(info["pipeline"][0], json!(["map", 0, 0, 0, 2, 0]));
+    assert_eq!(info["worker"], "words");
+    let timestamp = info["timestamp"].as_str().unwrap();
+    assert_eq!(timestamp.len(), 19, "{timestamp}");
+    assert_eq!(&timestamp[4..5], "/");
+
+    let (status, missing) = get(&server, "/disco/ctrl/jobinfo?name=nosuch@1").await;
+    assert_eq!((status, missing), (404, json!("unknown job")));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn events_parameters_kill_clean_and_submission() {
+    let server = server().await;
+    let name = fan_out(&server).await;
+    post(&server, "/disco/ctrl/get_results", json!([10000, [name]])).await;
+    for _ in 0..50 {
+        let (_, info) = get(&server, &format!("/disco/ctrl/jobinfo?name={name}")).await;
+        if info["active"] != "active" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // rawevents: one JSON array per line; a range at the end gets the whole log.
+    let url = format!("{}/disco/ctrl/rawevents?name={name}", server.base);
+    let full = client().get(&url).send().await.unwrap();
+    assert_eq!(full.status().as_u16(), 200);
+    let body = full.text().await.unwrap();
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0][2], "New job initialized!");
+    assert!(lines.last().unwrap()[2]
+        .as_str()
+        .unwrap()
+        .starts_with("READY: Job finished in"));
+    assert!(lines.iter().any(|l| l[2] == "map:1 done on local"));
+    let at_end = client()
+        .get(&url)
+        .header("Range", format!("bytes={}-", body.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(at_end.status().as_u16(), 200);
+    assert_eq!(at_end.text().await.unwrap(), body);
+    let tail = client()
+        .get(&url)
+        .header("Range", "bytes=5-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tail.status().as_u16(), 206);
+    assert_eq!(tail.text().await.unwrap(), body[5..]);
+    let (_, newest) = get(&server, &format!("/disco/ctrl/jobevents?name={name}&num=1")).await;
+    assert_eq!(newest.as_array().unwrap().len(), 1);
+    assert!(newest[0][2].as_str().unwrap().starts_with("READY"));
+    let (_, filtered) = get(
+        &server,
+        &format!("/disco/ctrl/jobevents?name={name}&filter=ASSIGNED"),
+    )
+    .await;
+    assert_eq!(filtered.as_array().unwrap().len(), 3);
+
+    // parameters: a version 1 job pack whose dict describes the job.
+    let pack = client()
+        .get(format!("{}/disco/ctrl/parameters?name={name}", server.base))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let word = |i: usize| u32::from_be_bytes(pack[i..i + 4].try_into().unwrap()) as usize;
+    assert_eq!(word(0), 0xd5c0_0001);
+    assert_eq!(word(4), 128);
+    let dict: Value = serde_json::from_slice(&pack[word(4)..word(8)]).unwrap();
+    assert_eq!(dict["prefix"], "words");
+    assert_eq!(dict["input"], json!(["a b", "c d e"]));
+    assert_eq!(dict["reduce?"], true);
+    assert_eq!(&pack[word(12)..word(12) + 4], b"PK\x05\x06");
+
+    // Control: "" for everything, unknown names included; clean forgets the job.
+    assert_eq!(
+        post(&server, "/disco/ctrl/kill_job", json!("nosuch@1")).await,
+        (200, json!(""))
+    );
+    assert_eq!(
+        post(&server, "/disco/ctrl/clean_job", json!(name)).await,
+        (200, json!(""))
+    );
+    let (_, after) = post(&server, "/disco/ctrl/get_results", json!([0, [name]])).await;
+    assert_eq!(after[0][1][0], "unknown job");
+    let (status, _) = post(&server, "/disco/ctrl/kill_job", json!(["not a string"])).await;
+    assert_eq!(status, 400);
+
+    // Submissions: a job pack gets the E3+ JSON error, a netstring the E1 text one;
+    // both name the opsbox way.
+    let r = client()
+        .post(server.url("/disco/job/new"))
+        .body(vec![0xd5, 0xc0, 0, 1])
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer[0], "error");
+    assert!(answer[1].as_str().unwrap().contains("opsbox jobs submit"));
+    let r = client()
+        .post(server.url("/disco/job/new"))
+        .body("12\n4 name 3 x@1\n")
+        .send()
+        .await
+        .unwrap();
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .starts_with("ERROR: opsbox runs scripts"));
+
+    // A running job: killed, then dead with its record kept.
+    let (_, job) = post(
+        &server,
+        "/v1/jobs",
+        json!({"map": "sleepy", "inputs": ["x"], "params": {"secs": "30"}}),
+    )
+    .await;
+    let sleepy = job["name"].as_str().unwrap().to_owned();
+    for _ in 0..100 {
+        let (_, info) = get(&server, &format!("/disco/ctrl/jobinfo?name={sleepy}")).await;
+        if info["mapi"][1] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        post(&server, "/disco/ctrl/kill_job", json!(sleepy)).await,
+        (200, json!(""))
+    );
+    let (_, dead) = post(&server, "/disco/ctrl/get_results", json!([0, [sleepy]])).await;
+    assert_eq!(dead[0][1], json!(["dead", []]));
+    let (_, events) = get(&server, &format!("/disco/ctrl/jobevents?name={sleepy}")).await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e[2] == "WARN: Job killed"),
+        "{events}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn nodes_blacklist_config_and_settings() {
+    let server = server().await;
+    let (_, version) = get(&server, "/disco/version").await;
+    assert_eq!(version, "0.5.4");
+    let (_, info) = get(&server, "/disco/ctrl/nodeinfo").await;
+    assert_eq!(info["local"]["connected"], true);
+    assert_eq!(info["local"]["blacklisted"], false);
+    assert!(info["local"]["max_workers"].as_u64().unwrap() >= 2);
+    let (_, v1) = get(&server, "/disco/ctrl/nodeinfo?format=v1").await;
+    assert_eq!(v1["available"][0]["node"], "local");
+    assert!(v1["active"].as_array().unwrap().is_empty());
+
+    assert_eq!(
+        post(&server, "/disco/ctrl/blacklist", json!("local")).await,
+        (200, json!(""))
+    );
+    assert_eq!(
+        get(&server, "/disco/ctrl/get_blacklist").await.1,
+        json!(["local"])
+    );
+    assert_eq!(
+        get(&server, "/disco/ctrl/nodeinfo").await.1["local"]["blacklisted"],
+        true
+    );
+    assert_eq!(
+        post(&server, "/disco/ctrl/whitelist", json!("local")).await,
+        (200, json!(""))
+    );
+    assert_eq!(get(&server, "/disco/ctrl/get_blacklist").await.1, json!([]));
+    assert_eq!(
+        post(&server, "/disco/ctrl/blacklist", json!("nosuch")).await,
+        (200, json!(""))
+    );
+
+    assert_eq!(
+        post(
+            &server,
+            "/disco/ctrl/save_config_table",
+            json!([["local", "3"]])
+        )
+        .await,
+        (200, json!("table saved!"))
+    );
+    assert_eq!(
+        get(&server, "/disco/ctrl/load_config_table").await.1,
+        json!([["local", "3"]])
+    );
+    assert_eq!(
+        post(
+            &server,
+            "/disco/ctrl/save_config_table",
+            json!([["local", "3"], ["local", "4"]])
+        )
+        .await,
+        (400, json!("duplicate nodes"))
+    );
+    let (status, unknown) = post(
+        &server,
+        "/disco/ctrl/save_config_table",
+        json!([["ghost", "1"]]),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(unknown.as_str().unwrap().contains("opsbox agent"));
+
+    assert_eq!(
+        get(&server, "/disco/ctrl/get_settings").await.1["max_failure_rate"],
+        3
+    );
+    let (status, _) = post(
+        &server,
+        "/disco/ctrl/save_settings",
+        json!({"max_failure_rate": "10"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    server.shutdown().await;
+}
