@@ -125,7 +125,8 @@ async fn session(
     }
     let connector = config.insecure.then(insecure_connector);
     let (socket, _) =
-        tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
+        // Nagle off: task output and ends are small messages that must not wait.
+        tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(response)

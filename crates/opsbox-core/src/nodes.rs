@@ -50,6 +50,9 @@ use crate::store::{
 /// Inputs a fan-out job may have.
 pub const MAX_INPUTS: usize = 100_000;
 
+/// Inputs a job's record shows (as Disco's jobinfo did); its tasks hold all of them.
+const SHOWN_INPUTS: usize = 100;
+
 /// Limits and defaults of the nodes service.
 #[derive(Debug, Clone)]
 pub struct NodesConfig {
@@ -86,7 +89,11 @@ impl NodesConfig {
 /// What a fan-out job keeps in its spec (`spec.fanout`), beyond [`JobSpec`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Fanout {
+    /// The first [`SHOWN_INPUTS`] inputs (each task keeps its own).
     inputs: Vec<String>,
+    /// Map tasks.
+    #[serde(default)]
+    total: u32,
     #[serde(default)]
     reduce: Option<String>,
     #[serde(default)]
@@ -158,6 +165,9 @@ struct State {
     /// Since when a node with running tasks has been away (restart: since the start).
     away: HashMap<String, Instant>,
     blacklisted: HashSet<String>,
+    /// Task outcomes per node (ok, failed, lost) not yet added to its stored record:
+    /// the sweep writes them, so a task's end costs no extra write.
+    counters: HashMap<String, [u64; 3]>,
 }
 
 /// One agent connection, from [`Nodes::connect`].
@@ -500,6 +510,8 @@ impl Nodes {
                 if let Some(link) = self.lock().links.get_mut(node_id) {
                     link.running.remove(&key(&job, &task));
                 }
+                // A slot is free: the scheduler can place the next task.
+                self.inner.kick.notify_one();
                 let end = TaskEnd {
                     exit_code,
                     signal,
@@ -515,6 +527,7 @@ impl Nodes {
     /// Disconnects nodes that stopped beating and loses the tasks of nodes away for
     /// longer than the heartbeat timeout.
     async fn sweep(&self) -> CoreResult<()> {
+        self.flush_counters().await?;
         let timeout = self.inner.config.heartbeat_timeout;
         let silent: Vec<(String, u64)> = self
             .lock()
@@ -562,6 +575,25 @@ impl Nodes {
     // Node list
     // -----------------------------------------------------------------------------------
 
+    /// Counts a task outcome of a node: 0 ok, 1 failed, 2 lost.
+    fn count(&self, node: &str, outcome: usize) {
+        self.lock().counters.entry(node.to_owned()).or_default()[outcome] += 1;
+    }
+
+    /// Adds the counted outcomes to the stored node records.
+    async fn flush_counters(&self) -> CoreResult<()> {
+        let pending: Vec<(String, [u64; 3])> = self.lock().counters.drain().collect();
+        for (node, [ok, failed, lost]) in pending {
+            if let Some(mut record) = self.record(&node).await? {
+                record.tasks_ok += ok;
+                record.tasks_failed += failed;
+                record.tasks_lost += lost;
+                self.inner.store.put_node(&record, None).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn record(&self, id: &str) -> CoreResult<Option<NodeRecord>> {
         Ok(self
             .inner
@@ -587,6 +619,7 @@ impl Nodes {
     fn view(&self, record: &NodeRecord) -> Node {
         let state = self.lock();
         let link = state.links.get(&record.id);
+        let [ok, failed, lost] = state.counters.get(&record.id).copied().unwrap_or_default();
         let mut running: Vec<String> = link
             .map(|l| l.running.iter().cloned().collect())
             .unwrap_or_default();
@@ -611,9 +644,9 @@ impl Nodes {
                 .or(record.last_seen),
             running,
             jobs,
-            tasks_ok: record.tasks_ok,
-            tasks_failed: record.tasks_failed,
-            tasks_lost: record.tasks_lost,
+            tasks_ok: record.tasks_ok + ok,
+            tasks_failed: record.tasks_failed + failed,
+            tasks_lost: record.tasks_lost + lost,
             hostname: record.hostname.clone(),
             version: record.version.clone(),
             server: link.and(record.server.clone()),
@@ -757,7 +790,8 @@ impl Nodes {
             created_at: now,
         };
         let mut fanout = Fanout {
-            inputs: request.inputs.clone(),
+            inputs: request.inputs.iter().take(SHOWN_INPUTS).cloned().collect(),
+            total: request.inputs.len() as u32,
             reduce: request.reduce.clone(),
             labels: request.labels.clone(),
             node: request.node.clone(),
@@ -1015,7 +1049,16 @@ impl Nodes {
     /// Places what can be placed of the queued tasks.
     async fn dispatch(&self) -> CoreResult<()> {
         let _ops = self.inner.ops.lock().await;
-        let queued = self.inner.store.tasks_in(&[TaskState::Queued]).await?;
+        let free: u32 = self
+            .lock()
+            .links
+            .values()
+            .map(|l| l.slots.saturating_sub(l.running.len() as u32))
+            .sum();
+        if free == 0 {
+            return Ok(());
+        }
+        let queued = self.inner.store.queued_tasks(free).await?;
         if queued.is_empty() {
             return Ok(());
         }
@@ -1035,6 +1078,8 @@ impl Nodes {
                 }
             }
         }
+        // What was started, per job: one write per job and round, not one per task.
+        let mut placed: HashMap<String, Vec<TaskRecord>> = HashMap::new();
         let mut placed_any = true;
         while placed_any {
             placed_any = false;
@@ -1055,8 +1100,16 @@ impl Nodes {
                 };
                 let task = list.pop_front().expect("front exists");
                 let (record, fanout) = records.get_mut(job).expect("loaded above");
-                self.place(record, fanout, task, &node).await?;
+                if let Some(started) = self.place(record, fanout, task, &node).await? {
+                    placed.entry(job.clone()).or_default().push(started);
+                }
                 placed_any = true;
+            }
+        }
+        for (job, tasks) in placed {
+            if let Some((record, _)) = records.remove(&job) {
+                self.write(record, tasks, Vec::new(), "job.progress")
+                    .await?;
             }
         }
         Ok(())
@@ -1091,20 +1144,22 @@ impl Nodes {
         pick(false).or_else(|| if others_exist { None } else { pick(true) })
     }
 
-    /// Sends a task to a node and records it running.
+    /// Sends a task to a node and updates the job for it; returns the task, running, for
+    /// the caller to write (or `None` when it could not be sent).
     async fn place(
         &self,
         record: &mut JobRecord,
         fanout: &mut Fanout,
         mut task: TaskRecord,
         node: &str,
-    ) -> CoreResult<()> {
+    ) -> CoreResult<Option<TaskRecord>> {
         let message = match self.run_message(record, fanout, &task) {
             Ok(message) => message,
             Err(reason) => {
                 // The script vanished (a reload) or its inputs cannot be read: the task
                 // cannot run anywhere, so the job fails.
-                return self.fail_job(record, fanout, task, &reason).await;
+                self.fail_job(record, fanout, task, &reason).await?;
+                return Ok(None);
             }
         };
         let sent = {
@@ -1118,7 +1173,7 @@ impl Nodes {
             }
         };
         if !sent {
-            return Ok(());
+            return Ok(None);
         }
         task.task.state = TaskState::Running;
         task.task.node = Some(node.to_owned());
@@ -1130,17 +1185,17 @@ impl Nodes {
             record.state = JobState::Running;
             record.started_at = Some(Utc::now());
         }
-        if fanout.inputs.len() == 1 && fanout.reduce.is_none() {
+        if fanout.total == 1 && fanout.reduce.is_none() {
             record.node = Some(node.to_owned());
         }
-        let mut tasks = self.inner.store.job_tasks(&record.name).await?;
-        if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task.task.id) {
-            *t = task.clone();
-        }
-        fanout.progress = progress(&tasks, fanout.reduce.is_some());
+        shift(
+            &mut fanout.progress,
+            &task.task.phase,
+            TaskState::Queued,
+            TaskState::Running,
+        );
         set_fanout(record, fanout);
-        self.write(record.clone(), vec![task], Vec::new(), "job.progress")
-            .await
+        Ok(Some(task))
     }
 
     /// The `Run` message of a task.
@@ -1261,114 +1316,106 @@ impl Nodes {
         let Some(mut record) = self.inner.store.get_job(job).await? else {
             return Ok(());
         };
-        let mut tasks = self.inner.store.job_tasks(job).await?;
-        let Some(index) = tasks.iter().position(|t| t.task.id == task_id) else {
+        let Some(mut task) = self.inner.store.get_task(job, task_id).await? else {
             return Ok(());
         };
-        if tasks[index].task.state != TaskState::Running
-            || tasks[index].task.node.as_deref() != Some(node)
-        {
+        if task.task.state != TaskState::Running || task.task.node.as_deref() != Some(node) {
             // A report about an attempt that was already settled (lost, then found).
             return Ok(());
         }
         let success = end.exit_code == Some(0) && !end.killed && end.signal.is_none();
         let saved = self.save_results(job, task_id, &end.results);
-        let mut counters = self.record(node).await?.unwrap_or_default();
-        if success {
-            counters.tasks_ok += 1;
-        } else {
-            counters.tasks_failed += 1;
-        }
-        if !counters.id.is_empty() {
-            self.put_node(&counters, None).await?;
-        }
+        self.count(node, if success { 0 } else { 1 });
         let mut fanout = fanout_of(&record)?;
-        let t = &mut tasks[index];
-        t.task.exit_code = end.exit_code;
-        t.task.finished_at = Some(Utc::now());
-        t.task.results = saved;
-        t.task.reason = end.reason.clone();
+        task.task.exit_code = end.exit_code;
+        task.task.finished_at = Some(Utc::now());
+        task.task.results = saved;
+        task.task.reason = end.reason.clone();
         if record.state.is_terminal() {
-            t.task.state = if end.killed {
+            let state = if end.killed {
                 TaskState::Killed
             } else if success {
                 TaskState::Succeeded
             } else {
                 TaskState::Failed
             };
-            let changed = vec![t.clone()];
-            fanout.progress = progress(&tasks, fanout.reduce.is_some());
+            shift(
+                &mut fanout.progress,
+                &task.task.phase,
+                TaskState::Running,
+                state,
+            );
+            task.task.state = state;
             set_fanout(&mut record, &fanout);
             return self
-                .write(record, changed, Vec::new(), "job.progress")
+                .write(record, vec![task], Vec::new(), "job.progress")
                 .await;
         }
-        if success {
-            t.task.state = TaskState::Succeeded;
-            let mut changed = vec![t.clone()];
-            let maps_done = tasks
-                .iter()
-                .filter(|t| t.task.phase == "map")
-                .all(|t| t.task.state == TaskState::Succeeded);
-            let has_reduce = tasks.iter().any(|t| t.task.phase == "reduce");
-            if maps_done && fanout.reduce.is_some() && !has_reduce {
-                let reduce = TaskRecord {
-                    task: Task {
-                        job: job.to_owned(),
-                        id: "reduce:0".into(),
-                        phase: "reduce".into(),
-                        index: 0,
-                        input: None,
-                        state: TaskState::Queued,
-                        node: None,
-                        attempts: 0,
-                        exit_code: None,
-                        reason: None,
-                        started_at: None,
-                        finished_at: None,
-                        results: Vec::new(),
-                    },
-                    seq: tasks.iter().map(|t| t.seq).max().unwrap_or(0) + 1,
-                    excluded: Vec::new(),
-                };
-                tasks.push(reduce.clone());
-                changed.push(reduce);
-                self.inner.kick.notify_one();
+        if !success {
+            let reason = end
+                .reason
+                .clone()
+                .unwrap_or_else(|| match (end.exit_code, end.signal) {
+                    (Some(code), _) => format!("exit status {code}"),
+                    (None, Some(signal)) => format!("killed by signal {signal}"),
+                    _ => "failed".into(),
+                });
+            let why = format!("{task_id} failed on {node}: {reason}");
+            return self.retry_or_fail(record, fanout, task, node, &why).await;
+        }
+        shift(
+            &mut fanout.progress,
+            &task.task.phase,
+            TaskState::Running,
+            TaskState::Succeeded,
+        );
+        task.task.state = TaskState::Succeeded;
+        let mut changed = vec![task];
+        let phase = |name: &str| fanout.progress.iter().find(|p| p.phase == name).cloned();
+        let maps_done = phase("map").is_some_and(|p| p.done == p.total);
+        let reduce = phase("reduce");
+        let reduce_started = reduce
+            .as_ref()
+            .is_some_and(|p| p.queued + p.running + p.done + p.failed > 0);
+        if maps_done && fanout.reduce.is_some() && !reduce_started {
+            let reduce = TaskRecord {
+                task: Task {
+                    job: job.to_owned(),
+                    id: "reduce:0".into(),
+                    phase: "reduce".into(),
+                    index: 0,
+                    input: None,
+                    state: TaskState::Queued,
+                    node: None,
+                    attempts: 0,
+                    exit_code: None,
+                    reason: None,
+                    started_at: None,
+                    finished_at: None,
+                    results: Vec::new(),
+                },
+                seq: changed[0].seq + i64::from(fanout.total) + 1,
+                excluded: Vec::new(),
+            };
+            if let Some(p) = fanout.progress.iter_mut().find(|p| p.phase == "reduce") {
+                p.queued += 1;
             }
-            let all_done = tasks.iter().all(|t| t.task.state == TaskState::Succeeded);
-            fanout.progress = progress(&tasks, fanout.reduce.is_some());
-            set_fanout(&mut record, &fanout);
-            if all_done {
-                record.state = JobState::Succeeded;
-                record.exit_code = Some(0);
-                record.finished_at = Some(Utc::now());
-                record.results = results_in(&self.inner.results_dir.join(job));
-                return self
-                    .write(record, changed, Vec::new(), "job.finished")
-                    .await;
-            }
+            changed.push(reduce);
+            self.inner.kick.notify_one();
+        }
+        let all_done = fanout.progress.iter().all(|p| p.done == p.total);
+        set_fanout(&mut record, &fanout);
+        if all_done {
+            record.state = JobState::Succeeded;
+            record.exit_code = Some(0);
+            record.finished_at = Some(Utc::now());
+            record.results = results_in(&self.inner.results_dir.join(job));
             return self
-                .write(record, changed, Vec::new(), "job.progress")
+                .write(record, changed, Vec::new(), "job.finished")
                 .await;
         }
-        let reason = end
-            .reason
-            .clone()
-            .unwrap_or_else(|| match (end.exit_code, end.signal) {
-                (Some(code), _) => format!("exit status {code}"),
-                (None, Some(signal)) => format!("killed by signal {signal}"),
-                _ => "failed".into(),
-            });
-        let task = t.clone();
-        self.retry_or_fail(
-            record,
-            fanout,
-            tasks,
-            task,
-            node,
-            &format!("{task_id} failed on {node}: {reason}"),
-        )
-        .await
+        self.write(record, changed, Vec::new(), "job.progress")
+            .await
     }
 
     /// A task's node is gone: the attempt counts as failed and is retried elsewhere.
@@ -1377,78 +1424,67 @@ impl Nodes {
         if let Some(link) = self.lock().links.get_mut(node) {
             link.running.remove(&key(job, task_id));
         }
-        let Some(record) = self.inner.store.get_job(job).await? else {
+        let Some(mut record) = self.inner.store.get_job(job).await? else {
             return Ok(());
         };
-        let mut tasks = self.inner.store.job_tasks(job).await?;
-        let Some(t) = tasks.iter_mut().find(|t| t.task.id == task_id) else {
+        let Some(mut task) = self.inner.store.get_task(job, task_id).await? else {
             return Ok(());
         };
-        if t.task.state != TaskState::Running {
+        if task.task.state != TaskState::Running {
             return Ok(());
         }
-        if let Some(mut counters) = self.record(node).await? {
-            counters.tasks_lost += 1;
-            self.put_node(&counters, None).await?;
-        }
-        t.task.finished_at = Some(Utc::now());
-        let task = t.clone();
-        let fanout = fanout_of(&record)?;
+        self.count(node, 2);
+        task.task.finished_at = Some(Utc::now());
+        let mut fanout = fanout_of(&record)?;
         if record.state.is_terminal() {
-            let mut task = task;
+            shift(
+                &mut fanout.progress,
+                &task.task.phase,
+                TaskState::Running,
+                TaskState::Lost,
+            );
             task.task.state = TaskState::Lost;
             task.task.reason = Some(why.to_owned());
-            let mut record = record;
-            let mut fanout = fanout;
-            if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task_id) {
-                *t = task.clone();
-            }
-            fanout.progress = progress(&tasks, fanout.reduce.is_some());
             set_fanout(&mut record, &fanout);
             return self
                 .write(record, vec![task], Vec::new(), "job.progress")
                 .await;
         }
-        self.retry_or_fail(
-            record,
-            fanout,
-            tasks,
-            task,
-            node,
-            &format!("{task_id} lost on {node}: {why}"),
-        )
-        .await
+        let why = format!("{task_id} lost on {node}: {why}");
+        self.retry_or_fail(record, fanout, task, node, &why).await
     }
 
-    /// After a failed or lost attempt: queue the task again (away from that node), or,
-    /// past the job's failure limit, fail the job and stop its other tasks.
+    /// After a failed or lost attempt of a running task: queue it again (away from that
+    /// node), or, past the job's failure limit, fail the job and stop its other tasks.
     async fn retry_or_fail(
         &self,
         mut record: JobRecord,
         mut fanout: Fanout,
-        mut tasks: Vec<TaskRecord>,
         mut task: TaskRecord,
         node: &str,
         reason: &str,
     ) -> CoreResult<()> {
         fanout.failures += 1;
         if fanout.failures > fanout.max_failures {
-            task.task.state = TaskState::Failed;
-            task.task.reason = Some(reason.to_owned());
-            if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task.task.id) {
-                *t = task.clone();
-            }
+            shift(
+                &mut fanout.progress,
+                &task.task.phase,
+                TaskState::Running,
+                TaskState::Failed,
+            );
             return self.fail_job(&mut record, &mut fanout, task, reason).await;
         }
+        shift(
+            &mut fanout.progress,
+            &task.task.phase,
+            TaskState::Running,
+            TaskState::Queued,
+        );
         task.task.state = TaskState::Queued;
         task.task.reason = Some(format!("{reason}; retrying"));
         if !task.excluded.iter().any(|n| n == node) {
             task.excluded.push(node.to_owned());
         }
-        if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task.task.id) {
-            *t = task.clone();
-        }
-        fanout.progress = progress(&tasks, fanout.reduce.is_some());
         set_fanout(&mut record, &fanout);
         let retried = NewEvent::new(
             "task.retried",
@@ -1577,6 +1613,23 @@ pub fn check_node_id(id: &str) -> CoreResult<()> {
         Err(CoreError::Invalid(format!(
             "invalid node id '{id}': use letters, digits, '.', '_' and '-' (at most 64)"
         )))
+    }
+}
+
+/// Moves one task of `phase` from one state's counter to another's.
+fn shift(progress: &mut [PhaseProgress], phase: &str, from: TaskState, to: TaskState) {
+    fn counter(p: &mut PhaseProgress, state: TaskState) -> &mut u32 {
+        match state {
+            TaskState::Queued => &mut p.queued,
+            TaskState::Running => &mut p.running,
+            TaskState::Succeeded => &mut p.done,
+            TaskState::Failed | TaskState::Killed | TaskState::Lost => &mut p.failed,
+        }
+    }
+    if let Some(p) = progress.iter_mut().find(|p| p.phase == phase) {
+        let old = counter(p, from);
+        *old = old.saturating_sub(1);
+        *counter(p, to) += 1;
     }
 }
 

@@ -347,7 +347,12 @@ impl Server {
                     tls: false,
                     ..
                 } => {
-                    let mut server = axum_server::from_tcp(listener).handle(handle.clone());
+                    // TCP_NODELAY: small writes (WebSocket frames to agents and
+                    // watchers, streamed answers) go out at once, not after the peer's
+                    // delayed ACK.
+                    let mut server = axum_server::from_tcp(listener)
+                        .acceptor(axum_server::accept::NoDelayAcceptor::new())
+                        .handle(handle.clone());
                     title_case_headers(server.http_builder());
                     tasks.spawn(async move { server.serve(app.into_make_service()).await });
                 }
@@ -361,8 +366,9 @@ impl Server {
                             .clone()
                             .ok_or_else(|| ServerError::Tls("no TLS configuration".into()))?,
                     );
-                    let mut server =
-                        axum_server::from_tcp_rustls(listener, config).handle(handle.clone());
+                    let mut server = axum_server::from_tcp_rustls(listener, config)
+                        .map(|tls| tls.acceptor(axum_server::accept::NoDelayAcceptor::new()))
+                        .handle(handle.clone());
                     title_case_headers(server.http_builder());
                     tasks.spawn(async move { server.serve(app.into_make_service()).await });
                 }

@@ -252,6 +252,10 @@ pub trait Store: Send + Sync + 'static {
     async fn job_tasks(&self, job: &str) -> StoreResult<Vec<TaskRecord>>;
     /// Tasks in any of these states, oldest first.
     async fn tasks_in(&self, states: &[opsbox_api::TaskState]) -> StoreResult<Vec<TaskRecord>>;
+    /// The oldest `per_job` queued tasks of each job, oldest first (what the scheduler
+    /// can place now, without reading every queued task of a big job).
+    async fn queued_tasks(&self, per_job: u32) -> StoreResult<Vec<TaskRecord>>;
+    async fn get_task(&self, job: &str, id: &str) -> StoreResult<Option<TaskRecord>>;
     /// Deletes a job's tasks (when the job is cleaned).
     async fn delete_tasks(&self, job: &str) -> StoreResult<()>;
 }

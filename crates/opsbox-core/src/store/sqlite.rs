@@ -1064,6 +1064,14 @@ impl Store for SqliteStore {
         self.n_tasks_in(states).await
     }
 
+    async fn queued_tasks(&self, per_job: u32) -> StoreResult<Vec<TaskRecord>> {
+        self.n_queued_tasks(per_job).await
+    }
+
+    async fn get_task(&self, job: &str, id: &str) -> StoreResult<Option<TaskRecord>> {
+        self.n_get_task(job, id).await
+    }
+
     async fn delete_tasks(&self, job: &str) -> StoreResult<()> {
         self.n_delete_tasks(job).await
     }

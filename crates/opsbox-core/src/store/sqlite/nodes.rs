@@ -121,6 +121,31 @@ impl SqliteStore {
         Ok(all)
     }
 
+    pub(super) async fn n_queued_tasks(&self, per_job: u32) -> StoreResult<Vec<TaskRecord>> {
+        let rows = sqlx::query(
+            "SELECT data FROM (
+                SELECT data, seq, ROW_NUMBER() OVER (PARTITION BY job ORDER BY seq) AS n
+                FROM tasks WHERE state = 'queued'
+             ) WHERE n <= ? ORDER BY seq",
+        )
+        .bind(i64::from(per_job))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|row| from_json("task", &row.try_get::<String, _>(0)?))
+            .collect()
+    }
+
+    pub(super) async fn n_get_task(&self, job: &str, id: &str) -> StoreResult<Option<TaskRecord>> {
+        let row = sqlx::query("SELECT data FROM tasks WHERE job = ? AND id = ?")
+            .bind(job)
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?;
+        row.map(|row| from_json("task", &row.try_get::<String, _>(0)?))
+            .transpose()
+    }
+
     pub(super) async fn n_delete_tasks(&self, job: &str) -> StoreResult<()> {
         let job = job.to_owned();
         self.write(move |conn| {
