@@ -1,9 +1,12 @@
 //! `watch`: how fast a model change reaches 1,000 watchers, side by side in one run
 //! (issue #7):
 //!
-//! - **opsbox**: `target/release/opsbox serve` as a child process with the example
-//!   charms; one application `bench` deployed with no units (so no hook runs: the
-//!   benchmark is about the watch stream, not about hooks). W watchers each follow the
+//! - **opsbox**: `target/release/opsbox serve` as a child process. Until the model API
+//!   of issue #7 exists the writer's change is a catalog reload (`POST /v1/reload`, one
+//!   durable `scripts.reloaded` event each; `--opsbox-change reload`, the default).
+//!   With `--opsbox-change model`: one application `bench` deployed with no units (so
+//!   no hook runs: the benchmark is about the watch stream, not about hooks). W
+//!   watchers each follow the
 //!   native watch stream (`GET /v1/events?follow=true`, Server-Sent Events, one
 //!   connection each). The writer changes the model: `PUT /v1/model/applications/bench/
 //!   constraints` with `{"cpu-cores": SEQ}`; each change is one durable transaction
@@ -80,6 +83,11 @@ struct Args {
     /// Charms directory for opsbox (the application is deployed from its `wordpress`).
     #[arg(long, default_value = "examples/charms")]
     charms: PathBuf,
+    /// What the opsbox writer changes: `reload` (`POST /v1/reload`, one
+    /// `scripts.reloaded` event per change; watchers number those events in order) or
+    /// `model` (the application's constraints, once the model API of issue #7 exists).
+    #[arg(long, default_value = "reload")]
+    opsbox_change: String,
     /// Run only some systems.
     #[arg(long, value_delimiter = ',', default_value = "opsbox,etcd")]
     systems: Vec<String>,
@@ -288,6 +296,8 @@ async fn wait_ready(
 struct Opsbox {
     base: String,
     client: reqwest::Client,
+    /// Changes the model (true) or reloads the catalog (false).
+    model: bool,
 }
 
 async fn start_opsbox(
@@ -306,18 +316,36 @@ async fn start_opsbox(
         .arg(dir.join("opsbox-data"))
         .arg("--scripts")
         .arg(&scripts)
-        .arg("--charms")
-        .arg(std::fs::canonicalize(&args.charms).with_context(|| {
-            format!(
-                "charms directory {} not found (run from the repository root)",
-                args.charms.display()
-            )
-        })?)
         .env("RUST_LOG", "warn");
+    if args.opsbox_change == "model" {
+        command
+            .arg("--charms")
+            .arg(std::fs::canonicalize(&args.charms).with_context(|| {
+                format!(
+                    "charms directory {} not found (run from the repository root)",
+                    args.charms.display()
+                )
+            })?);
+    }
     let mut guard = ChildGuard::start("opsbox", command, dir.join("opsbox.log"))?;
     let base = format!("http://127.0.0.1:{port}");
     let client = http_client()?;
     wait_ready(&mut guard, &client, &format!("{base}/v1/info")).await?;
+    let model = match args.opsbox_change.as_str() {
+        "model" => true,
+        "reload" => false,
+        other => bail!("--opsbox-change takes model or reload, not '{other}'"),
+    };
+    if !model {
+        return Ok((
+            guard,
+            Arc::new(Opsbox {
+                base,
+                client,
+                model,
+            }),
+        ));
+    }
     let deployed = client
         .post(format!("{base}/v1/model/applications"))
         .json(&json!({"name": "bench", "charm": "cs:precise/wordpress", "num_units": 0}))
@@ -329,7 +357,14 @@ async fn start_opsbox(
         "opsbox: deploying the bench application answered {status}: {}",
         deployed.text().await.unwrap_or_default()
     );
-    Ok((guard, Arc::new(Opsbox { base, client })))
+    Ok((
+        guard,
+        Arc::new(Opsbox {
+            base,
+            client,
+            model,
+        }),
+    ))
 }
 
 impl System for Opsbox {
@@ -350,12 +385,21 @@ impl System for Opsbox {
             let pump: futures::future::BoxFuture<'static, anyhow::Result<()>> =
                 Box::pin(async move {
                     let mut events = eventsource_stream::EventStream::new(response.bytes_stream());
+                    // Reloads carry no number: the n-th one this watcher sees is change n
+                    // (it started watching before the first).
+                    let mut reloads = 0u64;
+                    let model = self.model;
                     while let Some(event) = events.next().await {
                         let event = event.context("reading the event stream")?;
                         if event.event != "event" {
                             continue;
                         }
                         let value: Value = serde_json::from_str(&event.data)?;
+                        if !model && value["kind"] == "scripts.reloaded" {
+                            seen(reloads);
+                            reloads += 1;
+                            continue;
+                        }
                         if value["kind"] == "model.application.change"
                             && value["subject"] == "bench"
                         {
@@ -372,15 +416,17 @@ impl System for Opsbox {
 
     fn write(self: Arc<Self>, seq: u64) -> futures::future::BoxFuture<'static, anyhow::Result<()>> {
         Box::pin(async move {
-            let r = self
-                .client
-                .put(format!(
-                    "{}/v1/model/applications/bench/constraints",
-                    self.base
-                ))
-                .json(&json!({"cpu-cores": seq}))
-                .send()
-                .await?;
+            let request = if self.model {
+                self.client
+                    .put(format!(
+                        "{}/v1/model/applications/bench/constraints",
+                        self.base
+                    ))
+                    .json(&json!({"cpu-cores": seq}))
+            } else {
+                self.client.post(format!("{}/v1/reload", self.base))
+            };
+            let r = request.send().await?;
             let status = r.status();
             if !status.is_success() {
                 bail!(
