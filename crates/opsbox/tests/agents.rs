@@ -462,3 +462,138 @@ async fn the_disco_command_line_waits_lists_and_kills() {
     assert_eq!(code, 1);
     assert!(err.contains("unknown job"), "{err}");
 }
+
+/// The README's commands: an agent over TLS (self-signed, `--insecure`) with a node
+/// token, `opsbox nodes list`, `opsbox jobs submit --wait`, `opsbox jobs tasks`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_connects_over_tls_with_a_node_token_and_the_cli_drives_it() {
+    let dir = tempfile::tempdir().unwrap();
+    scripts(dir.path());
+    let port = free_port();
+    let server = format!("https://127.0.0.1:{port}");
+    let opsbox = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+            .args(args)
+            .args(["--server", &server, "--insecure"])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // An admin token first (offline, on the data dir), then a node token through it.
+    let data = dir.path().join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+        .args(["tokens", "create", "--role", "admin", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let _server = Proc(
+        Command::new(env!("CARGO_BIN_EXE_opsbox"))
+            .args(["serve", "--listen", &server, "--tls", "self-signed"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--scripts")
+            .arg(dir.path().join("scripts"))
+            .args(["--local-slots", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while opsbox(&["info", "--token", &admin]).0 != 0 {
+        assert!(Instant::now() < deadline, "the TLS server did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, node_token, err) = opsbox(&[
+        "tokens", "create", "--role", "reader", "--node", "tls-1", "--token", &admin,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let node_token = node_token.trim().to_owned();
+
+    // A node token may act only as its own node.
+    let mut wrong = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+        .args([
+            "agent",
+            "--server",
+            &server,
+            "--insecure",
+            "--token",
+            &node_token,
+        ])
+        .args(["--node-id", "someone-else"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wrong.wait().unwrap();
+    assert!(
+        !status.success(),
+        "an agent with another node's token must stop"
+    );
+
+    let _agent = Proc(
+        Command::new(env!("CARGO_BIN_EXE_opsbox"))
+            .args([
+                "agent",
+                "--server",
+                &server,
+                "--insecure",
+                "--token",
+                &node_token,
+            ])
+            .args(["--node-id", "tls-1", "--slots", "2", "--labels", "linux"])
+            .arg("--work-dir")
+            .arg(dir.path().join("work"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out, _) = opsbox(&["nodes", "list", "--token", &admin]);
+        if out
+            .lines()
+            .any(|l| l.starts_with("tls-1") && l.contains(" connected"))
+        {
+            assert!(out.contains("linux"), "{out}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not connect over TLS: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, _, err) = opsbox(&[
+        "jobs", "submit", "--map", "count", "--input", "a b", "--input", "c", "--reduce", "sum",
+        "--wait", "--token", &admin,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = opsbox(&["jobs", "list", "--json", "--limit", "1", "--token", &admin]);
+    let jobs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let name = jobs[0]["name"].as_str().unwrap().to_owned();
+    let (code, out, _) = opsbox(&["jobs", "tasks", &name, "--token", &admin]);
+    assert_eq!(code, 0);
+    assert!(out.contains("reduce:0  succeeded  tls-1"), "{out}");
+    let (_, out, _) = opsbox(&[
+        "jobs",
+        "results",
+        &name,
+        "--download",
+        "reduce-0/total",
+        "--token",
+        &admin,
+    ]);
+    assert_eq!(out.trim(), "3");
+}
