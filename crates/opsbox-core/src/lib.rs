@@ -195,6 +195,10 @@ impl Core {
 
     /// Stops every running job; call before the process exits.
     pub async fn shutdown(&self) {
-        self.jobs.shutdown().await;
+        // Both at once: each waits out its own grace period.
+        tokio::join!(
+            self.nodes.shutdown(self.config.kill_grace),
+            self.jobs.shutdown()
+        );
     }
 }

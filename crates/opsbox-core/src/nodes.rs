@@ -198,6 +198,8 @@ struct Inner {
     ops: tokio::sync::Mutex<()>,
     /// Output chunk numbers: increasing across restarts (they start from the clock).
     out_seq: AtomicU64,
+    /// The local node's executor, to stop its tasks when the server stops.
+    local: std::sync::OnceLock<Executor>,
 }
 
 impl Nodes {
@@ -229,6 +231,7 @@ impl Nodes {
                 kick: Arc::new(Notify::new()),
                 ops: tokio::sync::Mutex::new(()),
                 out_seq: AtomicU64::new(now_us),
+                local: std::sync::OnceLock::new(),
             }),
         };
         let weak = Arc::downgrade(&nodes.inner);
@@ -287,6 +290,7 @@ impl Nodes {
                 Some(env!("CARGO_PKG_VERSION").to_owned()),
             )
             .await?;
+        let _ = self.inner.local.set(executor.clone());
         let (out_tx, mut out_rx) = mpsc::unbounded_channel();
         let mut messages = connection.messages;
         tokio::spawn(async move {
@@ -306,6 +310,19 @@ impl Nodes {
             }
         });
         Ok(())
+    }
+
+    /// Stops the tasks of the local node (the server is stopping) and waits until their
+    /// processes are gone; after the restart they are retried.
+    pub async fn shutdown(&self, grace: Duration) {
+        let Some(executor) = self.inner.local.get() else {
+            return;
+        };
+        executor.kill_all();
+        let deadline = Instant::now() + grace + Duration::from_secs(2);
+        while !executor.running().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn spawn_loops(&self) {
