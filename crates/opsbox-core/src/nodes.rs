@@ -168,6 +168,8 @@ struct State {
     /// Task outcomes per node (ok, failed, lost) not yet added to its stored record:
     /// the sweep writes them, so a task's end costs no extra write.
     counters: HashMap<String, [u64; 3]>,
+    /// The job the scheduler placed a task of last (the turns go on after it).
+    last_served: Option<String>,
 }
 
 /// One agent connection, from [`Nodes::connect`].
@@ -1087,6 +1089,12 @@ impl Nodes {
                 None => per_job.push((task.task.job.clone(), [task].into())),
             }
         }
+        // Turns go on from the job after the one served last, across rounds: when one
+        // slot frees at a time, the oldest job must not win every time.
+        let last = self.lock().last_served.clone();
+        if let Some(at) = last.and_then(|l| per_job.iter().position(|(job, _)| *job == l)) {
+            per_job.rotate_left(at + 1);
+        }
         let mut records: HashMap<String, (JobRecord, Fanout)> = HashMap::new();
         for (job, _) in &per_job {
             if let Some(record) = self.inner.store.get_job(job).await? {
@@ -1119,6 +1127,7 @@ impl Nodes {
                 let (record, fanout) = records.get_mut(job).expect("loaded above");
                 if let Some(started) = self.place(record, fanout, task, &node).await? {
                     placed.entry(job.clone()).or_default().push(started);
+                    self.lock().last_served = Some(job.clone());
                 }
                 placed_any = true;
             }
