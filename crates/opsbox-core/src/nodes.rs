@@ -366,11 +366,7 @@ impl Nodes {
 
     /// An agent said `Hello`: registers it (replacing an older connection of the same
     /// node) and reconciles the tasks it runs.
-    pub async fn connect(
-        &self,
-        hello: AgentMessage,
-        server: Option<String>,
-    ) -> CoreResult<Connection> {
+    pub async fn connect(&self, hello: AgentMessage) -> CoreResult<Connection> {
         let AgentMessage::Hello {
             node_id,
             labels,
@@ -395,7 +391,6 @@ impl Nodes {
                 "slots must be between 1 and 4096, not {slots}"
             )));
         }
-        let _ = server;
         let connection = self
             .register(&node_id, labels, slots, running.clone(), hostname, version)
             .await?;
@@ -577,6 +572,13 @@ impl Nodes {
             .into_iter()
             .filter(|t| t.task.node.as_ref().is_some_and(|n| gone.contains(n)))
             .collect();
+        {
+            // Their tasks are settled below; nothing more to wait for from them.
+            let mut state = self.lock();
+            for id in &gone {
+                state.away.remove(id);
+            }
+        }
         for task in lost {
             let node = task.task.node.clone().unwrap_or_default();
             self.lost(

@@ -150,7 +150,7 @@ async fn serve_agent(socket: WebSocket, state: AppState, caller: Identity) {
         return;
     }
     let nodes = state.core.nodes.clone();
-    let mut connection = match nodes.connect(hello, None).await {
+    let mut connection = match nodes.connect(hello).await {
         Ok(connection) => connection,
         Err(e) => {
             let _ = sink.send(refuse(e.to_string())).await;
