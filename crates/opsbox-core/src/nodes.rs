@@ -1309,16 +1309,18 @@ impl Nodes {
             OutStream::Stderr => "err",
         };
         let dir = self.inner.results_dir.join(job);
-        if dir.is_dir() {
-            let path = dir.join(format!("{}.{suffix}", task.replace(':', "-")));
-            use std::io::Write;
-            if let Ok(mut file) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-            {
-                let _ = file.write_all(&bytes);
-            }
+        if !dir.is_dir() {
+            // The job was cleaned while a task of it still ran: nothing to keep.
+            return Ok(());
+        }
+        let path = dir.join(format!("{}.{suffix}", task.replace(':', "-")));
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            let _ = file.write_all(&bytes);
         }
         let seq = self.inner.out_seq.fetch_add(1, Ordering::SeqCst);
         match self
