@@ -170,7 +170,13 @@ struct State {
     counters: HashMap<String, [u64; 3]>,
     /// The job the scheduler placed a task of last (the turns go on after it).
     last_served: Option<String>,
+    /// Task output not yet stored, per job: written with the job's next write, or by
+    /// the output flusher within [`OUTPUT_EVERY`].
+    pending_output: HashMap<String, Vec<(OutStream, Vec<u8>)>>,
 }
+
+/// Task output reaches the store (and `jobs log --follow`) at least this often.
+const OUTPUT_EVERY: Duration = Duration::from_millis(100);
 
 /// One agent connection, from [`Nodes::connect`].
 pub struct Connection {
@@ -343,6 +349,21 @@ impl Nodes {
                 }
                 // The sweep kicks twice a second, so a failed dispatch is retried.
                 kicked.await;
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(OUTPUT_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let nodes = Nodes { inner };
+                if nodes.lock().pending_output.is_empty() {
+                    continue;
+                }
+                if let Err(e) = nodes.flush_output().await {
+                    tracing::warn!(error = %e, "storing task output failed");
+                }
             }
         });
         let weak = Arc::downgrade(&self.inner);
@@ -595,6 +616,35 @@ impl Nodes {
     // -----------------------------------------------------------------------------------
     // Node list
     // -----------------------------------------------------------------------------------
+
+    /// The output waiting for `job`, numbered now. Callers hold the `ops` lock until it
+    /// is committed, so chunks are committed in the order of their numbers and a
+    /// follower reading "after N" never skips one.
+    fn take_output(&self, job: &str) -> Vec<LogChunkBytes> {
+        let pieces = self.lock().pending_output.remove(job).unwrap_or_default();
+        pieces
+            .into_iter()
+            .map(|(stream, data)| LogChunkBytes {
+                seq: self.inner.out_seq.fetch_add(1, Ordering::SeqCst),
+                stream,
+                data,
+            })
+            .collect()
+    }
+
+    /// Stores the output waiting for every job.
+    async fn flush_output(&self) -> CoreResult<()> {
+        let _ops = self.inner.ops.lock().await;
+        let jobs: Vec<String> = self.lock().pending_output.keys().cloned().collect();
+        for job in jobs {
+            let chunks = self.take_output(&job);
+            match self.inner.store.append_output(&job, chunks).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
 
     /// Counts a task outcome of a node: 0 ok, 1 failed, 2 lost.
     fn count(&self, node: &str, outcome: usize) {
@@ -881,6 +931,7 @@ impl Nodes {
                 job: Some(record.clone()),
                 insert_job: true,
                 tasks,
+                output: Vec::new(),
             })
             .await?;
         self.inner.kick.notify_one();
@@ -1046,6 +1097,7 @@ impl Nodes {
             ));
         }
         events.push(job_event(job_kind, &record));
+        let output = self.take_output(&record.name);
         match self
             .inner
             .store
@@ -1054,6 +1106,7 @@ impl Nodes {
                 insert_job: false,
                 tasks,
                 events,
+                output,
             })
             .await
         {
@@ -1322,23 +1375,12 @@ impl Nodes {
         {
             let _ = file.write_all(&bytes);
         }
-        let seq = self.inner.out_seq.fetch_add(1, Ordering::SeqCst);
-        match self
-            .inner
-            .store
-            .append_output(
-                job,
-                vec![LogChunkBytes {
-                    seq,
-                    stream,
-                    data: bytes,
-                }],
-            )
-            .await
-        {
-            Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        self.lock()
+            .pending_output
+            .entry(job.to_owned())
+            .or_default()
+            .push((stream, bytes));
+        Ok(())
     }
 
     async fn finished(&self, node: &str, job: &str, task_id: &str, end: TaskEnd) -> CoreResult<()> {
@@ -1522,6 +1564,7 @@ impl Nodes {
             serde_json::to_value(&task.task).unwrap_or_default(),
         );
         // The task's own event is the "retried" one: written as a queued task.
+        let output = self.take_output(&record.name);
         self.inner
             .store
             .write_tasks(TaskWrite {
@@ -1529,6 +1572,7 @@ impl Nodes {
                 job: Some(record),
                 insert_job: false,
                 tasks: vec![task],
+                output,
             })
             .await
             .or_else(|e| match e {

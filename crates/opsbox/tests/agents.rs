@@ -63,6 +63,11 @@ fn scripts(dir: &Path) -> PathBuf {
         "fail.sh",
         "#!/bin/sh\necho failing on $OPSBOX_NODE >&2\nexit 3\n",
     );
+    // Five numbered lines, a little apart, so a follower sees them come.
+    write(
+        "ticks.sh",
+        "#!/bin/sh\nfor n in 0 1 2 3 4; do echo \"$INPUT:$n\"; sleep 0.1; done\n",
+    );
     scripts
 }
 
@@ -596,4 +601,41 @@ async fn an_agent_connects_over_tls_with_a_node_token_and_the_cli_drives_it() {
         &admin,
     ]);
     assert_eq!(out.trim(), "3");
+}
+
+/// The log of a fan-out job follows live: every line of every task arrives once, each
+/// task's lines in order, then the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_log_follows_live_without_losing_lines() {
+    use futures::StreamExt;
+    let cluster = Cluster::start().await;
+    let _a = cluster.agent("f1", "linux", 2).await;
+    let _b = cluster.agent("f2", "linux", 2).await;
+    let inputs: Vec<String> = (0..4).map(|i| i.to_string()).collect();
+    let job = cluster.submit("ticks", inputs, None, &[]).await;
+    let mut events = cluster.client.follow_log(&job);
+    let mut lines: Vec<String> = Vec::new();
+    let mut ended = false;
+    while let Some(event) = events.next().await {
+        match event.unwrap() {
+            opsbox_api::LogEvent::Output(chunk) => {
+                lines.extend(chunk.data.lines().map(str::to_owned));
+            }
+            opsbox_api::LogEvent::End(job) => {
+                assert_eq!(job.state, JobState::Succeeded);
+                ended = true;
+                break;
+            }
+        }
+    }
+    assert!(ended);
+    assert_eq!(lines.len(), 4 * 5, "{lines:?}");
+    for task in 0..4 {
+        let mine: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with(&format!("{task}:")))
+            .collect();
+        let expected: Vec<String> = (0..5).map(|n| format!("{task}:{n}")).collect();
+        assert_eq!(mine, expected.iter().collect::<Vec<_>>());
+    }
 }

@@ -363,4 +363,6 @@ pub struct TaskWrite {
     pub insert_job: bool,
     pub tasks: Vec<TaskRecord>,
     pub events: Vec<NewEvent>,
+    /// Output chunks of the job, stored before its row and events.
+    pub output: Vec<LogChunkBytes>,
 }

@@ -6,7 +6,7 @@ use opsbox_api::{Event, TaskState};
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Row;
 
-use super::{insert_event, write_job_batch, SqliteStore};
+use super::{insert_event, insert_output, write_job_batch, SqliteStore};
 use crate::store::{NodeRecord, StoreError, StoreResult, TaskRecord, TaskWrite};
 
 fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
@@ -75,11 +75,15 @@ impl SqliteStore {
             Box::pin(async move {
                 let mut events = Vec::new();
                 let mut pending = write.events;
+                let mut output = write.output;
                 if let Some(job) = &write.job {
-                    // The job's row and all events in one statement batch.
-                    events =
-                        write_job_batch(conn, job, write.insert_job, Vec::new(), pending).await?;
+                    // The job's output, row and events in one statement batch.
+                    events = write_job_batch(conn, job, write.insert_job, output, pending).await?;
                     pending = Vec::new();
+                    output = Vec::new();
+                }
+                if let (false, Some(task)) = (output.is_empty(), write.tasks.first()) {
+                    insert_output(conn, &task.task.job, &output).await?;
                 }
                 for task in &write.tasks {
                     put_task(conn, task).await?;
