@@ -8,12 +8,16 @@
 //! - [`events`]: the revisioned event log as a resumable watch stream;
 //! - [`identities`]: users and tokens that every face authenticates against;
 //! - [`rpc`]: the registry of functions that the RPC faces call;
-//! - [`nodes`]: agents, the local node, the scheduler and fan-out jobs.
+//! - [`nodes`]: agents, the local node, the scheduler and fan-out jobs;
+//! - [`model`]: applications, units, machines and relations, with [`charms`] whose
+//!   hooks run as jobs on the units' nodes.
 
+pub mod charms;
 pub mod error;
 pub mod events;
 pub mod identities;
 pub mod jobs;
+pub mod model;
 pub mod names;
 pub mod nodes;
 pub mod output;
@@ -32,6 +36,7 @@ pub use error::{CoreError, CoreResult};
 use events::Events;
 use identities::Identities;
 use jobs::{Jobs, JobsConfig};
+use model::{Model, ModelConfig};
 use nodes::{Nodes, NodesConfig};
 use queues::{Queues, QueuesConfig};
 use scripts::Scripts;
@@ -52,12 +57,15 @@ pub struct CoreConfig {
     pub queues: QueuesConfig,
     /// Nodes, heartbeats and fan-out defaults.
     pub nodes: NodesConfig,
+    /// Charms and the model.
+    pub model: ModelConfig,
 }
 
 impl CoreConfig {
     pub fn new(data_dir: PathBuf, scripts_dir: PathBuf) -> Self {
         CoreConfig {
             nodes: NodesConfig::new(&data_dir),
+            model: ModelConfig::new(scripts_dir.with_file_name("charms")),
             data_dir,
             scripts_dir,
             max_concurrent_runs: 64,
@@ -86,6 +94,8 @@ pub struct Core {
     pub rpc: rpc::Rpc,
     /// Agents, the scheduler and fan-out jobs.
     pub nodes: Nodes,
+    /// Applications, units, relations and the hooks of their charms.
+    pub model: Model,
     pub config: Arc<CoreConfig>,
 }
 
@@ -141,8 +151,16 @@ impl Core {
             config.kill_grace,
         )
         .await?;
+        let model = Model::open(
+            store.clone(),
+            nodes.clone(),
+            jobs.clone(),
+            config.model.clone(),
+        )
+        .await?;
         let core = Core {
             rpc,
+            model,
             nodes,
             events: Events::new(store.clone()),
             identities: Identities::new(store.clone()),

@@ -34,7 +34,7 @@ use chrono::Utc;
 use opsbox_agent::executor::{safe_relative, Executor};
 use opsbox_agent::Runtime;
 use opsbox_api::{
-    AgentMessage, FanoutRequest, FileData, Job, JobSpec, JobState, Node, PhaseProgress, Placement,
+    AgentMessage, FanoutRequest, FileData, Job, JobSpec, JobState, Node, PhaseProgress, Placement, Script,
     ServerMessage, Stream as OutStream, Task, TaskState, LOCAL_NODE,
 };
 use serde::{Deserialize, Serialize};
@@ -109,6 +109,20 @@ struct Fanout {
     /// start after a restart; filtered values are shown as such everywhere else.
     #[serde(default)]
     params: BTreeMap<String, String>,
+    /// Run this program instead of a catalog script (a charm's hook).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    program: Option<Program>,
+}
+
+/// A program outside the scripts catalog (a charm's hook) to run once on a node, with
+/// the job's usual environment plus `env`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    /// Shown as the job's script; the job is named `<name>@<timestamp>`.
+    pub name: String,
+    pub path: PathBuf,
+    pub env: BTreeMap<String, String>,
+    pub timeout_secs: Option<u64>,
 }
 
 /// Fills the fan-out fields of a job from its `spec.fanout`.
@@ -803,15 +817,50 @@ impl Nodes {
         request: FanoutRequest,
         submitted_by: Option<String>,
     ) -> CoreResult<Job> {
-        let catalog = self.inner.scripts.catalog();
-        let map = catalog
-            .get(&request.map)
-            .ok_or_else(|| CoreError::UnknownScript(request.map.clone()))?;
-        if let Some(reduce) = &request.reduce {
-            catalog
-                .get(reduce)
-                .ok_or_else(|| CoreError::UnknownScript(reduce.clone()))?;
-        }
+        self.submit_with(request, None, submitted_by).await
+    }
+
+    /// Runs `program` once, on `node` if given (any node otherwise), as a job of one
+    /// task: placed, retried and killed like any other. Returns the queued job.
+    pub async fn run_program(
+        &self,
+        program: Program,
+        node: Option<String>,
+        submitted_by: Option<String>,
+    ) -> CoreResult<Job> {
+        let request = FanoutRequest {
+            map: program.name.clone(),
+            inputs: vec![String::new()],
+            reduce: None,
+            params: BTreeMap::new(),
+            labels: Vec::new(),
+            node,
+            max_failures: Some(0),
+        };
+        self.submit_with(request, Some(program), submitted_by).await
+    }
+
+    async fn submit_with(
+        &self,
+        request: FanoutRequest,
+        program: Option<Program>,
+        submitted_by: Option<String>,
+    ) -> CoreResult<Job> {
+        let map = match &program {
+            Some(program) => Arc::new(program_script(program)),
+            None => {
+                let catalog = self.inner.scripts.catalog();
+                let map = catalog
+                    .get(&request.map)
+                    .ok_or_else(|| CoreError::UnknownScript(request.map.clone()))?;
+                if let Some(reduce) = &request.reduce {
+                    catalog
+                        .get(reduce)
+                        .ok_or_else(|| CoreError::UnknownScript(reduce.clone()))?;
+                }
+                map
+            }
+        };
         Jobs::check_params(&map, &request.params)?;
         if request.inputs.is_empty() {
             return Err(CoreError::Invalid(
@@ -872,6 +921,7 @@ impl Nodes {
             failures: 0,
             progress: Vec::new(),
             params: request.params.clone(),
+            program,
         };
         let base = now.timestamp_millis().max(0) * 100_000;
         let tasks: Vec<TaskRecord> = request
@@ -1291,12 +1341,15 @@ impl Nodes {
         } else {
             record.script.clone()
         };
-        let script = self
-            .inner
-            .scripts
-            .catalog()
-            .get(&script_name)
-            .ok_or_else(|| format!("script '{script_name}' is no longer in the catalog"))?;
+        let script = match &fanout.program {
+            Some(program) => Arc::new(program_script(program)),
+            None => self
+                .inner
+                .scripts
+                .catalog()
+                .get(&script_name)
+                .ok_or_else(|| format!("script '{script_name}' is no longer in the catalog"))?,
+        };
         let path = self.inner.scripts.dir().join(&script.filename);
         let program =
             std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -1310,6 +1363,9 @@ impl Nodes {
             .inner
             .jobs
             .task_environment(&record.name, &script, &params);
+        if let Some(program) = &fanout.program {
+            env.extend(program.env.clone());
+        }
         env.insert("OPSBOX_TASK".into(), task.task.id.clone());
         if let Some(input) = &task.task.input {
             env.insert("INPUT".into(), input.clone());
@@ -1675,6 +1731,22 @@ fn has_labels(node: &[String], wanted: &[String]) -> bool {
 }
 
 /// Node ids are names: letters, digits, `.`, `_`, `-`, at most 64.
+/// The script a program runs as: no params, its own file.
+fn program_script(program: &Program) -> Script {
+    Script {
+        name: program.name.clone(),
+        filename: program.path.display().to_string(),
+        description: None,
+        http_method: Default::default(),
+        params: Vec::new(),
+        filtered_params: Vec::new(),
+        tags: Vec::new(),
+        output: Default::default(),
+        lock: false,
+        timeout_secs: program.timeout_secs,
+    }
+}
+
 pub fn check_node_id(id: &str) -> CoreResult<()> {
     let ok = !id.is_empty()
         && id.len() <= 64

@@ -258,6 +258,40 @@ pub trait Store: Send + Sync + 'static {
     async fn get_task(&self, job: &str, id: &str) -> StoreResult<Option<TaskRecord>>;
     /// Deletes a job's tasks (when the job is cleaned).
     async fn delete_tasks(&self, job: &str) -> StoreResult<()>;
+
+    // -- model -------------------------------------------------------------------------
+    /// Every model document and sequence, for the model service to start from.
+    async fn load_model(&self) -> StoreResult<ModelData>;
+    /// Writes model documents, removals, sequences and their events in one transaction.
+    async fn write_model(&self, write: ModelWrite) -> StoreResult<Vec<Event>>;
+}
+
+/// A model document: an application, unit, machine or relation (`kind`) as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDoc {
+    pub kind: String,
+    pub id: String,
+    pub data: serde_json::Value,
+}
+
+/// The whole stored model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelData {
+    pub docs: Vec<ModelDoc>,
+    /// Next number of each sequence (`unit:blog`, `machine`, `relation`).
+    pub sequences: BTreeMap<String, u64>,
+    /// The revision of the event log the data is as of.
+    pub revision: u64,
+}
+
+/// One change of the model, written atomically with its events.
+#[derive(Debug, Clone, Default)]
+pub struct ModelWrite {
+    pub put: Vec<ModelDoc>,
+    /// `(kind, id)` of documents to delete.
+    pub remove: Vec<(String, String)>,
+    pub sequences: BTreeMap<String, u64>,
+    pub events: Vec<NewEvent>,
 }
 
 // ---------------------------------------------------------------------------------------

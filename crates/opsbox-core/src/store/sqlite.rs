@@ -39,6 +39,7 @@ use super::{
 };
 use opsbox_api::{PayloadKind, QueueStats};
 
+mod model;
 mod nodes;
 mod queues;
 
@@ -1070,6 +1071,14 @@ impl Store for SqliteStore {
 
     async fn get_task(&self, job: &str, id: &str) -> StoreResult<Option<TaskRecord>> {
         self.n_get_task(job, id).await
+    }
+
+    async fn load_model(&self) -> StoreResult<crate::store::ModelData> {
+        self.m_load().await
+    }
+
+    async fn write_model(&self, write: crate::store::ModelWrite) -> StoreResult<Vec<Event>> {
+        self.m_write(write).await
     }
 
     async fn delete_tasks(&self, job: &str) -> StoreResult<()> {

@@ -1,0 +1,2024 @@
+//! The model: applications deployed from charms, their units on machines, relations
+//! between applications, and the hooks that make units real on their nodes.
+//!
+//! [`Model`] owns the rules (names, config against the charm's schema, constraints,
+//! relation endpoints, unit numbers never reused) and the life of units: each unit has
+//! a *uniter*, a task that runs the unit's hooks one at a time as jobs on the unit's
+//! node (install, config-changed, start, relation hooks, stop) and moves its status
+//! along. Every change is one store transaction with its `model.<kind>.<change|remove>`
+//! events, which carry the whole entity; [`ModelWatcher`] turns them into the
+//! snapshot-then-changes stream that Juju's AllWatcher serves.
+//!
+//! The model is kept in memory behind one lock and written through to the store, so
+//! reads are cheap and every change is checked against a consistent whole. (With
+//! several servers on one database, the model must be re-read under a database lock
+//! instead: see the scale-out notes.)
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use opsbox_api::model::{
+    AddUnitsRequest, Application, ApplicationConfig, Charm, CharmRelation, ConfigChange,
+    ConfigValue, DeployRequest, Endpoint, Life, Machine, ModelStatus, Relation, Role, Unit,
+    UnitStatus,
+};
+use opsbox_api::{JobState, LOCAL_NODE};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::charms::Charms;
+use crate::error::{CoreError, CoreResult};
+use crate::jobs::Jobs;
+use crate::nodes::{Nodes, Program};
+use crate::store::{EventsSince, ModelDoc, ModelWrite, NewEvent, Store};
+
+/// Constraint keys Juju knows; the numeric ones are unsigned integers.
+const CONSTRAINTS: &[&str] = &[
+    "arch",
+    "container",
+    "cpu-cores",
+    "cpu-power",
+    "mem",
+    "root-disk",
+    "tags",
+    "instance-type",
+    "networks",
+    "spaces",
+    "virt-type",
+];
+const NUMERIC_CONSTRAINTS: &[&str] = &["cpu-cores", "cpu-power", "mem", "root-disk"];
+
+/// Settings of the model service.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub charms_dir: PathBuf,
+    /// The model's name (Juju's environment name).
+    pub name: String,
+    /// Series of machines and of charm URLs that name none.
+    pub default_series: String,
+    /// A hook running longer is killed and the unit goes to `error`.
+    pub hook_timeout: Duration,
+}
+
+impl ModelConfig {
+    pub fn new(charms_dir: PathBuf) -> Self {
+        ModelConfig {
+            charms_dir,
+            name: "opsbox".into(),
+            default_series: "trusty".into(),
+            hook_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The model service; cheap to clone.
+#[derive(Clone)]
+pub struct Model {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    nodes: Nodes,
+    jobs: Jobs,
+    charms: Charms,
+    config: ModelConfig,
+    uuid: String,
+    state: tokio::sync::Mutex<State>,
+    uniters: StdMutex<HashMap<String, mpsc::UnboundedSender<UnitMsg>>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct State {
+    apps: BTreeMap<String, Application>,
+    units: BTreeMap<String, Unit>,
+    machines: BTreeMap<String, Machine>,
+    relations: BTreeMap<u64, Relation>,
+    sequences: BTreeMap<String, u64>,
+    /// The event-log revision of the last model change.
+    revision: u64,
+}
+
+/// The hooks a uniter runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HookKind {
+    Install,
+    ConfigChanged,
+    Start,
+    Stop,
+    Joined,
+    Changed,
+    Departed,
+    Broken,
+    /// Not a hook: the unit's end, once its stop hook ran.
+    Remove,
+}
+
+impl HookKind {
+    fn word(self) -> &'static str {
+        match self {
+            HookKind::Install => "install",
+            HookKind::ConfigChanged => "config-changed",
+            HookKind::Start => "start",
+            HookKind::Stop => "stop",
+            HookKind::Joined => "relation-joined",
+            HookKind::Changed => "relation-changed",
+            HookKind::Departed => "relation-departed",
+            HookKind::Broken => "relation-broken",
+            HookKind::Remove => "remove",
+        }
+    }
+}
+
+/// The relation a relation hook is about, captured when it was queued (a departed or
+/// broken hook runs after the relation is gone).
+#[derive(Debug, Clone, PartialEq)]
+struct RelationContext {
+    id: u64,
+    /// The unit's own endpoint name.
+    name: String,
+    remote_app: String,
+    remote_unit: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Hook {
+    kind: HookKind,
+    relation: Option<RelationContext>,
+}
+
+impl Hook {
+    fn plain(kind: HookKind) -> Self {
+        Hook {
+            kind,
+            relation: None,
+        }
+    }
+
+    /// The hook's file name: `db-relation-joined` for relation hooks.
+    fn file(&self) -> String {
+        match &self.relation {
+            Some(r) => format!("{}-{}", r.name, self.kind.word()),
+            None => self.kind.word().to_owned(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum UnitMsg {
+    Hook(Hook),
+    Resolved { retry: bool },
+}
+
+/// What running one hook came to.
+enum Outcome {
+    Done,
+    Failed,
+    /// The unit is gone: the uniter ends.
+    Gone,
+}
+
+/// A change being prepared: a copy of the state with the change applied, and what to
+/// write and which hooks to queue once it is committed.
+struct Change {
+    state: State,
+    write: ModelWrite,
+    hooks: Vec<(String, Hook)>,
+}
+
+impl Change {
+    fn new(state: &State) -> Self {
+        Change {
+            state: state.clone(),
+            write: ModelWrite::default(),
+            hooks: Vec::new(),
+        }
+    }
+
+    fn record<T: Serialize>(&mut self, kind: &str, id: &str, value: &T) {
+        let data = serde_json::to_value(value).unwrap_or_default();
+        self.write.put.push(ModelDoc {
+            kind: kind.into(),
+            id: id.into(),
+            data: data.clone(),
+        });
+        self.write.events.push(NewEvent::new(
+            &format!("model.{kind}.change"),
+            id,
+            data,
+        ));
+    }
+
+    fn forget<T: Serialize>(&mut self, kind: &str, id: &str, last: &T) {
+        self.write.remove.push((kind.into(), id.into()));
+        self.write.events.push(NewEvent::new(
+            &format!("model.{kind}.remove"),
+            id,
+            serde_json::to_value(last).unwrap_or_default(),
+        ));
+    }
+
+    fn put_app(&mut self, app: Application) {
+        self.record("application", &app.name, &app);
+        self.state.apps.insert(app.name.clone(), app);
+    }
+
+    fn put_unit(&mut self, unit: Unit) {
+        self.record("unit", &unit.name, &unit);
+        self.state.units.insert(unit.name.clone(), unit);
+    }
+
+    fn put_machine(&mut self, machine: Machine) {
+        self.record("machine", &machine.id, &machine);
+        self.state.machines.insert(machine.id.clone(), machine);
+    }
+
+    fn put_relation(&mut self, relation: Relation) {
+        self.record("relation", &relation.id.to_string(), &relation);
+        self.state.relations.insert(relation.id, relation);
+    }
+
+    fn remove_app(&mut self, name: &str) {
+        if let Some(app) = self.state.apps.remove(name) {
+            self.forget("application", name, &app);
+        }
+    }
+
+    fn remove_unit(&mut self, name: &str) {
+        if let Some(unit) = self.state.units.remove(name) {
+            self.forget("unit", name, &unit);
+        }
+    }
+
+    fn remove_machine(&mut self, id: &str) {
+        if let Some(machine) = self.state.machines.remove(id) {
+            self.forget("machine", id, &machine);
+        }
+    }
+
+    fn remove_relation(&mut self, id: u64) {
+        if let Some(relation) = self.state.relations.remove(&id) {
+            self.forget("relation", &id.to_string(), &relation);
+        }
+    }
+
+    /// The next number of a sequence; numbers are never given out twice.
+    fn next(&mut self, sequence: &str, first: u64) -> u64 {
+        let next = self
+            .state
+            .sequences
+            .entry(sequence.to_owned())
+            .or_insert(first);
+        let n = *next;
+        *next += 1;
+        self.write.sequences.insert(sequence.to_owned(), *next);
+        n
+    }
+
+    fn hook(&mut self, unit: &str, hook: Hook) {
+        self.hooks.push((unit.to_owned(), hook));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.write.put.is_empty()
+            && self.write.remove.is_empty()
+            && self.write.sequences.is_empty()
+            && self.hooks.is_empty()
+    }
+}
+
+impl Model {
+    /// Loads the model from the store, adds machine 0 (the server) if missing and
+    /// restarts the uniters of units that were busy when the server stopped.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        nodes: Nodes,
+        jobs: Jobs,
+        config: ModelConfig,
+    ) -> CoreResult<Model> {
+        let data = store.load_model().await?;
+        let mut state = State {
+            revision: data.revision,
+            sequences: data.sequences,
+            ..State::default()
+        };
+        let mut uuid = None;
+        for doc in data.docs {
+            let corrupt = |e: serde_json::Error| {
+                CoreError::Store(crate::store::StoreError::Corrupt(format!(
+                    "model {} {}: {e}",
+                    doc.kind, doc.id
+                )))
+            };
+            match doc.kind.as_str() {
+                "application" => {
+                    let app: Application =
+                        serde_json::from_value(doc.data.clone()).map_err(corrupt)?;
+                    state.apps.insert(app.name.clone(), app);
+                }
+                "unit" => {
+                    let unit: Unit = serde_json::from_value(doc.data.clone()).map_err(corrupt)?;
+                    state.units.insert(unit.name.clone(), unit);
+                }
+                "machine" => {
+                    let machine: Machine =
+                        serde_json::from_value(doc.data.clone()).map_err(corrupt)?;
+                    state.machines.insert(machine.id.clone(), machine);
+                }
+                "relation" => {
+                    let relation: Relation =
+                        serde_json::from_value(doc.data.clone()).map_err(corrupt)?;
+                    state.relations.insert(relation.id, relation);
+                }
+                "info" => uuid = doc.data.get("uuid").and_then(Value::as_str).map(String::from),
+                _ => {}
+            }
+        }
+        let mut write = ModelWrite::default();
+        let uuid = match uuid {
+            Some(uuid) => uuid,
+            None => {
+                let uuid = new_uuid();
+                write.put.push(ModelDoc {
+                    kind: "info".into(),
+                    id: "model".into(),
+                    data: serde_json::json!({ "uuid": uuid }),
+                });
+                uuid
+            }
+        };
+        let model = Model {
+            inner: Arc::new(Inner {
+                store,
+                nodes,
+                jobs,
+                charms: Charms::new(&config.charms_dir),
+                config,
+                uuid,
+                state: tokio::sync::Mutex::new(State::default()),
+                uniters: StdMutex::new(HashMap::new()),
+            }),
+        };
+        let mut change = Change {
+            state,
+            write,
+            hooks: Vec::new(),
+        };
+        if !change.state.machines.contains_key("0") {
+            change.put_machine(Machine {
+                id: "0".into(),
+                node: LOCAL_NODE.into(),
+                status: "started".into(),
+                series: model.inner.config.default_series.clone(),
+                life: Life::Alive,
+                jobs: vec!["JobManageEnviron".into()],
+                constraints: BTreeMap::new(),
+            });
+        }
+        // Units that were on their way in or out when the server stopped go on.
+        let units: Vec<Unit> = change.state.units.values().cloned().collect();
+        for unit in units {
+            if unit.life != Life::Alive || unit.status == UnitStatus::Stopping {
+                change.hook(&unit.name, Hook::plain(HookKind::Stop));
+                change.hook(&unit.name, Hook::plain(HookKind::Remove));
+            } else if matches!(unit.status, UnitStatus::Pending | UnitStatus::Installing) {
+                change.hook(&unit.name, Hook::plain(HookKind::Install));
+                change.hook(&unit.name, Hook::plain(HookKind::ConfigChanged));
+                change.hook(&unit.name, Hook::plain(HookKind::Start));
+            }
+        }
+        {
+            let mut state = model.inner.state.lock().await;
+            // The loaded model is the state even when there is nothing to write.
+            *state = change.state.clone();
+            model.commit(&mut state, change).await?;
+        }
+        Ok(model)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    pub fn uuid(&self) -> &str {
+        &self.inner.uuid
+    }
+
+    pub fn default_series(&self) -> &str {
+        &self.inner.config.default_series
+    }
+
+    pub fn charms(&self) -> &Charms {
+        &self.inner.charms
+    }
+
+    /// Writes a change and applies it: the state, then the hooks it queued.
+    async fn commit(&self, state: &mut State, mut change: Change) -> CoreResult<()> {
+        if change.is_empty() {
+            return Ok(());
+        }
+        let hooks = std::mem::take(&mut change.hooks);
+        let write = std::mem::take(&mut change.write);
+        if !(write.put.is_empty() && write.remove.is_empty() && write.sequences.is_empty()) {
+            let events = self.inner.store.write_model(write).await?;
+            if let Some(last) = events.last() {
+                change.state.revision = last.rev;
+            }
+        }
+        *state = change.state;
+        for (unit, hook) in hooks {
+            self.send(&unit, UnitMsg::Hook(hook));
+        }
+        Ok(())
+    }
+
+    /// Hands a message to a unit's uniter, starting it if needed.
+    fn send(&self, unit: &str, msg: UnitMsg) {
+        let mut uniters = self.inner.uniters.lock().unwrap_or_else(|e| e.into_inner());
+        let msg = match uniters.get(unit) {
+            Some(tx) => match tx.send(msg) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(msg)) => msg,
+            },
+            None => msg,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(msg);
+        uniters.insert(unit.to_owned(), tx);
+        tokio::spawn(self.clone().uniter(unit.to_owned(), rx));
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Reading
+    // -----------------------------------------------------------------------------------
+
+    /// Everything in the model now.
+    pub async fn status(&self) -> ModelStatus {
+        let state = self.inner.state.lock().await;
+        ModelStatus {
+            name: self.inner.config.name.clone(),
+            uuid: self.inner.uuid.clone(),
+            applications: state.apps.values().cloned().collect(),
+            units: sorted_units(state.units.values().cloned().collect()),
+            machines: sorted_machines(state.machines.values().cloned().collect()),
+            relations: state.relations.values().cloned().collect(),
+            revision: state.revision,
+        }
+    }
+
+    pub async fn application(&self, name: &str) -> CoreResult<Application> {
+        let state = self.inner.state.lock().await;
+        app_of(&state, name).cloned()
+    }
+
+    pub async fn unit(&self, name: &str) -> CoreResult<Unit> {
+        let state = self.inner.state.lock().await;
+        state
+            .units
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CoreError::NotFound(format!("unit \"{name}\"")))
+    }
+
+    /// The charm an application was deployed from.
+    pub async fn charm_of(&self, application: &str) -> CoreResult<Charm> {
+        let charm = self.application(application).await?.charm;
+        self.inner.charms.get(&charm)
+    }
+
+    /// An application's effective config (defaults filled in) and constraints.
+    pub async fn config(&self, application: &str) -> CoreResult<ApplicationConfig> {
+        let app = self.application(application).await?;
+        let charm = self.inner.charms.get(&app.charm)?;
+        let config = charm
+            .config
+            .iter()
+            .map(|(key, option)| {
+                let set = app
+                    .config
+                    .get(key)
+                    .and_then(|raw| typed(&option.kind, raw).ok());
+                let value = set.clone().or_else(|| option.default.clone());
+                (
+                    key.clone(),
+                    ConfigValue {
+                        kind: option.kind.clone(),
+                        description: option.description.clone(),
+                        default: set.is_none() && value.is_some(),
+                        value,
+                    },
+                )
+            })
+            .collect();
+        Ok(ApplicationConfig {
+            application: app.name,
+            charm: charm.name,
+            config,
+            constraints: app.constraints,
+        })
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Applications
+    // -----------------------------------------------------------------------------------
+
+    /// Deploys a charm under a name, with `num_units` units on new machines.
+    pub async fn deploy(&self, request: DeployRequest, owner: &str) -> CoreResult<Application> {
+        check_app_name(&request.name)?;
+        let charm = self.inner.charms.resolve(&request.charm)?;
+        let config = check_config(&charm, &request.config, &BTreeMap::new())?;
+        check_constraints(&request.constraints)?;
+        let mut state = self.inner.state.lock().await;
+        if state.apps.contains_key(&request.name) {
+            return Err(CoreError::Conflict(format!(
+                "cannot add application \"{}\": application",
+                request.name
+            )));
+        }
+        let app = Application {
+            name: request.name.clone(),
+            charm_url: request.charm.clone(),
+            charm: charm.name.clone(),
+            config,
+            constraints: request.constraints.clone(),
+            exposed: false,
+            life: Life::Alive,
+            min_units: 0,
+            owner: owner.to_owned(),
+            created_at: Utc::now(),
+        };
+        let mut change = Change::new(&state);
+        change.put_app(app.clone());
+        for _ in 0..request.num_units {
+            self.add_unit(&mut change, &app, request.to.as_deref())
+                .await?;
+        }
+        // Peer relations come with the application.
+        for (name, relation) in &charm.peers {
+            let endpoint = endpoint(&app.name, name, Role::Peer, relation);
+            let id = change.next("relation", 0);
+            change.put_relation(Relation {
+                id,
+                key: format!("{}:{}", app.name, name),
+                interface: relation.interface.clone(),
+                scope: relation.scope.clone(),
+                endpoints: vec![endpoint],
+                settings: BTreeMap::new(),
+                life: Life::Alive,
+            });
+        }
+        self.commit(&mut state, change).await?;
+        Ok(app)
+    }
+
+    /// Adds units to an application; returns their names.
+    pub async fn add_units(
+        &self,
+        application: &str,
+        request: AddUnitsRequest,
+    ) -> CoreResult<Vec<String>> {
+        if request.num_units == 0 {
+            return Err(CoreError::Invalid("must add at least one unit".into()));
+        }
+        let mut state = self.inner.state.lock().await;
+        let app = alive_app(&state, application)?.clone();
+        let mut change = Change::new(&state);
+        let mut names = Vec::new();
+        for _ in 0..request.num_units {
+            names.push(
+                self.add_unit(&mut change, &app, request.to.as_deref())
+                    .await?,
+            );
+        }
+        self.commit(&mut state, change).await?;
+        Ok(names)
+    }
+
+    /// A new unit of `app` on machine `to` or a new machine, with its hooks queued.
+    async fn add_unit(
+        &self,
+        change: &mut Change,
+        app: &Application,
+        to: Option<&str>,
+    ) -> CoreResult<String> {
+        let machine = match to.filter(|t| !t.is_empty()) {
+            Some(id) => {
+                let machine = change
+                    .state
+                    .machines
+                    .get(id)
+                    .filter(|m| m.life == Life::Alive)
+                    .ok_or_else(|| CoreError::NotFound(format!("machine {id}")))?;
+                machine.clone()
+            }
+            None => self.new_machine(change, &app.constraints).await?,
+        };
+        let number = change.next(&format!("unit:{}", app.name), 0);
+        let name = format!("{}/{number}", app.name);
+        change.put_unit(Unit {
+            name: name.clone(),
+            application: app.name.clone(),
+            machine: machine.id.clone(),
+            node: machine.node.clone(),
+            charm_url: app.charm_url.clone(),
+            status: UnitStatus::Pending,
+            status_info: String::new(),
+            life: Life::Alive,
+            ports: Vec::new(),
+            failed_hook: None,
+            last_hook_job: None,
+            created_at: Utc::now(),
+        });
+        for kind in [HookKind::Install, HookKind::ConfigChanged, HookKind::Start] {
+            change.hook(&name, Hook::plain(kind));
+        }
+        // The new unit joins the application's relations, and their units meet it.
+        let relations: Vec<Relation> = change
+            .state
+            .relations
+            .values()
+            .filter(|r| r.endpoints.iter().any(|e| e.application == app.name))
+            .cloned()
+            .collect();
+        for relation in relations {
+            self.join(change, &relation, &name);
+        }
+        Ok(name)
+    }
+
+    /// Queues the joined and changed hooks between `unit` and every alive unit on the
+    /// other side of `relation`.
+    fn join(&self, change: &mut Change, relation: &Relation, unit: &str) {
+        let Some(app) = unit.split('/').next() else {
+            return;
+        };
+        let Some(local) = relation.endpoints.iter().find(|e| e.application == app) else {
+            return;
+        };
+        let remote_endpoint = relation
+            .endpoints
+            .iter()
+            .find(|e| e.application != app)
+            .unwrap_or(local);
+        let remotes: Vec<String> = alive_units(&change.state, &remote_endpoint.application)
+            .into_iter()
+            .filter(|u| u != unit)
+            .collect();
+        for remote in remotes {
+            for kind in [HookKind::Joined, HookKind::Changed] {
+                change.hook(
+                    unit,
+                    relation_hook(kind, relation.id, local, remote_endpoint, Some(&remote)),
+                );
+                change.hook(
+                    &remote,
+                    relation_hook(kind, relation.id, remote_endpoint, local, Some(unit)),
+                );
+            }
+        }
+    }
+
+    /// A new machine on the least busy connected node that has the `tags` constraint's
+    /// labels (the server's own node when none is connected).
+    async fn new_machine(
+        &self,
+        change: &mut Change,
+        constraints: &BTreeMap<String, Value>,
+    ) -> CoreResult<Machine> {
+        let tags: Vec<String> = match constraints.get("tags") {
+            Some(Value::String(s)) => s
+                .split(',')
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let nodes = self.inner.nodes.list().await?;
+        let mut candidates: Vec<(usize, String)> = nodes
+            .iter()
+            .filter(|n| n.connected && !n.blacklisted && n.slots > 0)
+            .filter(|n| tags.iter().all(|t| n.labels.contains(t)))
+            .map(|n| {
+                let load = change
+                    .state
+                    .machines
+                    .values()
+                    .filter(|m| m.node == n.id && m.id != "0")
+                    .count();
+                (load, n.id.clone())
+            })
+            .collect();
+        candidates.sort();
+        let node = match candidates.into_iter().next() {
+            Some((_, node)) => node,
+            None if tags.is_empty() => LOCAL_NODE.to_owned(),
+            None => {
+                return Err(CoreError::Invalid(format!(
+                    "no connected node has the labels {} (constraint tags): see opsbox nodes list",
+                    tags.join(",")
+                )))
+            }
+        };
+        let id = change.next("machine", 1).to_string();
+        let machine = Machine {
+            id,
+            node,
+            status: "pending".into(),
+            series: self.inner.config.default_series.clone(),
+            life: Life::Alive,
+            jobs: vec!["JobHostUnits".into()],
+            constraints: constraints.clone(),
+        };
+        change.put_machine(machine.clone());
+        Ok(machine)
+    }
+
+    /// Destroys an application: its units stop and go, then it and its relations.
+    pub async fn destroy_application(&self, name: &str) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        let mut app = app_of(&state, name)?.clone();
+        if app.life != Life::Alive {
+            return Ok(());
+        }
+        let mut change = Change::new(&state);
+        app.life = Life::Dying;
+        change.put_app(app);
+        let units = alive_units(&change.state, name);
+        if units.is_empty() {
+            self.finish_application(&mut change, name);
+        }
+        for unit in units {
+            self.destroy_unit(&mut change, &unit);
+        }
+        self.commit(&mut state, change).await
+    }
+
+    /// Removes a dying application with no units left, with its relations.
+    fn finish_application(&self, change: &mut Change, name: &str) {
+        let relations: Vec<Relation> = change
+            .state
+            .relations
+            .values()
+            .filter(|r| r.endpoints.iter().any(|e| e.application == name))
+            .cloned()
+            .collect();
+        for relation in relations {
+            // The other side learns that the relation is gone.
+            for endpoint in relation.endpoints.iter().filter(|e| e.application != name) {
+                let remote = relation
+                    .endpoints
+                    .iter()
+                    .find(|e| e.application != endpoint.application)
+                    .unwrap_or(endpoint);
+                for unit in alive_units(&change.state, &endpoint.application) {
+                    change.hook(
+                        &unit,
+                        relation_hook(HookKind::Broken, relation.id, endpoint, remote, None),
+                    );
+                }
+            }
+            change.remove_relation(relation.id);
+        }
+        change.remove_app(name);
+    }
+
+    pub async fn expose(&self, name: &str, exposed: bool) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        let mut app = alive_app(&state, name)?.clone();
+        if app.exposed == exposed {
+            return Ok(());
+        }
+        app.exposed = exposed;
+        let mut change = Change::new(&state);
+        change.put_app(app);
+        self.commit(&mut state, change).await
+    }
+
+    /// Sets and resets config options; units run config-changed when anything changed.
+    pub async fn set_config(&self, name: &str, config: ConfigChange) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        let mut app = alive_app(&state, name)?.clone();
+        let charm = self.inner.charms.get(&app.charm)?;
+        for key in &config.unset {
+            if !charm.config.contains_key(key) {
+                return Err(unknown_option(key, &charm));
+            }
+        }
+        let mut merged = app.config.clone();
+        for key in &config.unset {
+            merged.remove(key);
+        }
+        merged = check_config(&charm, &config.set, &merged)?;
+        if merged == app.config {
+            return Ok(());
+        }
+        app.config = merged;
+        let mut change = Change::new(&state);
+        change.put_app(app);
+        for unit in alive_units(&change.state, name) {
+            change.hook(&unit, Hook::plain(HookKind::ConfigChanged));
+        }
+        self.commit(&mut state, change).await
+    }
+
+    pub async fn set_constraints(
+        &self,
+        name: &str,
+        constraints: BTreeMap<String, Value>,
+    ) -> CoreResult<()> {
+        check_constraints(&constraints)?;
+        let mut state = self.inner.state.lock().await;
+        let mut app = alive_app(&state, name)?.clone();
+        if app.constraints == constraints {
+            return Ok(());
+        }
+        app.constraints = constraints;
+        let mut change = Change::new(&state);
+        change.put_app(app);
+        self.commit(&mut state, change).await
+    }
+
+    /// Switches an application to another charm; its units run upgrade-charm.
+    pub async fn set_charm(&self, name: &str, url: &str) -> CoreResult<()> {
+        let charm = self.inner.charms.resolve(url)?;
+        let mut state = self.inner.state.lock().await;
+        let mut app = alive_app(&state, name)?.clone();
+        if charm.name != app.charm {
+            return Err(CoreError::Invalid(format!(
+                "cannot upgrade \"{name}\" from charm \"{}\" to a different charm \"{}\"",
+                app.charm, charm.name
+            )));
+        }
+        app.charm_url = url.to_owned();
+        let mut change = Change::new(&state);
+        change.put_app(app);
+        for unit in alive_units(&change.state, name) {
+            if let Some(mut u) = change.state.units.get(&unit).cloned() {
+                u.charm_url = url.to_owned();
+                change.put_unit(u);
+            }
+            change.hook(&unit, Hook::plain(HookKind::ConfigChanged));
+        }
+        self.commit(&mut state, change).await
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Units and machines
+    // -----------------------------------------------------------------------------------
+
+    /// Destroys units: each leaves its relations, runs its stop hook and goes. Units
+    /// that do not exist are named in the error; the others are destroyed anyway.
+    pub async fn destroy_units(&self, names: &[String]) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        let mut change = Change::new(&state);
+        let mut missing = Vec::new();
+        for name in names {
+            match change.state.units.get(name) {
+                Some(unit) if unit.life == Life::Alive => self.destroy_unit(&mut change, name),
+                Some(_) => {}
+                None => missing.push(format!("unit \"{name}\" does not exist")),
+            }
+        }
+        let destroyed = missing.len() < names.len();
+        self.commit(&mut state, change).await?;
+        if missing.is_empty() {
+            Ok(())
+        } else if destroyed {
+            Err(CoreError::Invalid(format!(
+                "some units were not destroyed: {}",
+                missing.join("; ")
+            )))
+        } else {
+            Err(CoreError::Invalid(format!(
+                "no units were destroyed: {}",
+                missing.join("; ")
+            )))
+        }
+    }
+
+    /// Marks a unit dying and queues its way out: departed hooks on both sides of each
+    /// relation, broken, stop, then its removal.
+    fn destroy_unit(&self, change: &mut Change, name: &str) {
+        let Some(mut unit) = change.state.units.get(name).cloned() else {
+            return;
+        };
+        unit.life = Life::Dying;
+        let app = unit.application.clone();
+        change.put_unit(unit);
+        let relations: Vec<Relation> = change
+            .state
+            .relations
+            .values()
+            .filter(|r| r.endpoints.iter().any(|e| e.application == app))
+            .cloned()
+            .collect();
+        for relation in relations {
+            let Some(local) = relation.endpoints.iter().find(|e| e.application == app) else {
+                continue;
+            };
+            let remote = relation
+                .endpoints
+                .iter()
+                .find(|e| e.application != app)
+                .unwrap_or(local);
+            for other in alive_units(&change.state, &remote.application) {
+                if other == name {
+                    continue;
+                }
+                change.hook(
+                    &other,
+                    relation_hook(HookKind::Departed, relation.id, remote, local, Some(name)),
+                );
+                change.hook(
+                    name,
+                    relation_hook(HookKind::Departed, relation.id, local, remote, Some(&other)),
+                );
+            }
+            change.hook(
+                name,
+                relation_hook(HookKind::Broken, relation.id, local, remote, None),
+            );
+        }
+        change.hook(name, Hook::plain(HookKind::Stop));
+        change.hook(name, Hook::plain(HookKind::Remove));
+    }
+
+    /// Takes a unit out of `error`: with `retry` the failed hook runs again, without it
+    /// the unit goes on as if the hook had worked.
+    pub async fn resolved(&self, name: &str, retry: bool) -> CoreResult<()> {
+        let unit = self.unit(name).await?;
+        if unit.status != UnitStatus::Error {
+            return Err(CoreError::Invalid(format!(
+                "unit \"{name}\" is not in an error state"
+            )));
+        }
+        self.send(name, UnitMsg::Resolved { retry });
+        Ok(())
+    }
+
+    /// Adds empty machines (on nodes chosen like a unit's).
+    pub async fn add_machines(
+        &self,
+        constraints: Vec<BTreeMap<String, Value>>,
+    ) -> CoreResult<Vec<String>> {
+        for c in &constraints {
+            check_constraints(c)?;
+        }
+        let mut state = self.inner.state.lock().await;
+        let mut change = Change::new(&state);
+        let mut ids = Vec::new();
+        for c in constraints {
+            let mut machine = self.new_machine(&mut change, &c).await?;
+            machine.status = "started".into();
+            ids.push(machine.id.clone());
+            change.put_machine(machine);
+        }
+        self.commit(&mut state, change).await?;
+        Ok(ids)
+    }
+
+    /// Removes machines that host no units (not machine 0).
+    pub async fn destroy_machines(&self, ids: &[String], force: bool) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        let mut change = Change::new(&state);
+        for id in ids {
+            if id == "0" {
+                return Err(CoreError::Invalid(
+                    "machine 0 is the server itself and cannot be destroyed".into(),
+                ));
+            }
+            if !change.state.machines.contains_key(id) {
+                return Err(CoreError::NotFound(format!("machine {id}")));
+            }
+            let units: Vec<String> = change
+                .state
+                .units
+                .values()
+                .filter(|u| &u.machine == id && u.life == Life::Alive)
+                .map(|u| u.name.clone())
+                .collect();
+            if !units.is_empty() && !force {
+                return Err(CoreError::Invalid(format!(
+                    "machine {id} has unit \"{}\" assigned",
+                    units[0]
+                )));
+            }
+            for unit in &units {
+                self.destroy_unit(&mut change, unit);
+            }
+            if units.is_empty() {
+                change.remove_machine(id);
+            }
+        }
+        self.commit(&mut state, change).await
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Relations
+    // -----------------------------------------------------------------------------------
+
+    /// Relates two applications; each endpoint is `app` or `app:relation`. The pair of
+    /// charm relations must be the only provider/requirer pair with one interface.
+    pub async fn relate(&self, endpoints: &[String]) -> CoreResult<Relation> {
+        let mut state = self.inner.state.lock().await;
+        let (a, b) = self.infer(&state, endpoints)?;
+        let key = relation_key(&[a.clone(), b.clone()]);
+        if state.relations.values().any(|r| r.key == key) {
+            return Err(CoreError::Conflict(format!(
+                "cannot add relation \"{key}\": relation"
+            )));
+        }
+        let mut change = Change::new(&state);
+        let id = change.next("relation", 0);
+        let mut ends = vec![a.clone(), b.clone()];
+        ends.sort_by_key(|e| (role_rank(e.role), format!("{}:{}", e.application, e.name)));
+        let relation = Relation {
+            id,
+            key,
+            interface: a.interface.clone(),
+            scope: a.scope.clone(),
+            endpoints: ends,
+            settings: BTreeMap::new(),
+            life: Life::Alive,
+        };
+        change.put_relation(relation.clone());
+        for unit in alive_units(&change.state, &a.application) {
+            for remote in alive_units(&change.state, &b.application) {
+                for kind in [HookKind::Joined, HookKind::Changed] {
+                    change.hook(&unit, relation_hook(kind, id, &a, &b, Some(&remote)));
+                    change.hook(&remote, relation_hook(kind, id, &b, &a, Some(&unit)));
+                }
+            }
+        }
+        self.commit(&mut state, change).await?;
+        Ok(relation)
+    }
+
+    /// Removes the relation between two endpoints; units of both sides depart.
+    pub async fn destroy_relation(&self, endpoints: &[String]) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        let (a, b) = self.infer_existing(&state, endpoints)?;
+        let key = relation_key(&[a.clone(), b.clone()]);
+        let relation = state
+            .relations
+            .values()
+            .find(|r| r.key == key)
+            .cloned()
+            .ok_or_else(|| CoreError::NotFound(format!("relation \"{key}\"")))?;
+        let mut change = Change::new(&state);
+        for (local, remote) in [(&a, &b), (&b, &a)] {
+            for unit in alive_units(&change.state, &local.application) {
+                for other in alive_units(&change.state, &remote.application) {
+                    change.hook(
+                        &unit,
+                        relation_hook(HookKind::Departed, relation.id, local, remote, Some(&other)),
+                    );
+                }
+                change.hook(
+                    &unit,
+                    relation_hook(HookKind::Broken, relation.id, local, remote, None),
+                );
+            }
+        }
+        change.remove_relation(relation.id);
+        self.commit(&mut state, change).await
+    }
+
+    /// The relation names of an application's charm.
+    pub async fn charm_relations(&self, application: &str) -> CoreResult<Vec<String>> {
+        let charm = self.charm_of(application).await?;
+        let mut names: Vec<String> = charm
+            .provides
+            .keys()
+            .chain(charm.requires.keys())
+            .chain(charm.peers.keys())
+            .cloned()
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The two endpoints a pair of `app[:relation]` names can only mean.
+    fn infer(&self, state: &State, names: &[String]) -> CoreResult<(Endpoint, Endpoint)> {
+        let [first, second] = names else {
+            return Err(CoreError::Invalid(format!(
+                "a relation needs two endpoints, not {}",
+                names.len()
+            )));
+        };
+        let candidates = |name: &str| -> CoreResult<Vec<Endpoint>> {
+            let (app_name, relation) = match name.split_once(':') {
+                Some((a, r)) => (a, Some(r)),
+                None => (name, None),
+            };
+            let app = alive_app(state, app_name)?;
+            let charm = self.inner.charms.get(&app.charm)?;
+            let mut all = Vec::new();
+            for (role, map) in [
+                (Role::Provider, &charm.provides),
+                (Role::Requirer, &charm.requires),
+            ] {
+                for (rel, meta) in map {
+                    if relation.is_none_or(|r| r == rel) {
+                        all.push(endpoint(app_name, rel, role, meta));
+                    }
+                }
+            }
+            if let (Some(r), true) = (relation, all.is_empty()) {
+                return Err(CoreError::Invalid(format!(
+                    "application \"{app_name}\" has no \"{r}\" relation"
+                )));
+            }
+            Ok(all)
+        };
+        let left = candidates(first)?;
+        let right = candidates(second)?;
+        let mut pairs = Vec::new();
+        for a in &left {
+            for b in &right {
+                let roles = matches!(
+                    (a.role, b.role),
+                    (Role::Provider, Role::Requirer) | (Role::Requirer, Role::Provider)
+                );
+                if roles && a.interface == b.interface && a.application != b.application {
+                    pairs.push((a.clone(), b.clone()));
+                }
+            }
+        }
+        match pairs.len() {
+            0 => Err(CoreError::Invalid(format!(
+                "no relations found between \"{first}\" and \"{second}\": their charms share no interface with one side providing and the other requiring it"
+            ))),
+            1 => Ok(pairs.remove(0)),
+            _ => Err(CoreError::Invalid(format!(
+                "ambiguous relation: \"{first} {second}\" could refer to {}; name the relations as app:relation",
+                pairs
+                    .iter()
+                    .map(|(a, b)| format!("\"{}\"", relation_key(&[a.clone(), b.clone()])))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))),
+        }
+    }
+
+    /// Like [`Self::infer`], but for relations that exist (their applications may be
+    /// dying).
+    fn infer_existing(
+        &self,
+        state: &State,
+        names: &[String],
+    ) -> CoreResult<(Endpoint, Endpoint)> {
+        let [first, second] = names else {
+            return Err(CoreError::Invalid(format!(
+                "a relation needs two endpoints, not {}",
+                names.len()
+            )));
+        };
+        let matches = |name: &str, e: &Endpoint| match name.split_once(':') {
+            Some((a, r)) => e.application == a && e.name == r,
+            None => e.application == name,
+        };
+        for relation in state.relations.values() {
+            if let [a, b] = relation.endpoints.as_slice() {
+                if matches(first, a) && matches(second, b) || matches(first, b) && matches(second, a)
+                {
+                    return Ok((a.clone(), b.clone()));
+                }
+            }
+        }
+        for name in [first, second] {
+            let app = name.split(':').next().unwrap_or(name);
+            app_of(state, app)?;
+        }
+        Err(CoreError::NotFound(format!(
+            "relation between \"{first}\" and \"{second}\""
+        )))
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Uniters
+    // -----------------------------------------------------------------------------------
+
+    /// Runs a unit's hooks in order. After a failed hook it waits for `resolved`, but a
+    /// destroy still gets through (its departed, broken, stop and removal).
+    async fn uniter(self, unit: String, mut rx: mpsc::UnboundedReceiver<UnitMsg>) {
+        let mut queued: VecDeque<Hook> = VecDeque::new();
+        loop {
+            let hook = match queued.pop_front() {
+                Some(hook) => hook,
+                None => match rx.recv().await {
+                    Some(UnitMsg::Hook(hook)) => hook,
+                    Some(UnitMsg::Resolved { .. }) => continue,
+                    None => return,
+                },
+            };
+            match self.run_hook(&unit, &hook).await {
+                Outcome::Done => {}
+                Outcome::Gone => {
+                    self.inner
+                        .uniters
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&unit);
+                    return;
+                }
+                Outcome::Failed => loop {
+                    match rx.recv().await {
+                        Some(UnitMsg::Resolved { retry }) => {
+                            if retry {
+                                queued.push_front(hook.clone());
+                            } else if let Err(e) = self.clear_error(&unit, &hook).await {
+                                tracing::warn!(%unit, error = %e, "cannot resolve the unit");
+                            }
+                            break;
+                        }
+                        Some(UnitMsg::Hook(next)) if next.kind == HookKind::Stop => {
+                            // Being destroyed: only the way out still runs.
+                            queued.retain(|h| {
+                                matches!(h.kind, HookKind::Departed | HookKind::Broken)
+                            });
+                            queued.push_back(next);
+                            break;
+                        }
+                        Some(UnitMsg::Hook(next)) => queued.push_back(next),
+                        None => return,
+                    }
+                },
+            }
+        }
+    }
+
+    /// Leaves `error` without running the failed hook again.
+    async fn clear_error(&self, name: &str, hook: &Hook) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        let Some(mut unit) = state.units.get(name).cloned() else {
+            return Ok(());
+        };
+        unit.status = status_after(hook.kind).unwrap_or(UnitStatus::Started);
+        unit.status_info.clear();
+        unit.failed_hook = None;
+        let mut change = Change::new(&state);
+        change.put_unit(unit);
+        self.commit(&mut state, change).await
+    }
+
+    async fn run_hook(&self, name: &str, hook: &Hook) -> Outcome {
+        match self.try_run_hook(name, hook).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!(unit = %name, hook = %hook.file(), error = %e, "hook could not run");
+                let _ = self
+                    .hook_ended(name, hook, false, None, &[], Some(e.to_string()))
+                    .await;
+                Outcome::Failed
+            }
+        }
+    }
+
+    async fn try_run_hook(&self, name: &str, hook: &Hook) -> CoreResult<Outcome> {
+        if hook.kind == HookKind::Remove {
+            self.remove_unit(name).await?;
+            return Ok(Outcome::Gone);
+        }
+        // Before: the status it runs under, the machine up, and its environment.
+        let (unit, app, env) = {
+            let mut state = self.inner.state.lock().await;
+            let Some(mut unit) = state.units.get(name).cloned() else {
+                return Ok(Outcome::Gone);
+            };
+            if let Some(relation) = &hook.relation {
+                let exists = state.relations.contains_key(&relation.id);
+                if !exists && matches!(hook.kind, HookKind::Joined | HookKind::Changed) {
+                    return Ok(Outcome::Done);
+                }
+            }
+            let Some(app) = state.apps.get(&unit.application).cloned() else {
+                return Ok(Outcome::Gone);
+            };
+            let mut change = Change::new(&state);
+            if let Some(mut machine) = change.state.machines.get(&unit.machine).cloned() {
+                if machine.status == "pending" {
+                    machine.status = "started".into();
+                    change.put_machine(machine);
+                }
+            }
+            let during = match hook.kind {
+                HookKind::Install => Some(UnitStatus::Installing),
+                HookKind::Stop => Some(UnitStatus::Stopping),
+                _ => None,
+            };
+            if let Some(status) = during {
+                if unit.status != status {
+                    unit.status = status;
+                    unit.status_info = format!("running {} hook", hook.file());
+                    change.put_unit(unit.clone());
+                }
+            }
+            self.commit(&mut state, change).await?;
+            let env = self.hook_env(&state, &unit, &app, hook)?;
+            (unit, app, env)
+        };
+        let path = self
+            .inner
+            .charms
+            .hook_path(&app.charm, &hook.file())
+            .or_else(|| {
+                hook.relation
+                    .as_ref()
+                    .and_then(|_| self.inner.charms.hook_path(&app.charm, hook.kind.word()))
+            });
+        let Some(path) = path else {
+            // No such hook: nothing to do, and it worked.
+            self.hook_ended(name, hook, true, None, &[], None).await?;
+            return Ok(Outcome::Done);
+        };
+        let program = Program {
+            name: format!("hook-{}-{}", unit.name.replace('/', "-"), hook.file()),
+            path,
+            env,
+            timeout_secs: Some(self.inner.config.hook_timeout.as_secs().max(1)),
+        };
+        let job = self
+            .inner
+            .nodes
+            .run_program(program, Some(unit.node.clone()), Some(name.to_owned()))
+            .await?;
+        let (ended, job) = self
+            .inner
+            .jobs
+            .wait(&job.name, self.inner.config.hook_timeout * 2 + Duration::from_secs(60))
+            .await?;
+        let success = ended && job.state == JobState::Succeeded;
+        let stdout = match self.inner.jobs.output(&job.name).await {
+            Ok(output) => output.stdout,
+            Err(_) => Vec::new(),
+        };
+        let reason = (!success).then(|| {
+            job.reason
+                .clone()
+                .unwrap_or_else(|| format!("the hook job ended {}", job.state.as_str()))
+        });
+        self.hook_ended(name, hook, success, Some(job.name), &stdout, reason)
+            .await?;
+        Ok(if success {
+            Outcome::Done
+        } else {
+            Outcome::Failed
+        })
+    }
+
+    /// The environment of a hook (see examples/charms/README.md).
+    fn hook_env(
+        &self,
+        state: &State,
+        unit: &Unit,
+        app: &Application,
+        hook: &Hook,
+    ) -> CoreResult<BTreeMap<String, String>> {
+        let mut env = BTreeMap::new();
+        env.insert("JUJU_UNIT_NAME".into(), unit.name.clone());
+        env.insert("JUJU_HOOK_NAME".into(), hook.file());
+        env.insert("JUJU_MACHINE_ID".into(), unit.machine.clone());
+        env.insert("JUJU_ENV_NAME".into(), self.inner.config.name.clone());
+        env.insert("JUJU_ENV_UUID".into(), self.inner.uuid.clone());
+        env.insert("JUJU_CHARM".into(), app.charm.clone());
+        let charm = self.inner.charms.get(&app.charm)?;
+        let mut config = serde_json::Map::new();
+        for (key, option) in &charm.config {
+            let value = app
+                .config
+                .get(key)
+                .and_then(|raw| typed(&option.kind, raw).ok())
+                .or_else(|| option.default.clone());
+            let text = match &value {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => String::new(),
+            };
+            env.insert(format!("CONFIG_{}", env_key(key)), text);
+            config.insert(key.clone(), value.unwrap_or(Value::Null));
+        }
+        env.insert("JUJU_CONFIG".into(), Value::Object(config).to_string());
+        if let Some(relation) = &hook.relation {
+            env.insert("JUJU_RELATION".into(), relation.name.clone());
+            env.insert(
+                "JUJU_RELATION_ID".into(),
+                format!("{}:{}", relation.name, relation.id),
+            );
+            env.insert("JUJU_REMOTE_SERVICE".into(), relation.remote_app.clone());
+            if let Some(remote) = &relation.remote_unit {
+                env.insert("JUJU_REMOTE_UNIT".into(), remote.clone());
+                if let Some(settings) = state
+                    .relations
+                    .get(&relation.id)
+                    .and_then(|r| r.settings.get(remote))
+                {
+                    for (key, value) in settings {
+                        env.insert(format!("RELATION_{}", env_key(key)), value.clone());
+                    }
+                }
+            }
+        }
+        Ok(env)
+    }
+
+    /// Records a hook's end: the unit's status, its ports and relation settings from
+    /// the hook's output, and the changed hooks that new settings call for.
+    async fn hook_ended(
+        &self,
+        name: &str,
+        hook: &Hook,
+        success: bool,
+        job: Option<String>,
+        stdout: &[String],
+        reason: Option<String>,
+    ) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        let Some(mut unit) = state.units.get(name).cloned() else {
+            return Ok(());
+        };
+        let before = unit.clone();
+        let mut change = Change::new(&state);
+        let mut settings: BTreeMap<String, String> = BTreeMap::new();
+        let mut set_any = false;
+        for line in stdout {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("relation-set") => {
+                    set_any = true;
+                    for pair in words {
+                        if let Some((k, v)) = pair.split_once('=') {
+                            settings.insert(k.to_owned(), v.to_owned());
+                        }
+                    }
+                }
+                Some("open-port") => {
+                    if let Some(port) = words.next() {
+                        let port = normal_port(port);
+                        if !unit.ports.contains(&port) {
+                            unit.ports.push(port);
+                        }
+                    }
+                }
+                Some("close-port") => {
+                    if let Some(port) = words.next() {
+                        let port = normal_port(port);
+                        unit.ports.retain(|p| p != &port);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if success {
+            if let Some(status) = status_after(hook.kind) {
+                unit.status = status;
+            } else if unit.status == UnitStatus::Error {
+                // A retried hook worked: the unit is back to running.
+                unit.status = UnitStatus::Started;
+            }
+            unit.status_info.clear();
+        } else {
+            unit.status = UnitStatus::Error;
+            unit.status_info = format!("hook failed: \"{}\"", hook.file());
+            unit.failed_hook = Some(hook.file());
+            unit.last_hook_job = job;
+            if let Some(reason) = reason {
+                tracing::warn!(unit = %name, hook = %hook.file(), %reason, "hook failed");
+            }
+        }
+        if success && unit.failed_hook.is_some() {
+            unit.failed_hook = None;
+        }
+        if unit != before {
+            change.put_unit(unit);
+        }
+        if let (true, Some(context)) = (set_any && success, &hook.relation) {
+            if let Some(mut relation) = change.state.relations.get(&context.id).cloned() {
+                let entry = relation.settings.entry(name.to_owned()).or_default();
+                let mut merged = entry.clone();
+                merged.extend(settings);
+                if &merged != entry {
+                    *entry = merged;
+                    let app = name.split('/').next().unwrap_or_default().to_owned();
+                    let local = relation.endpoints.iter().find(|e| e.application == app);
+                    let remote = relation.endpoints.iter().find(|e| e.application != app);
+                    if let (Some(local), Some(remote)) = (local.cloned(), remote.cloned()) {
+                        for other in alive_units(&change.state, &remote.application) {
+                            change.hook(
+                                &other,
+                                relation_hook(
+                                    HookKind::Changed,
+                                    relation.id,
+                                    &remote,
+                                    &local,
+                                    Some(name),
+                                ),
+                            );
+                        }
+                    }
+                    change.put_relation(relation);
+                }
+            }
+        }
+        self.commit(&mut state, change).await
+    }
+
+    /// A unit's end: it goes, with its settings in relations, its machine if nothing
+    /// else is on it, and its application if that was dying and this was its last unit.
+    async fn remove_unit(&self, name: &str) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        let Some(unit) = state.units.get(name).cloned() else {
+            return Ok(());
+        };
+        let mut change = Change::new(&state);
+        change.remove_unit(name);
+        let with_settings: Vec<Relation> = change
+            .state
+            .relations
+            .values()
+            .filter(|r| r.settings.contains_key(name))
+            .cloned()
+            .collect();
+        for mut relation in with_settings {
+            relation.settings.remove(name);
+            change.put_relation(relation);
+        }
+        let shared = change.state.units.values().any(|u| u.machine == unit.machine);
+        if unit.machine != "0" && !shared {
+            change.remove_machine(&unit.machine);
+        }
+        let app_dying = change
+            .state
+            .apps
+            .get(&unit.application)
+            .is_some_and(|a| a.life != Life::Alive);
+        let units_left = change
+            .state
+            .units
+            .values()
+            .any(|u| u.application == unit.application);
+        if app_dying && !units_left {
+            self.finish_application(&mut change, &unit.application);
+        }
+        self.commit(&mut state, change).await
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Watching
+    // -----------------------------------------------------------------------------------
+
+    /// A watcher whose first [`ModelWatcher::next`] is the whole model.
+    pub fn watcher(&self) -> ModelWatcher {
+        ModelWatcher {
+            model: self.clone(),
+            revision: 0,
+            seen: HashSet::new(),
+            started: false,
+        }
+    }
+}
+
+/// One entity's change or removal, with its whole latest record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delta {
+    /// `application`, `unit`, `machine` or `relation`.
+    pub kind: String,
+    pub removed: bool,
+    pub data: Value,
+}
+
+impl Delta {
+    /// The entity's id within its kind.
+    pub fn id(&self) -> String {
+        let field = match self.kind.as_str() {
+            "machine" => "id",
+            "relation" => "key",
+            _ => "name",
+        };
+        match self.data.get(field) {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        }
+    }
+}
+
+/// Juju's AllWatcher semantics over the event log: the first `next` is the whole
+/// model, each later one the entities changed since, each once with its latest record,
+/// oldest change first; an entity that came and went in between is not reported.
+pub struct ModelWatcher {
+    model: Model,
+    revision: u64,
+    /// Entities this watcher has reported and not yet reported removed.
+    seen: HashSet<(String, String)>,
+    started: bool,
+}
+
+impl ModelWatcher {
+    /// The revision the watcher has seen up to.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Waits until there is at least one delta and returns them.
+    pub async fn next(&mut self) -> CoreResult<Vec<Delta>> {
+        let mut changes = self.model.inner.store.changes();
+        if !self.started {
+            self.started = true;
+            let deltas = self.snapshot().await;
+            if !deltas.is_empty() {
+                return Ok(deltas);
+            }
+        }
+        loop {
+            changes.borrow_and_update();
+            let deltas = self.since().await?;
+            if !deltas.is_empty() {
+                return Ok(deltas);
+            }
+            if changes.changed().await.is_err() {
+                return Err(CoreError::Store(crate::store::StoreError::Closed));
+            }
+        }
+    }
+
+    /// Everything now, as changes; entities seen before and gone now as removals.
+    async fn snapshot(&mut self) -> Vec<Delta> {
+        let state = self.model.inner.state.lock().await;
+        let mut deltas = Vec::new();
+        let mut now = HashSet::new();
+        let mut add = |kind: &str, data: Value| {
+            let delta = Delta {
+                kind: kind.into(),
+                removed: false,
+                data,
+            };
+            now.insert((delta.kind.clone(), delta.id()));
+            deltas.push(delta);
+        };
+        for app in state.apps.values() {
+            add("application", serde_json::to_value(app).unwrap_or_default());
+        }
+        for machine in sorted_machines(state.machines.values().cloned().collect()) {
+            add("machine", serde_json::to_value(machine).unwrap_or_default());
+        }
+        for unit in sorted_units(state.units.values().cloned().collect()) {
+            add("unit", serde_json::to_value(unit).unwrap_or_default());
+        }
+        for relation in state.relations.values() {
+            add("relation", serde_json::to_value(relation).unwrap_or_default());
+        }
+        for (kind, id) in self.seen.difference(&now) {
+            let field = if kind == "machine" { "id" } else { "name" };
+            deltas.push(Delta {
+                kind: kind.clone(),
+                removed: true,
+                data: serde_json::json!({ field: id }),
+            });
+        }
+        self.seen = now;
+        self.revision = state.revision;
+        deltas
+    }
+
+    /// The model events after the watcher's revision, folded per entity.
+    async fn since(&mut self) -> CoreResult<Vec<Delta>> {
+        let mut latest: BTreeMap<(String, String), (u64, bool, Value)> = BTreeMap::new();
+        loop {
+            let store = &self.model.inner.store;
+            match store.events_since(self.revision, 1000).await? {
+                EventsSince::Gone { .. } => return Ok(self.snapshot().await),
+                EventsSince::Events(events) => {
+                    let count = events.len();
+                    for event in events {
+                        self.revision = event.rev;
+                        let Some(rest) = event.kind.strip_prefix("model.") else {
+                            continue;
+                        };
+                        let Some((kind, action)) = rest.split_once('.') else {
+                            continue;
+                        };
+                        latest.insert(
+                            (kind.to_owned(), event.subject.clone()),
+                            (event.rev, action == "remove", event.data),
+                        );
+                    }
+                    if count < 1000 {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut ordered: Vec<((String, String), (u64, bool, Value))> =
+            latest.into_iter().collect();
+        ordered.sort_by_key(|(_, (rev, _, _))| *rev);
+        let mut deltas = Vec::new();
+        for ((kind, subject), (_, removed, data)) in ordered {
+            let delta = Delta {
+                kind: kind.clone(),
+                removed,
+                data,
+            };
+            let key = (kind, delta.id());
+            let _ = subject;
+            if removed {
+                if !self.seen.remove(&key) {
+                    continue;
+                }
+            } else {
+                self.seen.insert(key);
+            }
+            deltas.push(delta);
+        }
+        Ok(deltas)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rules
+// ---------------------------------------------------------------------------------------
+
+fn app_of<'a>(state: &'a State, name: &str) -> CoreResult<&'a Application> {
+    state
+        .apps
+        .get(name)
+        .ok_or_else(|| CoreError::NotFound(format!("application \"{name}\"")))
+}
+
+fn alive_app<'a>(state: &'a State, name: &str) -> CoreResult<&'a Application> {
+    let app = app_of(state, name)?;
+    if app.life != Life::Alive {
+        return Err(CoreError::Invalid(format!(
+            "application \"{name}\" is being destroyed"
+        )));
+    }
+    Ok(app)
+}
+
+fn alive_units(state: &State, app: &str) -> Vec<String> {
+    sorted_units(
+        state
+            .units
+            .values()
+            .filter(|u| u.application == app && u.life == Life::Alive)
+            .cloned()
+            .collect(),
+    )
+    .into_iter()
+    .map(|u| u.name)
+    .collect()
+}
+
+/// Units by application, then number (`blog/10` after `blog/9`).
+fn sorted_units(mut units: Vec<Unit>) -> Vec<Unit> {
+    units.sort_by_key(|u| {
+        let (app, n) = u.name.split_once('/').unwrap_or((&u.name, "0"));
+        (app.to_owned(), n.parse::<u64>().unwrap_or(0))
+    });
+    units
+}
+
+fn sorted_machines(mut machines: Vec<Machine>) -> Vec<Machine> {
+    machines.sort_by_key(|m| m.id.parse::<u64>().unwrap_or(u64::MAX));
+    machines
+}
+
+fn endpoint(app: &str, name: &str, role: Role, meta: &CharmRelation) -> Endpoint {
+    Endpoint {
+        application: app.to_owned(),
+        name: name.to_owned(),
+        role,
+        interface: meta.interface.clone(),
+        optional: meta.optional,
+        limit: meta.limit,
+        scope: meta.scope.clone(),
+    }
+}
+
+fn role_rank(role: Role) -> u8 {
+    match role {
+        Role::Requirer => 0,
+        Role::Provider => 1,
+        Role::Peer => 2,
+    }
+}
+
+/// `blog:db db:db`: requirer first, then provider, then peer; ties by name.
+fn relation_key(endpoints: &[Endpoint]) -> String {
+    let mut parts: Vec<(u8, String)> = endpoints
+        .iter()
+        .map(|e| (role_rank(e.role), format!("{}:{}", e.application, e.name)))
+        .collect();
+    parts.sort();
+    parts
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn relation_hook(
+    kind: HookKind,
+    id: u64,
+    local: &Endpoint,
+    remote: &Endpoint,
+    remote_unit: Option<&str>,
+) -> Hook {
+    Hook {
+        kind,
+        relation: Some(RelationContext {
+            id,
+            name: local.name.clone(),
+            remote_app: remote.application.clone(),
+            remote_unit: remote_unit.map(str::to_owned),
+        }),
+    }
+}
+
+/// The status a successful hook leaves the unit in, if it changes it.
+fn status_after(kind: HookKind) -> Option<UnitStatus> {
+    match kind {
+        HookKind::Install => Some(UnitStatus::Installed),
+        HookKind::Start => Some(UnitStatus::Started),
+        HookKind::Stop => Some(UnitStatus::Stopped),
+        _ => None,
+    }
+}
+
+/// Application names as Juju takes them: lower-case words of letters and digits joined
+/// by dashes, starting with a letter, no word all digits.
+fn check_app_name(name: &str) -> CoreResult<()> {
+    let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.split('-').all(|word| {
+            !word.is_empty()
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                && !word.bytes().all(|b| b.is_ascii_digit())
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(CoreError::Invalid(format!(
+            "invalid application name \"{name}\": use lower-case letters, digits and dashes, starting with a letter"
+        )))
+    }
+}
+
+fn unknown_option(key: &str, charm: &Charm) -> CoreError {
+    CoreError::Invalid(format!(
+        "unknown option \"{key}\": charm \"{}\" has {}",
+        charm.name,
+        if charm.config.is_empty() {
+            "no options".to_owned()
+        } else {
+            charm.config.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    ))
+}
+
+/// Checks `set` against the charm's options and merges it into `base`; values are kept
+/// as text in a normal form (`True` becomes `true`).
+fn check_config(
+    charm: &Charm,
+    set: &BTreeMap<String, String>,
+    base: &BTreeMap<String, String>,
+) -> CoreResult<BTreeMap<String, String>> {
+    let mut merged = base.clone();
+    for (key, raw) in set {
+        let option = charm
+            .config
+            .get(key)
+            .ok_or_else(|| unknown_option(key, charm))?;
+        let value = typed(&option.kind, raw).map_err(|expected| {
+            CoreError::Invalid(format!(
+                "option \"{key}\" expected {expected}, got {raw:?}"
+            ))
+        })?;
+        let text = match value {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        merged.insert(key.clone(), text);
+    }
+    Ok(merged)
+}
+
+/// A config value as its option's type.
+fn typed(kind: &str, raw: &str) -> Result<Value, &'static str> {
+    match kind {
+        "int" => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::from)
+            .map_err(|_| "int"),
+        "float" => raw
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::Number)
+            .ok_or("float"),
+        "boolean" => match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "1" => Ok(Value::Bool(true)),
+            "false" | "no" | "0" => Ok(Value::Bool(false)),
+            _ => Err("boolean"),
+        },
+        _ => Ok(Value::String(raw.to_owned())),
+    }
+}
+
+fn check_constraints(constraints: &BTreeMap<String, Value>) -> CoreResult<()> {
+    for (key, value) in constraints {
+        if !CONSTRAINTS.contains(&key.as_str()) {
+            return Err(CoreError::Invalid(format!(
+                "unknown constraint \"{key}\": known ones are {}",
+                CONSTRAINTS.join(", ")
+            )));
+        }
+        if NUMERIC_CONSTRAINTS.contains(&key.as_str()) {
+            let ok = match value {
+                Value::Number(n) => n.as_u64().is_some(),
+                Value::String(s) => s.trim().parse::<u64>().is_ok(),
+                Value::Null => true,
+                _ => false,
+            };
+            if !ok {
+                return Err(CoreError::Invalid(format!(
+                    "bad \"{key}\" constraint: expected a non-negative integer, got {value}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn env_key(key: &str) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `80` → `80/tcp`.
+fn normal_port(port: &str) -> String {
+    if port.contains('/') {
+        port.to_ascii_lowercase()
+    } else {
+        format!("{port}/tcp")
+    }
+}
+
+/// A random UUID (version 4).
+fn new_uuid() -> String {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let h = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_keys_and_values() {
+        assert!(check_app_name("blog").is_ok());
+        assert!(check_app_name("my-blog2").is_ok());
+        for bad in ["Blog", "2blog", "blog-", "blog-2", "a_b", ""] {
+            assert!(check_app_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(typed("boolean", "True"), Ok(Value::Bool(true)));
+        assert_eq!(typed("int", "4"), Ok(Value::from(4)));
+        assert!(typed("int", "four").is_err());
+        assert_eq!(normal_port("80"), "80/tcp");
+        assert_eq!(env_key("dataset-size"), "DATASET_SIZE");
+        assert!(check_constraints(&[("cpu-cores".to_string(), Value::from(4))].into()).is_ok());
+        assert!(check_constraints(&[("cpu-cores".to_string(), Value::from(-1))].into()).is_err());
+        assert!(check_constraints(&[("colour".to_string(), Value::from("red"))].into()).is_err());
+        let uuid = new_uuid();
+        assert_eq!(uuid.len(), 36);
+        assert_eq!(&uuid[14..15], "4");
+    }
+}

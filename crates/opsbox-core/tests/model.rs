@@ -1,0 +1,309 @@
+//! The model against a real store, with the example charms whose hooks really run on
+//! the server's own node: relation rules, unit numbers never reused, destroy with
+//! units and relations, hooks and statuses, and the watcher (snapshot, changes, resume).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use common::{eventually, open_with, TestCore};
+use opsbox_api::model::{AddUnitsRequest, ConfigChange, DeployRequest, UnitStatus};
+use opsbox_core::model::Delta;
+use opsbox_core::CoreError;
+
+fn charms_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/charms")
+}
+
+async fn open() -> TestCore {
+    open_with(&[], |c| c.model.charms_dir = charms_dir()).await
+}
+
+fn deploy(name: &str, charm: &str, units: u32) -> DeployRequest {
+    DeployRequest {
+        name: name.into(),
+        charm: charm.into(),
+        num_units: units,
+        config: BTreeMap::new(),
+        constraints: BTreeMap::new(),
+        to: None,
+    }
+}
+
+async fn until_status(t: &TestCore, unit: &str, status: UnitStatus) {
+    eventually(&format!("{unit} to be {}", status.as_str()), 20, || async {
+        let u = t.core.model.unit(unit).await.ok()?;
+        (u.status == status).then_some(())
+    })
+    .await
+}
+
+async fn until_gone(t: &TestCore, unit: &str) {
+    eventually(&format!("{unit} to be gone"), 20, || async {
+        t.core.model.unit(unit).await.is_err().then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_run_and_relations_pass_settings_between_units() {
+    let t = open().await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("db", "cs:precise/mysql", 1), "admin")
+        .await
+        .unwrap();
+    model
+        .deploy(deploy("blog", "cs:precise/wordpress-3", 1), "admin")
+        .await
+        .unwrap();
+    until_status(&t, "db/0", UnitStatus::Started).await;
+    until_status(&t, "blog/0", UnitStatus::Started).await;
+    let relation = model
+        .relate(&["blog".to_string(), "db".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(relation.key, "blog:db db:db");
+    assert_eq!(relation.interface, "mysql");
+    // mysql's joined hook sets credentials; wordpress's changed hook writes them.
+    let settings = eventually("db/0 to set its relation settings", 20, || async {
+        let status = model.status().await;
+        let r = status.relations.iter().find(|r| r.id == relation.id)?;
+        r.settings.get("db/0").cloned()
+    })
+    .await;
+    assert_eq!(settings.get("database").map(String::as_str), Some("blog"));
+    let config = eventually("wordpress to write wp-config.php", 20, || async {
+        let jobs = t.core.jobs.list(&Default::default()).await.unwrap();
+        let job = jobs
+            .iter()
+            .find(|j| j.script == "hook-blog-0-db-relation-changed")?;
+        let path = t.core.jobs.results_dir(&job.name).join("map-0/wp-config.php");
+        std::fs::read_to_string(path)
+            .ok()
+            .filter(|text| text.contains("DB_NAME"))
+    })
+    .await;
+    assert!(config.contains("'blog'"), "{config}");
+    let db = model.unit("db/0").await.unwrap();
+    assert_eq!(db.ports, vec!["3306/tcp".to_string()]);
+    assert_eq!(db.machine, "1");
+    assert_eq!(model.unit("blog/0").await.unwrap().machine, "2");
+
+    // The same relation twice, and a pair with no shared interface, are refused.
+    let again = model.relate(&["db".into(), "blog".into()]).await;
+    assert!(matches!(again, Err(CoreError::Conflict(_))), "{again:?}");
+    model
+        .deploy(deploy("lb", "haproxy", 0), "admin")
+        .await
+        .unwrap();
+    let err = model
+        .relate(&["lb".into(), "db".into()])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no relations found"), "{err}");
+    let lb = model
+        .relate(&["blog".into(), "lb".into()])
+        .await
+        .unwrap();
+    assert_eq!(lb.key, "lb:reverseproxy blog:website");
+    assert_eq!(lb.interface, "http");
+    let err = model
+        .relate(&["blog:nosuch".into(), "db".into()])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no \"nosuch\" relation"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unit_numbers_are_never_reused_and_destroy_takes_units_and_relations() {
+    let t = open().await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("db", "mysql", 1), "admin")
+        .await
+        .unwrap();
+    model
+        .deploy(deploy("blog", "wordpress", 2), "admin")
+        .await
+        .unwrap();
+    model
+        .relate(&["blog".into(), "db".into()])
+        .await
+        .unwrap();
+    until_status(&t, "blog/1", UnitStatus::Started).await;
+    model.destroy_units(&["blog/1".into()]).await.unwrap();
+    until_gone(&t, "blog/1").await;
+    let added = model
+        .add_units(
+            "blog",
+            AddUnitsRequest {
+                num_units: 2,
+                to: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(added, vec!["blog/2".to_string(), "blog/3".to_string()]);
+    let err = model
+        .destroy_units(&["blog/0".into(), "blog/9".into()])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "some units were not destroyed: unit \"blog/9\" does not exist"
+    );
+    // Destroying the application takes its units, then it and its relation.
+    model.destroy_application("blog").await.unwrap();
+    eventually("blog to be gone", 30, || async {
+        let status = model.status().await;
+        (status.applications.iter().all(|a| a.name != "blog")
+            && status.units.iter().all(|u| u.application != "blog")
+            && status.relations.is_empty())
+        .then_some(())
+    })
+    .await;
+    let status = model.status().await;
+    // Only machine 0 and db's machine are left.
+    let machines: Vec<&str> = status.machines.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(machines, vec!["0", "1"]);
+    // A new application of the same name starts numbering where the old one stopped.
+    model
+        .deploy(deploy("blog", "wordpress", 1), "admin")
+        .await
+        .unwrap();
+    assert!(model.unit("blog/4").await.is_ok());
+    let err = model
+        .deploy(deploy("blog", "wordpress", 1), "admin")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_is_checked_against_the_charm_and_a_failed_hook_puts_the_unit_in_error() {
+    let t = open().await;
+    let model = &t.core.model;
+    let mut request = deploy("blog", "wordpress", 1);
+    request.config.insert("nosuch".into(), "x".into());
+    let err = model.deploy(request, "admin").await.unwrap_err().to_string();
+    assert!(err.contains("unknown option \"nosuch\""), "{err}");
+    let mut request = deploy("blog", "wordpress", 1);
+    request.constraints.insert("cpu-cores".into(), 4.into());
+    model.deploy(request, "admin").await.unwrap();
+    until_status(&t, "blog/0", UnitStatus::Started).await;
+    let err = model
+        .set_config(
+            "blog",
+            ConfigChange {
+                set: [("debug".to_string(), "maybe".to_string())].into(),
+                unset: vec![],
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected boolean"), "{err}");
+    // wordpress's config-changed refuses an unknown engine: the unit goes to error.
+    model
+        .set_config(
+            "blog",
+            ConfigChange {
+                set: [("engine".to_string(), "lighttpd".to_string())].into(),
+                unset: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    until_status(&t, "blog/0", UnitStatus::Error).await;
+    let unit = model.unit("blog/0").await.unwrap();
+    assert_eq!(unit.status_info, "hook failed: \"config-changed\"");
+    let config = model.config("blog").await.unwrap();
+    assert_eq!(config.config["engine"].value, Some("lighttpd".into()));
+    assert!(!config.config["engine"].default);
+    assert!(config.config["tuning"].default);
+    assert_eq!(config.constraints["cpu-cores"], 4);
+    // Fixed config, then a retry: the unit is back.
+    model
+        .set_config(
+            "blog",
+            ConfigChange {
+                set: [("engine".to_string(), "apache".to_string())].into(),
+                unset: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    model.resolved("blog/0", true).await.unwrap();
+    until_status(&t, "blog/0", UnitStatus::Started).await;
+    assert!(model.resolved("blog/0", true).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_gives_a_snapshot_then_only_changes_and_resumes_after_a_restart() {
+    let t = open().await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("db", "mysql", 1), "admin")
+        .await
+        .unwrap();
+    until_status(&t, "db/0", UnitStatus::Started).await;
+    let mut watcher = model.watcher();
+    let first = watcher.next().await.unwrap();
+    let kinds: Vec<(String, String)> = first.iter().map(|d| (d.kind.clone(), d.id())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("application".to_string(), "db".to_string()),
+            ("machine".to_string(), "0".to_string()),
+            ("machine".to_string(), "1".to_string()),
+            ("unit".to_string(), "db/0".to_string()),
+        ]
+    );
+    assert!(first.iter().all(|d| !d.removed));
+    // A change, then an entity that comes and goes before the next call.
+    model.expose("db", true).await.unwrap();
+    model
+        .deploy(deploy("tmp", "haproxy", 0), "admin")
+        .await
+        .unwrap();
+    model.destroy_application("tmp").await.unwrap();
+    let next = watcher.next().await.unwrap();
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_eq!(next[0].kind, "application");
+    assert_eq!(next[0].data["exposed"], true);
+    // Removal of an entity the watcher has seen.
+    model.destroy_units(&["db/0".into()]).await.unwrap();
+    let mut removed: Vec<Delta> = Vec::new();
+    while !removed.iter().any(|d| d.kind == "unit" && d.removed) {
+        removed.extend(watcher.next().await.unwrap());
+    }
+    let unit = removed
+        .iter()
+        .find(|d| d.kind == "unit" && d.removed)
+        .unwrap();
+    assert_eq!(unit.data["name"], "db/0");
+    assert_eq!(unit.data["status"], "stopped");
+
+    // After a restart the model is all there, and a watcher from scratch sees it.
+    let data_root = t.root.path().to_path_buf();
+    t.core.shutdown().await;
+    let TestCore { core, root } = t;
+    drop(core);
+    let mut config = common::config(&data_root);
+    config.model.charms_dir = charms_dir();
+    let core = opsbox_core::Core::open(config).await.unwrap();
+    let status = core.model.status().await;
+    assert_eq!(status.applications.len(), 1, "{status:#?}");
+    assert!(status.applications[0].exposed);
+    assert!(status.units.is_empty());
+    let mut watcher = core.model.watcher();
+    let snapshot = watcher.next().await.unwrap();
+    assert_eq!(snapshot.len(), 2, "{snapshot:?}");
+    drop(root);
+}
