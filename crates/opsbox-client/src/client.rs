@@ -749,6 +749,18 @@ impl Client {
     }
 }
 
+/// `app/N` as two path segments.
+fn unit_path(unit: &str) -> Result<String> {
+    match unit.split_once('/') {
+        Some((app, n)) if !app.is_empty() && !n.is_empty() => {
+            Ok(format!("{}/{}", encode_segment(app), encode_segment(n)))
+        }
+        _ => Err(ClientError::Invalid(format!(
+            "{unit:?} is not a unit name: use APP/N, like blog/0"
+        ))),
+    }
+}
+
 fn run_request<I, K, V>(params: I) -> RunRequest
 where
     I: IntoIterator<Item = (K, V)>,
@@ -799,6 +811,134 @@ impl Client {
         let verb = if on { "blacklist" } else { "whitelist" };
         let path = format!("/v1/nodes/{}/{verb}", encode_segment(id));
         self.json(self.request(Method::POST, &path)).await
+    }
+
+    // -- model -----------------------------------------------------------------------
+
+    /// The whole model, with the revision to watch from.
+    pub async fn model(&self) -> Result<opsbox_api::model::ModelStatus> {
+        self.json(self.request(Method::GET, "/v1/model")).await
+    }
+
+    /// The charms the server can deploy.
+    pub async fn charms(&self) -> Result<Vec<opsbox_api::model::Charm>> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            charms: Vec<opsbox_api::model::Charm>,
+        }
+        let list: List = self
+            .json(self.request(Method::GET, "/v1/model/charms"))
+            .await?;
+        Ok(list.charms)
+    }
+
+    /// Deploys a charm as an application.
+    pub async fn deploy(
+        &self,
+        request: &opsbox_api::model::DeployRequest,
+    ) -> Result<opsbox_api::model::Application> {
+        self.json(
+            self.request(Method::POST, "/v1/model/applications")
+                .json(request),
+        )
+        .await
+    }
+
+    /// Destroys an application: its units stop and go, then it does.
+    pub async fn destroy_application(&self, app: &str) -> Result<()> {
+        let path = format!("/v1/model/applications/{}", encode_segment(app));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
+    /// Exposes (`true`) or unexposes an application.
+    pub async fn expose(&self, app: &str, on: bool) -> Result<opsbox_api::model::Application> {
+        let verb = if on { "expose" } else { "unexpose" };
+        let path = format!("/v1/model/applications/{}/{verb}", encode_segment(app));
+        self.json(self.request(Method::POST, &path)).await
+    }
+
+    /// An application's effective config.
+    pub async fn app_config(&self, app: &str) -> Result<opsbox_api::model::ApplicationConfig> {
+        let path = format!("/v1/model/applications/{}/config", encode_segment(app));
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// Sets and resets config options; returns the effective config.
+    pub async fn set_app_config(
+        &self,
+        app: &str,
+        change: &opsbox_api::model::ConfigChange,
+    ) -> Result<opsbox_api::model::ApplicationConfig> {
+        let path = format!("/v1/model/applications/{}/config", encode_segment(app));
+        self.json(self.request(Method::PATCH, &path).json(change))
+            .await
+    }
+
+    /// Replaces an application's constraints.
+    pub async fn set_constraints(
+        &self,
+        app: &str,
+        constraints: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<BTreeMap<String, serde_json::Value>> {
+        let path = format!("/v1/model/applications/{}/constraints", encode_segment(app));
+        self.json(self.request(Method::PUT, &path).json(constraints))
+            .await
+    }
+
+    /// Adds units; returns their names.
+    pub async fn add_units(&self, app: &str, n: u32, to: Option<String>) -> Result<Vec<String>> {
+        let path = format!("/v1/model/applications/{}/units", encode_segment(app));
+        let request = opsbox_api::model::AddUnitsRequest { num_units: n, to };
+        let names: opsbox_api::model::UnitNames = self
+            .json(self.request(Method::POST, &path).json(&request))
+            .await?;
+        Ok(names.units)
+    }
+
+    /// Destroys a unit (`app/N`).
+    pub async fn remove_unit(&self, unit: &str) -> Result<()> {
+        let path = format!("/v1/model/units/{}", unit_path(unit)?);
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
+    /// Takes a unit out of `error`, running the failed hook again with `retry`.
+    pub async fn resolved(&self, unit: &str, retry: bool) -> Result<()> {
+        let path = format!(
+            "/v1/model/units/{}/resolved?retry={retry}",
+            unit_path(unit)?
+        );
+        self.send(self.request(Method::POST, &path)).await?;
+        Ok(())
+    }
+
+    /// Relates two endpoints (`app` or `app:relation`).
+    pub async fn relate(&self, a: &str, b: &str) -> Result<opsbox_api::model::Relation> {
+        let request = opsbox_api::model::RelateRequest {
+            endpoints: vec![a.to_owned(), b.to_owned()],
+        };
+        self.json(
+            self.request(Method::POST, "/v1/model/relations")
+                .json(&request),
+        )
+        .await
+    }
+
+    /// Removes the relation between two endpoints.
+    pub async fn unrelate(&self, a: &str, b: &str) -> Result<()> {
+        let path = format!(
+            "/v1/model/relations/{}/{}",
+            encode_segment(a),
+            encode_segment(b)
+        );
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
+    /// The model's name, uuid, https endpoints and certificate (for a Juju jenv file).
+    pub async fn jenv(&self) -> Result<serde_json::Value> {
+        self.json(self.request(Method::GET, "/v1/model/jenv")).await
     }
 
     /// `POST /v1/jobs`: queues a fan-out job and returns it at once.

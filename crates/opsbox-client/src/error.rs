@@ -59,6 +59,9 @@ pub enum ClientError {
     /// The client was set up wrongly: a bad server URL, an unreadable config file.
     #[error("{0}")]
     Config(String),
+    /// An argument refused before anything was sent (a malformed unit name, say).
+    #[error("{0}")]
+    Invalid(String),
     /// An RPC call answered with a JSON-RPC error: -32601 no such function, -32602 bad
     /// params (`data` says which), -32001 role too low, -32000 the function failed
     /// (for a script, `data` is its job: state, exit code, output).

@@ -113,7 +113,10 @@ impl CharmUrl {
 
 impl Charms {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Charms { dir: dir.into() }
+        // Absolute, because hooks are read from here wherever the job runs.
+        let dir: PathBuf = dir.into();
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        Charms { dir }
     }
 
     pub fn dir(&self) -> &Path {
@@ -181,9 +184,8 @@ impl Charms {
             action: format!("read {}", dir.join("metadata.yaml").display()),
             source,
         })?;
-        let meta: Metadata = serde_yaml::from_str(&text).map_err(|e| {
-            CoreError::Invalid(format!("{}/metadata.yaml: {e}", dir.display()))
-        })?;
+        let meta: Metadata = serde_yaml::from_str(&text)
+            .map_err(|e| CoreError::Invalid(format!("{}/metadata.yaml: {e}", dir.display())))?;
         let config: ConfigFile = match read("config.yaml") {
             Ok(text) => serde_yaml::from_str::<Option<ConfigFile>>(&text)
                 .map_err(|e| CoreError::Invalid(format!("{}/config.yaml: {e}", dir.display())))?
@@ -267,10 +269,15 @@ mod tests {
         let url = CharmUrl::parse("cs:trusty/mysql-38").unwrap();
         assert_eq!((url.name.as_str(), url.revision), ("mysql", Some(38)));
         let url = CharmUrl::parse("local:trusty/my-charm").unwrap();
-        assert_eq!((url.schema.as_str(), url.name.as_str()), ("local", "my-charm"));
+        assert_eq!(
+            (url.schema.as_str(), url.name.as_str()),
+            ("local", "my-charm")
+        );
         assert_eq!(CharmUrl::parse("haproxy").unwrap().name, "haproxy");
         assert_eq!(
-            CharmUrl::parse("cs:~someone/precise/haproxy-3").unwrap().name,
+            CharmUrl::parse("cs:~someone/precise/haproxy-3")
+                .unwrap()
+                .name,
             "haproxy"
         );
         assert!(CharmUrl::parse("http:foo").is_err());

@@ -98,6 +98,8 @@ struct State {
     units: BTreeMap<String, Unit>,
     machines: BTreeMap<String, Machine>,
     relations: BTreeMap<u64, Relation>,
+    /// Annotations by entity tag (`service-blog`, `unit-blog-0`, `machine-1`...).
+    annotations: BTreeMap<String, BTreeMap<String, String>>,
     sequences: BTreeMap<String, u64>,
     /// The event-log revision of the last model change.
     revision: u64,
@@ -206,11 +208,9 @@ impl Change {
             id: id.into(),
             data: data.clone(),
         });
-        self.write.events.push(NewEvent::new(
-            &format!("model.{kind}.change"),
-            id,
-            data,
-        ));
+        self.write
+            .events
+            .push(NewEvent::new(&format!("model.{kind}.change"), id, data));
     }
 
     fn forget<T: Serialize>(&mut self, kind: &str, id: &str, last: &T) {
@@ -334,7 +334,20 @@ impl Model {
                         serde_json::from_value(doc.data.clone()).map_err(corrupt)?;
                     state.relations.insert(relation.id, relation);
                 }
-                "info" => uuid = doc.data.get("uuid").and_then(Value::as_str).map(String::from),
+                "annotation" => {
+                    let pairs = serde_json::from_value(
+                        doc.data.get("annotations").cloned().unwrap_or_default(),
+                    )
+                    .map_err(corrupt)?;
+                    state.annotations.insert(doc.id.clone(), pairs);
+                }
+                "info" => {
+                    uuid = doc
+                        .data
+                        .get("uuid")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                }
                 _ => {}
             }
         }
@@ -1171,11 +1184,7 @@ impl Model {
 
     /// Like [`Self::infer`], but for relations that exist (their applications may be
     /// dying).
-    fn infer_existing(
-        &self,
-        state: &State,
-        names: &[String],
-    ) -> CoreResult<(Endpoint, Endpoint)> {
+    fn infer_existing(&self, state: &State, names: &[String]) -> CoreResult<(Endpoint, Endpoint)> {
         let [first, second] = names else {
             return Err(CoreError::Invalid(format!(
                 "a relation needs two endpoints, not {}",
@@ -1188,7 +1197,8 @@ impl Model {
         };
         for relation in state.relations.values() {
             if let [a, b] = relation.endpoints.as_slice() {
-                if matches(first, a) && matches(second, b) || matches(first, b) && matches(second, a)
+                if matches(first, a) && matches(second, b)
+                    || matches(first, b) && matches(second, a)
                 {
                     return Ok((a.clone(), b.clone()));
                 }
@@ -1201,6 +1211,47 @@ impl Model {
         Err(CoreError::NotFound(format!(
             "relation between \"{first}\" and \"{second}\""
         )))
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Annotations
+    // -----------------------------------------------------------------------------------
+
+    /// The annotations of an entity (by tag: `service-blog`, `unit-blog-0`, `machine-1`,
+    /// `environment-<uuid>`, `charm-<url>`).
+    pub async fn annotations(&self, tag: &str) -> CoreResult<BTreeMap<String, String>> {
+        check_tag(tag)?;
+        let state = self.inner.state.lock().await;
+        Ok(state.annotations.get(tag).cloned().unwrap_or_default())
+    }
+
+    /// Sets annotations of an entity; an empty value removes the key.
+    pub async fn set_annotations(
+        &self,
+        tag: &str,
+        pairs: BTreeMap<String, String>,
+    ) -> CoreResult<()> {
+        check_tag(tag)?;
+        let mut state = self.inner.state.lock().await;
+        let mut current = state.annotations.get(tag).cloned().unwrap_or_default();
+        for (key, value) in pairs {
+            if value.is_empty() {
+                current.remove(&key);
+            } else {
+                current.insert(key, value);
+            }
+        }
+        if state.annotations.get(tag).cloned().unwrap_or_default() == current {
+            return Ok(());
+        }
+        let mut change = Change::new(&state);
+        change.record(
+            "annotation",
+            tag,
+            &serde_json::json!({ "tag": tag, "annotations": current }),
+        );
+        change.state.annotations.insert(tag.to_owned(), current);
+        self.commit(&mut state, change).await
     }
 
     // -----------------------------------------------------------------------------------
@@ -1354,7 +1405,10 @@ impl Model {
         let (ended, job) = self
             .inner
             .jobs
-            .wait(&job.name, self.inner.config.hook_timeout * 2 + Duration::from_secs(60))
+            .wait(
+                &job.name,
+                self.inner.config.hook_timeout * 2 + Duration::from_secs(60),
+            )
             .await?;
         let success = ended && job.state == JobState::Succeeded;
         let stdout = match self.inner.jobs.output(&job.name).await {
@@ -1551,7 +1605,11 @@ impl Model {
             relation.settings.remove(name);
             change.put_relation(relation);
         }
-        let shared = change.state.units.values().any(|u| u.machine == unit.machine);
+        let shared = change
+            .state
+            .units
+            .values()
+            .any(|u| u.machine == unit.machine);
         if unit.machine != "0" && !shared {
             change.remove_machine(&unit.machine);
         }
@@ -1601,6 +1659,7 @@ impl Delta {
         let field = match self.kind.as_str() {
             "machine" => "id",
             "relation" => "key",
+            "annotation" => "tag",
             _ => "name",
         };
         match self.data.get(field) {
@@ -1674,10 +1733,24 @@ impl ModelWatcher {
             add("unit", serde_json::to_value(unit).unwrap_or_default());
         }
         for relation in state.relations.values() {
-            add("relation", serde_json::to_value(relation).unwrap_or_default());
+            add(
+                "relation",
+                serde_json::to_value(relation).unwrap_or_default(),
+            );
+        }
+        for (tag, pairs) in &state.annotations {
+            add(
+                "annotation",
+                serde_json::json!({ "tag": tag, "annotations": pairs }),
+            );
         }
         for (kind, id) in self.seen.difference(&now) {
-            let field = if kind == "machine" { "id" } else { "name" };
+            let field = match kind.as_str() {
+                "machine" => "id",
+                "relation" => "key",
+                "annotation" => "tag",
+                _ => "name",
+            };
             deltas.push(Delta {
                 kind: kind.clone(),
                 removed: true,
@@ -1691,6 +1764,8 @@ impl ModelWatcher {
 
     /// The model events after the watcher's revision, folded per entity.
     async fn since(&mut self) -> CoreResult<Vec<Delta>> {
+        // (kind, id) → (revision of the latest event, removed, data)
+        type Latest = ((String, String), (u64, bool, Value));
         let mut latest: BTreeMap<(String, String), (u64, bool, Value)> = BTreeMap::new();
         loop {
             let store = &self.model.inner.store;
@@ -1717,18 +1792,16 @@ impl ModelWatcher {
                 }
             }
         }
-        let mut ordered: Vec<((String, String), (u64, bool, Value))> =
-            latest.into_iter().collect();
+        let mut ordered: Vec<Latest> = latest.into_iter().collect();
         ordered.sort_by_key(|(_, (rev, _, _))| *rev);
         let mut deltas = Vec::new();
-        for ((kind, subject), (_, removed, data)) in ordered {
+        for ((kind, _), (_, removed, data)) in ordered {
             let delta = Delta {
                 kind: kind.clone(),
                 removed,
                 data,
             };
             let key = (kind, delta.id());
-            let _ = subject;
             if removed {
                 if !self.seen.remove(&key) {
                     continue;
@@ -1873,6 +1946,17 @@ fn check_app_name(name: &str) -> CoreResult<()> {
     }
 }
 
+/// Entity tags as Juju writes them: `<kind>-<id>`.
+fn check_tag(tag: &str) -> CoreResult<()> {
+    const KINDS: &[&str] = &["service", "unit", "machine", "environment", "charm", "user"];
+    match tag.split_once('-') {
+        Some((kind, id)) if KINDS.contains(&kind) && !id.is_empty() => Ok(()),
+        _ => Err(CoreError::Invalid(format!(
+            "\"{tag}\" is not a valid tag: use service-NAME, unit-NAME-N, machine-N, environment-UUID or charm-URL"
+        ))),
+    }
+}
+
 fn unknown_option(key: &str, charm: &Charm) -> CoreError {
     CoreError::Invalid(format!(
         "unknown option \"{key}\": charm \"{}\" has {}",
@@ -1899,9 +1983,7 @@ fn check_config(
             .get(key)
             .ok_or_else(|| unknown_option(key, charm))?;
         let value = typed(&option.kind, raw).map_err(|expected| {
-            CoreError::Invalid(format!(
-                "option \"{key}\" expected {expected}, got {raw:?}"
-            ))
+            CoreError::Invalid(format!("option \"{key}\" expected {expected}, got {raw:?}"))
         })?;
         let text = match value {
             Value::String(s) => s,

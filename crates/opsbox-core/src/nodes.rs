@@ -34,8 +34,8 @@ use chrono::Utc;
 use opsbox_agent::executor::{safe_relative, Executor};
 use opsbox_agent::Runtime;
 use opsbox_api::{
-    AgentMessage, FanoutRequest, FileData, Job, JobSpec, JobState, Node, PhaseProgress, Placement, Script,
-    ServerMessage, Stream as OutStream, Task, TaskState, LOCAL_NODE,
+    AgentMessage, FanoutRequest, FileData, Job, JobSpec, JobState, Node, PhaseProgress, Placement,
+    Script, ServerMessage, Stream as OutStream, Task, TaskState, LOCAL_NODE,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};

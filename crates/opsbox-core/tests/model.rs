@@ -79,7 +79,11 @@ async fn hooks_run_and_relations_pass_settings_between_units() {
         let job = jobs
             .iter()
             .find(|j| j.script == "hook-blog-0-db-relation-changed")?;
-        let path = t.core.jobs.results_dir(&job.name).join("map-0/wp-config.php");
+        let path = t
+            .core
+            .jobs
+            .results_dir(&job.name)
+            .join("map-0/wp-config.php");
         std::fs::read_to_string(path)
             .ok()
             .filter(|text| text.contains("DB_NAME"))
@@ -104,10 +108,7 @@ async fn hooks_run_and_relations_pass_settings_between_units() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no relations found"), "{err}");
-    let lb = model
-        .relate(&["blog".into(), "lb".into()])
-        .await
-        .unwrap();
+    let lb = model.relate(&["blog".into(), "lb".into()]).await.unwrap();
     assert_eq!(lb.key, "lb:reverseproxy blog:website");
     assert_eq!(lb.interface, "http");
     let err = model
@@ -130,10 +131,7 @@ async fn unit_numbers_are_never_reused_and_destroy_takes_units_and_relations() {
         .deploy(deploy("blog", "wordpress", 2), "admin")
         .await
         .unwrap();
-    model
-        .relate(&["blog".into(), "db".into()])
-        .await
-        .unwrap();
+    model.relate(&["blog".into(), "db".into()]).await.unwrap();
     until_status(&t, "blog/1", UnitStatus::Started).await;
     model.destroy_units(&["blog/1".into()]).await.unwrap();
     until_gone(&t, "blog/1").await;
@@ -191,7 +189,11 @@ async fn config_is_checked_against_the_charm_and_a_failed_hook_puts_the_unit_in_
     let model = &t.core.model;
     let mut request = deploy("blog", "wordpress", 1);
     request.config.insert("nosuch".into(), "x".into());
-    let err = model.deploy(request, "admin").await.unwrap_err().to_string();
+    let err = model
+        .deploy(request, "admin")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("unknown option \"nosuch\""), "{err}");
     let mut request = deploy("blog", "wordpress", 1);
     request.constraints.insert("cpu-cores".into(), 4.into());

@@ -73,12 +73,18 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(faces::nodes::routes(state.clone()))
         .merge(faces::native::routes(state.clone()))
+        .merge(faces::model::routes(state.clone()))
         .merge(faces::jojo::routes(state.clone()))
         .merge(faces::disco::routes(state.clone()))
         .merge(faces::queues::routes(state.clone()))
         .merge(faces::scirocco::routes(state.clone()))
         .merge(faces::jsonrpc::routes(state.clone()))
         .merge(faces::jrpc::routes(state.clone()))
+        .merge(faces::juju::routes(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            faces::juju::on_root,
+        ))
         .layer(RequestBodyLimitLayer::new(limit))
         .layer(axum::middleware::from_fn(move |request, next| {
             faces::jsonrpc::json_413(limit, request, next)
@@ -223,6 +229,7 @@ impl Server {
             kill_grace: Duration::from_secs(config.limits.kill_grace_secs),
             ..CoreConfig::new(config.data.clone(), config.scripts.clone())
         };
+        core_config.model.charms_dir = config.charms.clone();
         let nodes = &config.nodes;
         core_config.nodes.heartbeat_timeout =
             Duration::from_secs(nodes.heartbeat_timeout_secs.max(1));

@@ -90,3 +90,13 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     file.write_all(bytes)
 }
+
+/// The PEM certificate the https:// listeners present (for clients that pin it, such as
+/// a Juju jenv file); `None` when it cannot be read.
+pub fn certificate_pem(config: &crate::ServerConfig) -> Option<String> {
+    let path = match &config.tls {
+        TlsSource::Files { cert, .. } => cert.clone(),
+        TlsSource::SelfSigned => config.data.join("tls").join("cert.pem"),
+    };
+    std::fs::read_to_string(path).ok()
+}

@@ -6,12 +6,16 @@
 //! - [`disco`]: the Disco master's `/disco/...` API, for discoapi-style callers;
 //! - [`jojo`]: Pyjojo's script API, for PyMoJo and friends;
 //! - [`jsonrpc`]: JSON-RPC 2.0 over HTTP and WebSocket at `/rpc`;
-//! - [`jrpc`]: py-jrpc's `POST /` and `GET /{name}`, for SimpleTCPClient and curl.
+//! - [`jrpc`]: py-jrpc's `POST /` and `GET /{name}`, for SimpleTCPClient and curl;
+//! - [`model`]: the model in the native API (`/v1/model`);
+//! - [`juju`]: Juju's API WebSocket (`GET /` with an upgrade), for jujuclient.
 
 pub mod disco;
 pub mod jojo;
 pub mod jrpc;
 pub mod jsonrpc;
+pub mod juju;
+pub mod model;
 pub mod native;
 pub mod nodes;
 pub mod pyjson;

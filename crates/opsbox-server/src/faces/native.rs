@@ -93,6 +93,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::faces::queues::QueuesDoc::openapi());
     doc.merge(crate::faces::nodes::NodesDoc::openapi());
+    doc.merge(crate::faces::model::ModelDoc::openapi());
     Json(doc)
 }
 

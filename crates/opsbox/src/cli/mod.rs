@@ -5,6 +5,7 @@
 mod disco;
 mod identity;
 mod jobs;
+mod model;
 mod nodes;
 mod output;
 mod queue;
@@ -98,6 +99,10 @@ enum Command {
     Jobs(jobs::JobsCommand),
     /// Print every event live, one per line with its revision.
     Watch(watch::WatchArgs),
+    /// The model: deploy charms, relate, expose, config, constraints, units, status,
+    /// watch; write a jenv file for Juju clients.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Make the server rescan its scripts directory.
     Reload,
     /// Show the server's version, revision and who you are to it.
@@ -147,6 +152,11 @@ impl Ctx {
         })
     }
 
+    /// The resolved client settings (flags, then env, then the config file).
+    fn client_config(&self) -> &ClientConfig {
+        &self.config
+    }
+
     /// An SDK client for the configured server (no request made yet).
     fn client(&self) -> anyhow::Result<Client> {
         self.config
@@ -179,6 +189,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Scripts(command) => scripts::run(&ctx, command).await,
         Command::Jobs(command) => jobs::run(&ctx, command).await,
         Command::Watch(args) => watch::run(&ctx, args).await,
+        Command::Model(command) => model::run(&ctx, command).await,
         Command::Reload => server::reload(&ctx).await,
         Command::Info => server::info(&ctx).await,
         Command::Users(args) => identity::users(&ctx, args).await,
