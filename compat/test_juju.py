@@ -305,6 +305,45 @@ def test_facades_charms_users_and_machines(juju):
     assert machine in env.status()['Machines']
     env.destroy_machines([machine])
     assert env.mess.list('admin')['Environments'][0]['Name'] == 'opsbox'
+    # Backups are real copies of the store, downloadable from the native API.
+    backup = env.backups.create('before the upgrade')
+    assert backup['Notes'] == 'before the upgrade' and backup['Size'] > 0
+    assert [b['ID'] for b in env.backups.list()['List']] == [backup['ID']]
+    assert env.backups.info(backup['ID'])['Checksum'] == backup['Checksum']
+    copy = requests.get(f"{juju.url}/v1/backups/{backup['ID']}/file", auth=juju.auth, verify=False)
+    assert copy.content.startswith(b'SQLite format 3\x00')
+    env.backups.remove(backup['ID'])
+    assert env.backups.list()['List'] == []
+
+
+def test_actions_run_as_jobs_on_the_units_node(juju):
+    env = login(juju)
+    env.deploy('db', 'cs:precise/mysql')
+    env.wait_for_units(timeout=60)
+    specs = env.actions.service_actions(['db'])['results'][0]['actions']['ActionSpecs']
+    assert specs['backup']['Params']['properties']['label']['type'] == 'string'
+    queued = env.actions.enqueue_units(['db/0'], 'backup', {'label': 'nightly'})['results'][0]
+    tag = queued['action']['tag']
+    assert tag.startswith('action-') and queued['action']['receiver'] == 'unit-db/0'
+    deadline = time.time() + 30
+    while True:
+        result = env.actions.info([{'Tag': tag}])['results'][0]
+        if result['status'] in ('completed', 'failed'):
+            break
+        assert time.time() < deadline, result
+        time.sleep(0.2)
+    assert result['status'] == 'completed', result
+    assert result['output']['file'] == 'dump-nightly.sql'
+    assert result['action']['name'] == 'backup'
+    listed = env.actions.all(['db/0'])['actions'][0]['actions']
+    assert [a['action']['tag'] for a in listed] == [tag]
+    assert env.actions.completed(['db/0'])['actions'][0]['actions'][0]['status'] == 'completed'
+    # The dump is a result file of the action's job.
+    dump = requests.get(f"{juju.url}/v1/jobs/{tag}/results/map-0/dump-nightly.sql",
+                        auth=juju.auth, verify=False)
+    assert dump.status_code == 200 and 'dump of db/0' in dump.text
+    refused = env.actions.enqueue_units(['db/0'], 'nosuch', {})['results'][0]
+    assert 'has no action "nosuch"' in refused['error']['Message']
 
 
 def test_connect_by_name_with_a_jenv_written_by_opsbox(juju, tmp_path):

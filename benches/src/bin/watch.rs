@@ -1,12 +1,10 @@
 //! `watch`: how fast a model change reaches 1,000 watchers, side by side in one run
 //! (issue #7):
 //!
-//! - **opsbox**: `target/release/opsbox serve` as a child process. Until the model API
-//!   of issue #7 exists the writer's change is a catalog reload (`POST /v1/reload`, one
-//!   durable `scripts.reloaded` event each; `--opsbox-change reload`, the default).
-//!   With `--opsbox-change model`: one application `bench` deployed with no units (so
-//!   no hook runs: the benchmark is about the watch stream, not about hooks). W
-//!   watchers each follow the
+//! - **opsbox**: `target/release/opsbox serve` as a child process, with one application
+//!   `bench` deployed with no units (so no hook runs: the benchmark is about the watch
+//!   stream, not about hooks; `--opsbox-change reload` makes catalog reloads the change
+//!   instead, as before the model existed). W watchers each follow the
 //!   native watch stream (`GET /v1/events?follow=true`, Server-Sent Events, one
 //!   connection each). The writer changes the model: `PUT /v1/model/applications/bench/
 //!   constraints` with `{"cpu-cores": SEQ}`; each change is one durable transaction
@@ -83,10 +81,10 @@ struct Args {
     /// Charms directory for opsbox (the application is deployed from its `wordpress`).
     #[arg(long, default_value = "examples/charms")]
     charms: PathBuf,
-    /// What the opsbox writer changes: `reload` (`POST /v1/reload`, one
-    /// `scripts.reloaded` event per change; watchers number those events in order) or
-    /// `model` (the application's constraints, once the model API of issue #7 exists).
-    #[arg(long, default_value = "reload")]
+    /// What the opsbox writer changes: `model` (an application's constraints, one
+    /// `model.application.change` event per change) or `reload` (`POST /v1/reload`, one
+    /// `scripts.reloaded` event per change; watchers number those events in order).
+    #[arg(long, default_value = "model")]
     opsbox_change: String,
     /// Run only some systems.
     #[arg(long, value_delimiter = ',', default_value = "opsbox,etcd")]

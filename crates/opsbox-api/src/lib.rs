@@ -758,3 +758,19 @@ pub struct QueueStats {
 pub struct QueueStatsList {
     pub queues: Vec<QueueStats>,
 }
+
+/// A backup: a consistent copy of the whole store (`/v1/backups`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Backup {
+    /// `YYYYMMDD-HHMMSS.<model uuid>`, as Juju named them.
+    pub id: String,
+    pub notes: String,
+    pub size: u64,
+    /// SHA-1 of the file, base64.
+    pub checksum: String,
+    pub started: DateTime<Utc>,
+    pub finished: DateTime<Utc>,
+    pub hostname: String,
+    pub version: String,
+    pub model_uuid: String,
+}

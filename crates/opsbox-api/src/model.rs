@@ -225,6 +225,19 @@ pub struct Charm {
     /// Hooks present in its `hooks/` directory.
     #[serde(default)]
     pub hooks: Vec<String>,
+    /// Actions from `actions.yaml`, each an executable in `actions/`.
+    #[serde(default)]
+    pub actions: BTreeMap<String, ActionSpec>,
+}
+
+/// An action a charm offers (`actions.yaml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActionSpec {
+    #[serde(default)]
+    pub description: String,
+    /// Its parameters, as JSON-schema properties (`{"file": {"type": "string"}}`).
+    #[serde(default)]
+    pub params: serde_json::Value,
 }
 
 /// Everything in the model at one revision.

@@ -813,6 +813,41 @@ impl Client {
         self.json(self.request(Method::POST, &path)).await
     }
 
+    // -- backups ---------------------------------------------------------------------
+
+    /// Takes a backup of the whole store now (admin).
+    pub async fn create_backup(&self, notes: &str) -> Result<opsbox_api::Backup> {
+        let body = serde_json::json!({ "notes": notes });
+        self.json(self.request(Method::POST, "/v1/backups").json(&body))
+            .await
+    }
+
+    /// Every backup, oldest first (admin).
+    pub async fn backups(&self) -> Result<Vec<opsbox_api::Backup>> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            backups: Vec<opsbox_api::Backup>,
+        }
+        let list: List = self.json(self.request(Method::GET, "/v1/backups")).await?;
+        Ok(list.backups)
+    }
+
+    pub async fn remove_backup(&self, id: &str) -> Result<()> {
+        let path = format!("/v1/backups/{}", encode_segment(id));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
+    /// The backup's file (an SQLite database).
+    pub async fn download_backup(&self, id: &str) -> Result<Bytes> {
+        let path = format!("/v1/backups/{}/file", encode_segment(id));
+        Ok(self
+            .send(self.request(Method::GET, &path))
+            .await?
+            .bytes()
+            .await?)
+    }
+
     // -- model -----------------------------------------------------------------------
 
     /// The whole model, with the revision to watch from.

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use opsbox_api::model::{Charm, CharmRelation, ConfigOption};
+use opsbox_api::model::{ActionSpec, Charm, CharmRelation, ConfigOption};
 use serde::Deserialize;
 
 use crate::error::{CoreError, CoreResult};
@@ -178,6 +178,50 @@ impl Charms {
         })
     }
 
+    /// The executable of a charm's action, if the charm declares and has it.
+    pub fn action_path(&self, charm: &str, action: &str) -> CoreResult<PathBuf> {
+        let found = self.get(charm)?;
+        if !found.actions.contains_key(action) {
+            let known: Vec<&str> = found.actions.keys().map(String::as_str).collect();
+            return Err(CoreError::Invalid(format!(
+                "charm \"{charm}\" has no action \"{action}\"{}",
+                if known.is_empty() {
+                    String::from(" (it has none)")
+                } else {
+                    format!(" (it has {})", known.join(", "))
+                }
+            )));
+        }
+        self.list_dirs()
+            .into_iter()
+            .map(|dir| dir.join("actions").join(action))
+            .find(|path| {
+                path.is_file()
+                    && path
+                        .parent()
+                        .and_then(Path::parent)
+                        .and_then(|d| self.read(d).ok())
+                        .is_some_and(|c| c.name == charm)
+            })
+            .ok_or_else(|| {
+                CoreError::Invalid(format!(
+                    "charm \"{charm}\" declares action \"{action}\" but has no actions/{action}"
+                ))
+            })
+    }
+
+    fn list_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.join("metadata.yaml").is_file())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn read(&self, dir: &Path) -> CoreResult<Charm> {
         let read = |file: &str| std::fs::read_to_string(dir.join(file));
         let text = read("metadata.yaml").map_err(|source| CoreError::Io {
@@ -241,7 +285,14 @@ impl Charms {
                 })
                 .collect()
         };
+        let actions: BTreeMap<String, ActionSpec> = match read("actions.yaml") {
+            Ok(text) => serde_yaml::from_str::<Option<BTreeMap<String, ActionSpec>>>(&text)
+                .map_err(|e| CoreError::Invalid(format!("{}/actions.yaml: {e}", dir.display())))?
+                .unwrap_or_default(),
+            Err(_) => BTreeMap::new(),
+        };
         Ok(Charm {
+            actions,
             name: meta.name,
             summary: meta.summary,
             description: meta.description,

@@ -9,9 +9,11 @@
 //! - [`identities`]: users and tokens that every face authenticates against;
 //! - [`rpc`]: the registry of functions that the RPC faces call;
 //! - [`nodes`]: agents, the local node, the scheduler and fan-out jobs;
+//! - [`backups`]: copies of the whole store while it runs;
 //! - [`model`]: applications, units, machines and relations, with [`charms`] whose
 //!   hooks run as jobs on the units' nodes.
 
+pub mod backups;
 pub mod charms;
 pub mod error;
 pub mod events;
@@ -96,6 +98,8 @@ pub struct Core {
     pub nodes: Nodes,
     /// Applications, units, relations and the hooks of their charms.
     pub model: Model,
+    /// Copies of the whole store.
+    pub backups: backups::Backups,
     pub config: Arc<CoreConfig>,
 }
 
@@ -159,6 +163,7 @@ impl Core {
         )
         .await?;
         let core = Core {
+            backups: backups::Backups::new(store.clone(), config.data_dir.join("backups")),
             rpc,
             model,
             nodes,

@@ -25,7 +25,7 @@ use opsbox_api::model::{
     ConfigValue, DeployRequest, Endpoint, Life, Machine, ModelStatus, Relation, Role, Unit,
     UnitStatus,
 };
-use opsbox_api::{JobState, LOCAL_NODE};
+use opsbox_api::{Job, JobState, LOCAL_NODE};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -382,7 +382,9 @@ impl Model {
             hooks: Vec::new(),
         };
         if !change.state.machines.contains_key("0") {
-            change.put_machine(Machine {
+            // Machine 0 is part of a new model, like its uuid: stored, but not a change
+            // on the event log (watchers see it in their first snapshot).
+            let machine = Machine {
                 id: "0".into(),
                 node: LOCAL_NODE.into(),
                 status: "started".into(),
@@ -390,7 +392,13 @@ impl Model {
                 life: Life::Alive,
                 jobs: vec!["JobManageEnviron".into()],
                 constraints: BTreeMap::new(),
+            };
+            change.write.put.push(ModelDoc {
+                kind: "machine".into(),
+                id: "0".into(),
+                data: serde_json::to_value(&machine).unwrap_or_default(),
             });
+            change.state.machines.insert("0".into(), machine);
         }
         // Units that were on their way in or out when the server stopped go on.
         let units: Vec<Unit> = change.state.units.values().cloned().collect();
@@ -1255,6 +1263,98 @@ impl Model {
     }
 
     // -----------------------------------------------------------------------------------
+    // Actions
+    // -----------------------------------------------------------------------------------
+
+    /// Runs a charm's action on a unit, as a job on the unit's node with the hook
+    /// environment plus `JUJU_ACTION_NAME` and `ACTION_<PARAM>`. The job's name
+    /// (`action-<unit>-<action>@...`) is the action's id.
+    pub async fn run_action(
+        &self,
+        unit: &str,
+        action: &str,
+        params: BTreeMap<String, Value>,
+        by: Option<String>,
+    ) -> CoreResult<Job> {
+        let (unit, mut env, charm) = {
+            let state = self.inner.state.lock().await;
+            let u = state
+                .units
+                .get(unit)
+                .cloned()
+                .ok_or_else(|| CoreError::NotFound(format!("unit \"{unit}\"")))?;
+            if u.life != Life::Alive {
+                return Err(CoreError::Invalid(format!(
+                    "unit \"{unit}\" is being destroyed"
+                )));
+            }
+            let app = app_of(&state, &u.application)?.clone();
+            let env = self.hook_env(&state, &u, &app, &Hook::plain(HookKind::Start))?;
+            (u, env, app.charm)
+        };
+        let path = self.inner.charms.action_path(&charm, action)?;
+        env.remove("JUJU_HOOK_NAME");
+        env.insert("JUJU_ACTION_NAME".into(), action.to_owned());
+        for (key, value) in params {
+            let text = match value {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            env.insert(format!("ACTION_{}", env_key(&key)), text);
+        }
+        let program = Program {
+            name: action_prefix(&unit.name) + action,
+            path,
+            env,
+            timeout_secs: Some(self.inner.config.hook_timeout.as_secs().max(1)),
+        };
+        self.inner
+            .nodes
+            .run_program(program, Some(unit.node.clone()), by)
+            .await
+    }
+
+    /// The jobs of a unit's actions, newest first.
+    pub async fn actions(&self, unit: &str) -> CoreResult<Vec<Job>> {
+        let app = unit.split('/').next().unwrap_or_default();
+        let charm = self.application(app).await?.charm;
+        let names = self.inner.charms.get(&charm)?.actions;
+        let prefix = action_prefix(unit);
+        let jobs = self
+            .inner
+            .jobs
+            .list(&crate::store::JobFilter {
+                limit: Some(10_000),
+                ..Default::default()
+            })
+            .await?;
+        Ok(jobs
+            .into_iter()
+            .filter(|j| {
+                j.script
+                    .strip_prefix(&prefix)
+                    .is_some_and(|name| names.contains_key(name))
+            })
+            .collect())
+    }
+
+    /// What an action reported with `action-set key=value` lines on its stdout.
+    pub async fn action_output(&self, job: &str) -> CoreResult<BTreeMap<String, String>> {
+        let output = self.inner.jobs.output(job).await?;
+        let mut values = BTreeMap::new();
+        for line in &output.stdout {
+            if let Some(rest) = line.strip_prefix("action-set ") {
+                for pair in rest.split_whitespace() {
+                    if let Some((k, v)) = pair.split_once('=') {
+                        values.insert(k.to_owned(), v.to_owned());
+                    }
+                }
+            }
+        }
+        Ok(values)
+    }
+
+    // -----------------------------------------------------------------------------------
     // Uniters
     // -----------------------------------------------------------------------------------
 
@@ -1896,6 +1996,11 @@ fn relation_key(endpoints: &[Endpoint]) -> String {
         .map(|(_, s)| s)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The start of the job names of a unit's actions: `action-blog-0-`.
+fn action_prefix(unit: &str) -> String {
+    format!("action-{}-", unit.replace('/', "-"))
 }
 
 fn relation_hook(

@@ -74,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .merge(faces::nodes::routes(state.clone()))
         .merge(faces::native::routes(state.clone()))
         .merge(faces::model::routes(state.clone()))
+        .merge(faces::backups::routes(state.clone()))
         .merge(faces::jojo::routes(state.clone()))
         .merge(faces::disco::routes(state.clone()))
         .merge(faces::queues::routes(state.clone()))

@@ -259,6 +259,11 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a job's tasks (when the job is cleaned).
     async fn delete_tasks(&self, job: &str) -> StoreResult<()>;
 
+    // -- backups -----------------------------------------------------------------------
+    /// Writes a consistent copy of the whole store to `path` (a new file), while the
+    /// store keeps serving.
+    async fn snapshot(&self, path: &std::path::Path) -> StoreResult<()>;
+
     // -- model -------------------------------------------------------------------------
     /// Every model document and sequence, for the model service to start from.
     async fn load_model(&self) -> StoreResult<ModelData>;

@@ -1073,6 +1073,16 @@ impl Store for SqliteStore {
         self.n_get_task(job, id).await
     }
 
+    async fn snapshot(&self, path: &Path) -> StoreResult<()> {
+        // VACUUM INTO reads one consistent snapshot (a read transaction under WAL) and
+        // writes a compact copy; writers go on meanwhile.
+        sqlx::query("VACUUM INTO ?")
+            .bind(path.display().to_string())
+            .execute(&self.read)
+            .await?;
+        Ok(())
+    }
+
     async fn load_model(&self) -> StoreResult<crate::store::ModelData> {
         self.m_load().await
     }

@@ -57,7 +57,6 @@ const FACADES: &[(&str, u64)] = &[
 /// Facades of juju 1.2x that opsbox does not serve: calls get `not implemented`.
 const JUJU_FACADES: &[&str] = &[
     "Agent",
-    "Backups",
     "Deployer",
     "DiskManager",
     "FilesystemAttachmentsWatcher",
@@ -492,6 +491,7 @@ impl Conn {
                 _ => Err(no_method(facade, version, method)),
             },
             "Action" => call.actions(method).await,
+            "Backups" => call.backups(method).await,
             _ => Err(JujuError::not_implemented(format!(
                 "{facade}.{method} is not implemented by opsbox"
             ))),
@@ -1205,25 +1205,255 @@ impl Call<'_> {
         }
     }
 
-    async fn actions(&self, method: &str) -> Reply {
+    /// Backups are copies of the whole store (`opsbox_core::backups`).
+    async fn backups(&self, method: &str) -> Reply {
+        let backups = &self.core.backups;
         match method {
-            // The example charms define no actions; scripts are opsbox's actions.
+            "Create" => {
+                self.identity
+                    .require(Role::Admin)
+                    .map_err(JujuError::from)?;
+                let notes = self.params.opt_str("Notes")?.unwrap_or_default();
+                let backup = backups.create(&notes, self.core.model.uuid()).await?;
+                Ok(backup_fields(&backup))
+            }
+            "Info" => Ok(backup_fields(&backups.get(&self.params.str("ID")?)?)),
+            "List" => {
+                let list: Vec<Value> = backups.list().iter().map(backup_fields).collect();
+                Ok(json!({ "List": list }))
+            }
+            "Remove" => {
+                self.identity
+                    .require(Role::Admin)
+                    .map_err(JujuError::from)?;
+                backups.remove(&self.params.str("ID")?).await?;
+                Ok(json!({}))
+            }
+            "Restore" | "PrepareRestore" | "FinishRestore" => Err(JujuError::not_implemented(
+                "restore by stopping opsbox and putting the backup file in place of <data>/opsbox.db",
+            )),
+            _ => Err(no_method("Backups", 0, method)),
+        }
+    }
+
+    /// Actions are jobs: `Enqueue` runs a charm's action on a unit's node; its job's name
+    /// is the action's tag.
+    async fn actions(&self, method: &str) -> Reply {
+        let model = &self.core.model;
+        match method {
             "ServicesCharmActions" => {
                 let mut results = Vec::new();
                 for tag in self.params.tags("Entities")? {
                     let name = tag.strip_prefix("service-").unwrap_or(&tag).to_owned();
-                    results.push(match self.core.model.application(&name).await {
-                        Ok(_) => json!({ "servicetag": tag, "actions": { "ActionSpecs": {} } }),
+                    results.push(match model.charm_of(&name).await {
+                        Ok(charm) => {
+                            let specs: Map<String, Value> = charm
+                                .actions
+                                .iter()
+                                .map(|(name, spec)| {
+                                    (name.clone(), json!({
+                                        "Description": spec.description,
+                                        "Params": {
+                                            "title": name, "type": "object",
+                                            "description": spec.description,
+                                            "properties": spec.params,
+                                        },
+                                    }))
+                                })
+                                .collect();
+                            json!({ "servicetag": tag, "actions": { "ActionSpecs": specs } })
+                        }
                         Err(e) => json!({ "servicetag": tag,
                             "error": { "Message": JujuError::from(e).message, "Code": "not found" } }),
                     });
                 }
                 Ok(json!({ "results": results }))
             }
-            _ => Err(JujuError::not_implemented(format!(
-                "Action.{method} is not implemented: charms here have no actions; run scripts with opsbox scripts run"
-            ))),
+            "Enqueue" => {
+                self.may_write()?;
+                let items = match self.params.get("Actions") {
+                    Some(Value::Array(items)) => items.clone(),
+                    _ => Vec::new(),
+                };
+                let mut results = Vec::new();
+                for item in items {
+                    let map = item.as_object().cloned().unwrap_or_default();
+                    let one = Params(&map);
+                    let receiver = one.str("Receiver")?;
+                    let name = one.str("Name")?;
+                    let params: BTreeMap<String, Value> =
+                        one.object("Parameters")?.into_iter().collect();
+                    let unit = unit_of_tag(&receiver);
+                    let queued = model
+                        .run_action(
+                            &unit,
+                            &name,
+                            params.clone(),
+                            Some(self.identity.name.clone()),
+                        )
+                        .await;
+                    results.push(match queued {
+                        Ok(job) => self.action_result(&job, &receiver, &name, &params).await,
+                        Err(e) => json!({ "error": { "Message": JujuError::from(e).message, "Code": "" } }),
+                    });
+                }
+                Ok(json!({ "results": results }))
+            }
+            "Actions" | "Cancel" => {
+                if method == "Cancel" {
+                    self.may_write()?;
+                }
+                let mut results = Vec::new();
+                for tag in self.params.tags("Entities")? {
+                    let found = match method {
+                        "Cancel" => self.core.jobs.kill(&tag, Some(&self.identity.name)).await,
+                        _ => self.core.jobs.get(&tag).await,
+                    };
+                    results.push(match found {
+                        Ok(job) if tag.starts_with("action-") => {
+                            let (receiver, name) = action_parts(&job.script);
+                            self.action_result(&job, &receiver, &name, &BTreeMap::new()).await
+                        }
+                        _ => json!({ "error": {
+                            "Message": format!("action \"{tag}\" not found"), "Code": "not found" } }),
+                    });
+                }
+                Ok(json!({ "results": results }))
+            }
+            "ListAll" | "ListPending" | "ListRunning" | "ListCompleted" => {
+                let mut lists = Vec::new();
+                for tag in self.params.tags("Entities")? {
+                    let unit = unit_of_tag(&tag);
+                    let jobs = match model.actions(&unit).await {
+                        Ok(jobs) => jobs,
+                        Err(e) => {
+                            lists.push(json!({ "receiver": tag, "actions": [],
+                                "error": { "Message": JujuError::from(e).message, "Code": "not found" } }));
+                            continue;
+                        }
+                    };
+                    let mut actions = Vec::new();
+                    for job in jobs.iter().filter(|j| match method {
+                        "ListPending" => j.state == opsbox_api::JobState::Queued,
+                        "ListRunning" => j.state == opsbox_api::JobState::Running,
+                        "ListCompleted" => j.state.is_terminal(),
+                        _ => true,
+                    }) {
+                        let (receiver, name) = action_parts(&job.script);
+                        actions.push(
+                            self.action_result(job, &receiver, &name, &BTreeMap::new())
+                                .await,
+                        );
+                    }
+                    lists.push(json!({ "receiver": tag, "actions": actions, "error": null }));
+                }
+                Ok(json!({ "actions": lists }))
+            }
+            "FindActionTagsByPrefix" => {
+                let jobs = self.core.jobs.list(&Default::default()).await?;
+                let mut matches = Map::new();
+                for prefix in self.params.strings("Prefixes")? {
+                    let tags: Vec<Value> = jobs
+                        .iter()
+                        .filter(|j| j.name.starts_with("action-"))
+                        .filter(|j| {
+                            j.name.starts_with(&prefix)
+                                || j.name["action-".len()..].starts_with(&prefix)
+                        })
+                        .map(|j| json!({ "Tag": j.name }))
+                        .collect();
+                    matches.insert(prefix, Value::Array(tags));
+                }
+                Ok(json!({ "matches": matches }))
+            }
+            _ => Err(no_method("Action", 0, method)),
         }
+    }
+
+    /// Juju's ActionResult for an action's job.
+    async fn action_result(
+        &self,
+        job: &opsbox_api::Job,
+        receiver: &str,
+        name: &str,
+        params: &BTreeMap<String, Value>,
+    ) -> Value {
+        use opsbox_api::JobState;
+        let status = match job.state {
+            JobState::Queued => "pending",
+            JobState::Running => "running",
+            JobState::Succeeded => "completed",
+            JobState::Killed => "cancelled",
+            JobState::Failed | JobState::Lost => "failed",
+        };
+        let output = if job.state.is_terminal() {
+            self.core
+                .model
+                .action_output(&job.name)
+                .await
+                .unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        };
+        let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+            t.map(|t| Value::String(t.to_rfc3339()))
+                .unwrap_or(Value::Null)
+        };
+        json!({
+            "action": { "tag": job.name, "receiver": receiver, "name": name, "parameters": params },
+            "enqueued": job.created_at.to_rfc3339(),
+            "started": time(job.started_at),
+            "completed": time(job.finished_at),
+            "status": status,
+            "message": job.reason.clone().unwrap_or_default(),
+            "output": output,
+        })
+    }
+}
+
+fn backup_fields(b: &opsbox_api::Backup) -> Value {
+    json!({
+        "ID": b.id,
+        "Checksum": b.checksum,
+        "ChecksumFormat": "SHA-1, base64 encoded",
+        "Size": b.size,
+        "Stored": b.finished.to_rfc3339(),
+        "Started": b.started.to_rfc3339(),
+        "Finished": b.finished.to_rfc3339(),
+        "Notes": b.notes,
+        "Environment": b.model_uuid,
+        "Machine": "0",
+        "Hostname": b.hostname,
+        "Version": b.version,
+    })
+}
+
+/// `unit-blog-0` (or the client's `unit-blog/0`) → `blog/0`.
+fn unit_of_tag(tag: &str) -> String {
+    let name = tag.strip_prefix("unit-").unwrap_or(tag);
+    if name.contains('/') {
+        return name.to_owned();
+    }
+    match name.rsplit_once('-') {
+        Some((app, n)) if n.bytes().all(|b| b.is_ascii_digit()) => format!("{app}/{n}"),
+        _ => name.to_owned(),
+    }
+}
+
+/// The receiver tag and action name of an action job's script (`action-db-0-backup`).
+fn action_parts(script: &str) -> (String, String) {
+    let rest = script.strip_prefix("action-").unwrap_or(script);
+    // The unit is `<app>-<n>`: the first all-digit word ends it.
+    let words: Vec<&str> = rest.split('-').collect();
+    match words
+        .iter()
+        .position(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit()))
+    {
+        Some(i) => (
+            format!("unit-{}", words[..=i].join("-")),
+            words[i + 1..].join("-"),
+        ),
+        None => (String::new(), rest.to_owned()),
     }
 }
 

@@ -8,8 +8,10 @@
 //! - [`jsonrpc`]: JSON-RPC 2.0 over HTTP and WebSocket at `/rpc`;
 //! - [`jrpc`]: py-jrpc's `POST /` and `GET /{name}`, for SimpleTCPClient and curl;
 //! - [`model`]: the model in the native API (`/v1/model`);
+//! - [`backups`]: copies of the whole store (`/v1/backups`);
 //! - [`juju`]: Juju's API WebSocket (`GET /` with an upgrade), for jujuclient.
 
+pub mod backups;
 pub mod disco;
 pub mod jojo;
 pub mod jrpc;

@@ -94,6 +94,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     doc.merge(crate::faces::queues::QueuesDoc::openapi());
     doc.merge(crate::faces::nodes::NodesDoc::openapi());
     doc.merge(crate::faces::model::ModelDoc::openapi());
+    doc.merge(crate::faces::backups::BackupsDoc::openapi());
     Json(doc)
 }
 

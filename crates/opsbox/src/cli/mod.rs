@@ -2,6 +2,7 @@
 //! server, which credentials, JSON or human output), then one module per command group
 //! does the work through the SDK.
 
+mod backups;
 mod disco;
 mod identity;
 mod jobs;
@@ -103,6 +104,9 @@ enum Command {
     /// watch; write a jenv file for Juju clients.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Copies of the whole store, taken while the server runs (admin).
+    #[command(subcommand)]
+    Backups(backups::BackupsCommand),
     /// Make the server rescan its scripts directory.
     Reload,
     /// Show the server's version, revision and who you are to it.
@@ -190,6 +194,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Jobs(command) => jobs::run(&ctx, command).await,
         Command::Watch(args) => watch::run(&ctx, args).await,
         Command::Model(command) => model::run(&ctx, command).await,
+        Command::Backups(command) => backups::run(&ctx, command).await,
         Command::Reload => server::reload(&ctx).await,
         Command::Info => server::info(&ctx).await,
         Command::Users(args) => identity::users(&ctx, args).await,
