@@ -1129,12 +1129,7 @@ impl Model {
 
     /// The two endpoints a pair of `app[:relation]` names can only mean.
     fn infer(&self, state: &State, names: &[String]) -> CoreResult<(Endpoint, Endpoint)> {
-        let [first, second] = names else {
-            return Err(CoreError::Invalid(format!(
-                "a relation needs two endpoints, not {}",
-                names.len()
-            )));
-        };
+        let (first, second) = two(names)?;
         let candidates = |name: &str| -> CoreResult<Vec<Endpoint>> {
             let (app_name, relation) = match name.split_once(':') {
                 Some((a, r)) => (a, Some(r)),
@@ -1193,12 +1188,7 @@ impl Model {
     /// Like [`Self::infer`], but for relations that exist (their applications may be
     /// dying).
     fn infer_existing(&self, state: &State, names: &[String]) -> CoreResult<(Endpoint, Endpoint)> {
-        let [first, second] = names else {
-            return Err(CoreError::Invalid(format!(
-                "a relation needs two endpoints, not {}",
-                names.len()
-            )));
-        };
+        let (first, second) = two(names)?;
         let matches = |name: &str, e: &Endpoint| match name.split_once(':') {
             Some((a, r)) => e.application == a && e.name == r,
             None => e.application == name,
@@ -1996,6 +1986,17 @@ fn relation_key(endpoints: &[Endpoint]) -> String {
         .map(|(_, s)| s)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The two endpoint names of a relation request.
+fn two(names: &[String]) -> CoreResult<(&String, &String)> {
+    match names {
+        [first, second] => Ok((first, second)),
+        _ => Err(CoreError::Invalid(format!(
+            "a relation needs two endpoints, not {}",
+            names.len()
+        ))),
+    }
 }
 
 /// The start of the job names of a unit's actions: `action-blog-0-`.

@@ -309,3 +309,38 @@ async fn the_watcher_gives_a_snapshot_then_only_changes_and_resumes_after_a_rest
     assert_eq!(snapshot.len(), 2, "{snapshot:?}");
     drop(root);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_log_resumes_the_model_from_the_revision_of_a_status() {
+    let t = open().await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("db", "mysql", 0), "admin")
+        .await
+        .unwrap();
+    let status = model.status().await;
+    model.expose("db", true).await.unwrap();
+    model
+        .set_config(
+            "db",
+            ConfigChange {
+                set: [("dataset-size".to_string(), "50%".to_string())].into(),
+                unset: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    // Everything after the status's revision, and nothing before it.
+    let page = t.core.events.page(status.revision, 100).await.unwrap();
+    let kinds: Vec<&str> = page.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["model.application.change", "model.application.change"]
+    );
+    assert_eq!(page.events[0].data["exposed"], true);
+    assert_eq!(page.events[1].data["config"]["dataset-size"], "50%");
+    // A watcher snapshot is as of the newest of them.
+    let mut watcher = model.watcher();
+    watcher.next().await.unwrap();
+    assert_eq!(watcher.revision(), page.events[1].rev);
+}

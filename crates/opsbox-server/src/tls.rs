@@ -78,8 +78,8 @@ fn self_signed(data: &Path) -> Result<(PathBuf, PathBuf), ServerError> {
     Ok((cert, key))
 }
 
-/// Writes a file readable by its owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a file readable by its owner only (keys, files holding passwords).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()

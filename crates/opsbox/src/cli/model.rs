@@ -357,7 +357,8 @@ pub async fn run(ctx: &Ctx, command: ModelCommand) -> anyhow::Result<u8> {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let path = dir.join(format!("{name}.jenv"));
             let text = serde_yaml::to_string(&Value::Object(jenv))?;
-            write_private(&path, &text)
+            // The file holds a password: readable by its owner only.
+            opsbox_server::tls::write_private(&path, text.as_bytes())
                 .with_context(|| format!("cannot write {}", path.display()))?;
             println!(
                 "wrote {} (Environment.connect('{name}') now reaches {})",
@@ -367,18 +368,6 @@ pub async fn run(ctx: &Ctx, command: ModelCommand) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
-}
-
-/// The file holds a password: readable by its owner only.
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(text.as_bytes())
 }
 
 /// Numbers as numbers (`cpu-cores=4`), the rest as text.

@@ -1,0 +1,223 @@
+//! The model over real sockets: the native `/v1/model` API (statuses and error codes)
+//! and the Juju face's WebSocket envelope (login, case-insensitive keys, one reply per
+//! request, a `Stop` answered while a `Next` waits). The real jujuclient drives the
+//! same face in `compat/test_juju.py`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{client, TestServer};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn start() -> TestServer {
+    TestServer::start_with(|c| {
+        c.charms = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/charms");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_model_api_deploys_relates_and_refuses_bad_requests() {
+    let server = start().await;
+    let http = client();
+    let post = |path: &str, body: Value| http.post(server.url(path)).json(&body).send();
+    let deployed = post(
+        "/v1/model/applications",
+        json!({"name": "db", "charm": "cs:precise/mysql", "num_units": 1}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(deployed.status(), 201);
+    let app: Value = deployed.json().await.unwrap();
+    assert_eq!(app["charm"], "mysql");
+    let r = post(
+        "/v1/model/applications",
+        json!({"name": "blog", "charm": "wordpress", "config": {"engine": "apache"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // Refusals: a taken name 409, an unknown charm 404, a bad option or JSON 400.
+    let again = post(
+        "/v1/model/applications",
+        json!({"name": "db", "charm": "mysql"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.status(), 409);
+    let unknown = post(
+        "/v1/model/applications",
+        json!({"name": "x", "charm": "cs:nosuch"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let bad = post(
+        "/v1/model/applications",
+        json!({"name": "y", "charm": "mysql", "config": {"colour": "red"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await.unwrap().contains("unknown option"));
+    let garbage = http
+        .post(server.url("/v1/model/applications"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+
+    let related = post("/v1/model/relations", json!({"endpoints": ["blog", "db"]}))
+        .await
+        .unwrap();
+    assert_eq!(related.status(), 201);
+    let relation: Value = related.json().await.unwrap();
+    assert_eq!(relation["key"], "blog:db db:db");
+    let constraints = http
+        .put(server.url("/v1/model/applications/blog/constraints"))
+        .json(&json!({"cpu-cores": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(constraints.status(), 200);
+    let missing = http
+        .get(server.url("/v1/model/applications/nosuch"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // The hooks run: every unit gets to started.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: Value = server.get_json("/v1/model").await;
+        let units = status["units"].as_array().unwrap();
+        if units.len() == 2 && units.iter().all(|u| u["status"] == "started") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let config: Value = server.get_json("/v1/model/applications/blog/config").await;
+    assert_eq!(config["config"]["engine"]["value"], "apache");
+    assert_eq!(config["constraints"]["cpu-cores"], 4);
+    server.shutdown().await;
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn call(ws: &mut Socket, request: Value) -> Value {
+    ws.send(Message::Text(request.to_string().into()))
+        .await
+        .unwrap();
+    reply(ws).await
+}
+
+async fn reply(ws: &mut Socket) -> Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no reply within 10 s")
+        {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("socket ended: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn juju_envelope_login_errors_and_stop_while_next_waits() {
+    let server = start().await;
+    let url = server.url("/").replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+
+    // Before login: refused, connection kept.
+    let early = call(
+        &mut ws,
+        json!({"Type": "Client", "Request": "FullStatus", "Version": 0, "RequestId": 1, "Params": {}}),
+    )
+    .await;
+    assert_eq!(early["ErrorCode"], "unauthorized access");
+    assert_eq!(early["Response"], json!({}));
+    // Keys in any case; RequestId echoed as given.
+    let login = call(
+        &mut ws,
+        json!({"type": "Admin", "REQUEST": "Login", "version": 0, "requestid": 7,
+               "params": {"AuthTag": "user-admin", "Password": "any"}}),
+    )
+    .await;
+    assert_eq!(login["RequestId"], 7);
+    let facades = login["Response"]["Facades"].as_array().unwrap();
+    assert!(facades.contains(&json!({"Name": "Client", "Versions": [0]})));
+    let missing = call(
+        &mut ws,
+        json!({"Type": "Client", "Request": "ServiceGet", "RequestId": 8,
+               "Params": {"ServiceName": "nosuch"}}),
+    )
+    .await;
+    assert_eq!(missing["Error"], "service \"nosuch\" not found");
+    assert_eq!(missing["ErrorCode"], "not found");
+    let bad = call(
+        &mut ws,
+        json!({"Type": "Client", "Request": "ServiceDeploy", "RequestId": 9,
+               "Params": {"ServiceName": 5}}),
+    )
+    .await;
+    assert_eq!(bad["ErrorCode"], "bad request");
+
+    // A watcher: the snapshot, then a Next that waits; a Stop sent meanwhile is answered
+    // and the waiting Next ends with "watcher was stopped".
+    let watch = call(
+        &mut ws,
+        json!({"Type": "Client", "Request": "WatchAll", "RequestId": 1, "Params": {}}),
+    )
+    .await;
+    let id = watch["Response"]["AllWatcherId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let snapshot = call(
+        &mut ws,
+        json!({"Type": "AllWatcher", "Request": "Next", "Id": id, "RequestId": 2, "Params": {}}),
+    )
+    .await;
+    let deltas = snapshot["Response"]["Deltas"].as_array().unwrap();
+    assert!(deltas.contains(&json!(["machine", "change", deltas[0][2].clone()])));
+    assert_eq!(deltas[0][2]["Id"], "0");
+    ws.send(Message::Text(
+        json!({"Type": "AllWatcher", "Request": "Next", "Id": id, "RequestId": 3, "Params": {}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ws.send(Message::Text(
+        json!({"Type": "AllWatcher", "Request": "Stop", "Id": id, "RequestId": 4, "Params": {}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let mut answers = vec![reply(&mut ws).await, reply(&mut ws).await];
+    answers.sort_by_key(|a| a["RequestId"].as_u64());
+    assert_eq!(answers[0]["Error"], "watcher was stopped");
+    assert_eq!(answers[1]["Response"], json!({}));
+    let gone = call(
+        &mut ws,
+        json!({"Type": "AllWatcher", "Request": "Next", "Id": id, "RequestId": 5, "Params": {}}),
+    )
+    .await;
+    assert_eq!(gone["Error"], "unknown watcher id");
+    server.shutdown().await;
+}
