@@ -114,9 +114,7 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn call(ws: &mut Socket, request: Value) -> Value {
-    ws.send(Message::Text(request.to_string().into()))
-        .await
-        .unwrap();
+    ws.send(Message::Text(request.to_string())).await.unwrap();
     reply(ws).await
 }
 
@@ -196,16 +194,14 @@ async fn juju_envelope_login_errors_and_stop_while_next_waits() {
     assert_eq!(deltas[0][2]["Id"], "0");
     ws.send(Message::Text(
         json!({"Type": "AllWatcher", "Request": "Next", "Id": id, "RequestId": 3, "Params": {}})
-            .to_string()
-            .into(),
+            .to_string(),
     ))
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     ws.send(Message::Text(
         json!({"Type": "AllWatcher", "Request": "Stop", "Id": id, "RequestId": 4, "Params": {}})
-            .to_string()
-            .into(),
+            .to_string(),
     ))
     .await
     .unwrap();
