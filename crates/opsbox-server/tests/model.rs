@@ -205,7 +205,7 @@ async fn juju_envelope_login_errors_and_stop_while_next_waits() {
     ))
     .await
     .unwrap();
-    let mut answers = vec![reply(&mut ws).await, reply(&mut ws).await];
+    let mut answers = [reply(&mut ws).await, reply(&mut ws).await];
     answers.sort_by_key(|a| a["RequestId"].as_u64());
     assert_eq!(answers[0]["Error"], "watcher was stopped");
     assert_eq!(answers[1]["Response"], json!({}));
