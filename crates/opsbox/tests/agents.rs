@@ -1,6 +1,7 @@
 //! Nodes and fan-out jobs with real processes: `opsbox serve` and several `opsbox agent`s
 //! on loopback, driven through the SDK. The server's own node takes no fan-out tasks
-//! here (`--local-slots 0`), so every task crosses the agent protocol.
+//! here (`--local-slots 0`), so every task crosses the agent protocol; units of the model
+//! run their hooks on agents too.
 
 mod serving;
 
@@ -78,6 +79,11 @@ fn start_server(dir: &Path, port: u16) -> Proc {
         .arg(dir.join("data"))
         .arg("--scripts")
         .arg(dir.join("scripts"))
+        .arg("--charms")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/charms"
+        ))
         .args(["--local-slots", "0", "--heartbeat-timeout", "2"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -638,4 +644,87 @@ async fn a_fan_out_log_follows_live_without_losing_lines() {
         let expected: Vec<String> = (0..5).map(|n| format!("{task}:{n}")).collect();
         assert_eq!(mine, expected.iter().collect::<Vec<_>>());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_run_their_hooks_on_the_nodes_their_constraints_pick() {
+    let c = Cluster::start().await;
+    let _web = c.agent("web1", "linux,web", 2).await;
+    let _db = c.agent("db1", "linux,db", 2).await;
+    let deploy = |name: &str, charm: &str, tag: &str| opsbox_api::model::DeployRequest {
+        name: name.into(),
+        charm: charm.into(),
+        num_units: 1,
+        config: BTreeMap::new(),
+        constraints: [("tags".to_string(), serde_json::json!(tag))].into(),
+        to: None,
+    };
+    c.client
+        .deploy(&deploy("db", "cs:precise/mysql", "db"))
+        .await
+        .unwrap();
+    c.client
+        .deploy(&deploy("blog", "cs:precise/wordpress", "web"))
+        .await
+        .unwrap();
+    c.client.relate("blog", "db").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wp_config = loop {
+        let jobs = c
+            .client
+            .jobs(&opsbox_client::JobFilter {
+                script: Some("hook-blog-0-db-relation-changed".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut found = None;
+        for job in jobs.iter().filter(|j| j.state == JobState::Succeeded) {
+            // The hook ran on the blog unit's node, with what db/0 set on db1.
+            assert_eq!(job.node.as_deref(), Some("web1"), "{job:?}");
+            if let Ok(bytes) = c
+                .client
+                .download_result(&job.name, "map-0/wp-config.php")
+                .await
+            {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                if text.contains("DB_NAME") {
+                    found = Some(text);
+                }
+            }
+        }
+        if let Some(text) = found {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wordpress never got its database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        wp_config.contains("define('DB_NAME', 'blog');"),
+        "{wp_config}"
+    );
+    let status = c.client.model().await.unwrap();
+    let node_of = |unit: &str| {
+        status
+            .units
+            .iter()
+            .find(|u| u.name == unit)
+            .map(|u| u.node.clone())
+    };
+    assert_eq!(node_of("db/0").as_deref(), Some("db1"));
+    assert_eq!(node_of("blog/0").as_deref(), Some("web1"));
+    // No connected node has the label: a clear refusal, nothing deployed.
+    let refused = c
+        .client
+        .deploy(&deploy("lb", "haproxy", "gpu"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("no connected node has the labels gpu"),
+        "{refused}"
+    );
 }
