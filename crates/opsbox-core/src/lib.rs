@@ -218,6 +218,8 @@ impl Core {
 
     /// Stops every running job; call before the process exits.
     pub async fn shutdown(&self) {
+        // First, so that hooks killed by the stop are not taken for failed ones.
+        self.model.shutdown();
         // Both at once: each waits out its own grace period.
         tokio::join!(
             self.nodes.shutdown(self.config.kill_grace),

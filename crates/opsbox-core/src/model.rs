@@ -14,7 +14,7 @@
 //! several servers on one database, the model must be re-read under a database lock
 //! instead: see the scale-out notes.)
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
@@ -26,9 +26,9 @@ use opsbox_api::model::{
     UnitStatus,
 };
 use opsbox_api::{Job, JobState, LOCAL_NODE};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::charms::Charms;
 use crate::error::{CoreError, CoreResult};
@@ -89,7 +89,10 @@ struct Inner {
     config: ModelConfig,
     uuid: String,
     state: tokio::sync::Mutex<State>,
-    uniters: StdMutex<HashMap<String, mpsc::UnboundedSender<UnitMsg>>>,
+    /// The wake-up of each running uniter.
+    uniters: StdMutex<HashMap<String, Arc<Notify>>>,
+    /// Set by [`Model::shutdown`]: hooks cut short by the server stopping stay queued.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -98,6 +101,9 @@ struct State {
     units: BTreeMap<String, Unit>,
     machines: BTreeMap<String, Machine>,
     relations: BTreeMap<u64, Relation>,
+    /// Each unit's hooks still to run, the next first. Stored (kind `hooks`, no
+    /// events), so that a restart loses none; a hook leaves the queue once it ran.
+    hooks: BTreeMap<String, VecDeque<Hook>>,
     /// Annotations by entity tag (`service-blog`, `unit-blog-0`, `machine-1`...).
     annotations: BTreeMap<String, BTreeMap<String, String>>,
     sequences: BTreeMap<String, u64>,
@@ -106,7 +112,8 @@ struct State {
 }
 
 /// The hooks a uniter runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 enum HookKind {
     Install,
     ConfigChanged,
@@ -138,7 +145,7 @@ impl HookKind {
 
 /// The relation a relation hook is about, captured when it was queued (a departed or
 /// broken hook runs after the relation is gone).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct RelationContext {
     id: u64,
     /// The unit's own endpoint name.
@@ -147,7 +154,7 @@ struct RelationContext {
     remote_unit: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Hook {
     kind: HookKind,
     relation: Option<RelationContext>,
@@ -170,16 +177,12 @@ impl Hook {
     }
 }
 
-#[derive(Debug)]
-enum UnitMsg {
-    Hook(Hook),
-    Resolved { retry: bool },
-}
-
 /// What running one hook came to.
 enum Outcome {
     Done,
     Failed,
+    /// The server is stopping: the hook stays queued and the uniter ends.
+    Interrupted,
     /// The unit is gone: the uniter ends.
     Gone,
 }
@@ -189,7 +192,8 @@ enum Outcome {
 struct Change {
     state: State,
     write: ModelWrite,
-    hooks: Vec<(String, Hook)>,
+    /// Units whose hook queue changed: stored and their uniters woken on commit.
+    queues: BTreeSet<String>,
 }
 
 impl Change {
@@ -197,7 +201,7 @@ impl Change {
         Change {
             state: state.clone(),
             write: ModelWrite::default(),
-            hooks: Vec::new(),
+            queues: BTreeSet::new(),
         }
     }
 
@@ -280,14 +284,19 @@ impl Change {
     }
 
     fn hook(&mut self, unit: &str, hook: Hook) {
-        self.hooks.push((unit.to_owned(), hook));
+        self.state
+            .hooks
+            .entry(unit.to_owned())
+            .or_default()
+            .push_back(hook);
+        self.queues.insert(unit.to_owned());
     }
 
     fn is_empty(&self) -> bool {
         self.write.put.is_empty()
             && self.write.remove.is_empty()
             && self.write.sequences.is_empty()
-            && self.hooks.is_empty()
+            && self.queues.is_empty()
     }
 }
 
@@ -341,6 +350,11 @@ impl Model {
                     .map_err(corrupt)?;
                     state.annotations.insert(doc.id.clone(), pairs);
                 }
+                "hooks" => {
+                    let queue: VecDeque<Hook> =
+                        serde_json::from_value(doc.data.clone()).map_err(corrupt)?;
+                    state.hooks.insert(doc.id.clone(), queue);
+                }
                 "info" => {
                     uuid = doc
                         .data
@@ -374,12 +388,13 @@ impl Model {
                 uuid,
                 state: tokio::sync::Mutex::new(State::default()),
                 uniters: StdMutex::new(HashMap::new()),
+                stopping: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         let mut change = Change {
             state,
             write,
-            hooks: Vec::new(),
+            queues: BTreeSet::new(),
         };
         if !change.state.machines.contains_key("0") {
             // Machine 0 is part of a new model, like its uuid: stored, but not a change
@@ -400,23 +415,16 @@ impl Model {
             });
             change.state.machines.insert("0".into(), machine);
         }
-        // Units that were on their way in or out when the server stopped go on.
-        let units: Vec<Unit> = change.state.units.values().cloned().collect();
-        for unit in units {
-            if unit.life != Life::Alive || unit.status == UnitStatus::Stopping {
-                change.hook(&unit.name, Hook::plain(HookKind::Stop));
-                change.hook(&unit.name, Hook::plain(HookKind::Remove));
-            } else if matches!(unit.status, UnitStatus::Pending | UnitStatus::Installing) {
-                change.hook(&unit.name, Hook::plain(HookKind::Install));
-                change.hook(&unit.name, Hook::plain(HookKind::ConfigChanged));
-                change.hook(&unit.name, Hook::plain(HookKind::Start));
-            }
-        }
         {
             let mut state = model.inner.state.lock().await;
             // The loaded model is the state even when there is nothing to write.
             *state = change.state.clone();
             model.commit(&mut state, change).await?;
+            // Hooks queued when the server stopped run now; the one that was running
+            // runs again (hooks run at least once, as Juju's do).
+            for unit in state.hooks.keys() {
+                model.wake(unit);
+            }
         }
         Ok(model)
     }
@@ -442,8 +450,21 @@ impl Model {
         if change.is_empty() {
             return Ok(());
         }
-        let hooks = std::mem::take(&mut change.hooks);
-        let write = std::mem::take(&mut change.write);
+        let queues = std::mem::take(&mut change.queues);
+        let mut write = std::mem::take(&mut change.write);
+        for unit in &queues {
+            match change.state.hooks.get(unit).filter(|q| !q.is_empty()) {
+                Some(queue) => write.put.push(ModelDoc {
+                    kind: "hooks".into(),
+                    id: unit.clone(),
+                    data: serde_json::to_value(queue).unwrap_or_default(),
+                }),
+                None => {
+                    change.state.hooks.remove(unit);
+                    write.remove.push(("hooks".into(), unit.clone()));
+                }
+            }
+        }
         if !(write.put.is_empty() && write.remove.is_empty() && write.sequences.is_empty()) {
             let events = self.inner.store.write_model(write).await?;
             if let Some(last) = events.last() {
@@ -451,26 +472,38 @@ impl Model {
             }
         }
         *state = change.state;
-        for (unit, hook) in hooks {
-            self.send(&unit, UnitMsg::Hook(hook));
+        for unit in &queues {
+            if state.hooks.contains_key(unit) {
+                self.wake(unit);
+            }
         }
         Ok(())
     }
 
-    /// Hands a message to a unit's uniter, starting it if needed.
-    fn send(&self, unit: &str, msg: UnitMsg) {
+    /// Call before the server stops its jobs: a hook killed by the stop is not the
+    /// hook's failure, so it stays first in its queue and runs again after the restart.
+    pub fn shutdown(&self) {
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn stopping(&self) -> bool {
+        self.inner
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Tells a unit's uniter that there is work, starting it if needed.
+    fn wake(&self, unit: &str) {
         let mut uniters = self.inner.uniters.lock().unwrap_or_else(|e| e.into_inner());
-        let msg = match uniters.get(unit) {
-            Some(tx) => match tx.send(msg) {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(msg)) => msg,
-            },
-            None => msg,
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(msg);
-        uniters.insert(unit.to_owned(), tx);
-        tokio::spawn(self.clone().uniter(unit.to_owned(), rx));
+        if let Some(notify) = uniters.get(unit) {
+            notify.notify_one();
+            return;
+        }
+        let notify = Arc::new(Notify::new());
+        uniters.insert(unit.to_owned(), notify.clone());
+        tokio::spawn(self.clone().uniter(unit.to_owned(), notify));
     }
 
     // -----------------------------------------------------------------------------------
@@ -981,8 +1014,33 @@ impl Model {
                 "unit \"{name}\" is not in an error state"
             )));
         }
-        self.send(name, UnitMsg::Resolved { retry });
-        Ok(())
+        let mut state = self.inner.state.lock().await;
+        let Some(mut unit) = state.units.get(name).cloned() else {
+            return Err(CoreError::NotFound(format!("unit \"{name}\"")));
+        };
+        let mut change = Change::new(&state);
+        let failed = change
+            .state
+            .hooks
+            .get(name)
+            .and_then(|q| q.front())
+            .map(|h| h.kind);
+        if !retry {
+            // Go on as if the failed hook had worked.
+            if let Some(queue) = change.state.hooks.get_mut(name) {
+                queue.pop_front();
+            }
+        }
+        unit.status = match (retry, failed) {
+            (false, Some(kind)) => status_after(kind).unwrap_or(UnitStatus::Started),
+            (true, Some(HookKind::Install)) => UnitStatus::Installing,
+            _ => UnitStatus::Started,
+        };
+        unit.status_info.clear();
+        unit.failed_hook = None;
+        change.put_unit(unit);
+        change.queues.insert(name.to_owned());
+        self.commit(&mut state, change).await
     }
 
     /// Adds empty machines (on nodes chosen like a unit's).
@@ -1348,21 +1406,41 @@ impl Model {
     // Uniters
     // -----------------------------------------------------------------------------------
 
-    /// Runs a unit's hooks in order. After a failed hook it waits for `resolved`, but a
-    /// destroy still gets through (its departed, broken, stop and removal).
-    async fn uniter(self, unit: String, mut rx: mpsc::UnboundedReceiver<UnitMsg>) {
-        let mut queued: VecDeque<Hook> = VecDeque::new();
+    /// Runs a unit's queued hooks in order, each until it worked. After a failed hook
+    /// the unit waits in `error` for `resolved`, but a destroy still gets through (its
+    /// departed, broken, stop and removal).
+    async fn uniter(self, unit: String, wake: Arc<Notify>) {
         loop {
-            let hook = match queued.pop_front() {
-                Some(hook) => hook,
-                None => match rx.recv().await {
-                    Some(UnitMsg::Hook(hook)) => hook,
-                    Some(UnitMsg::Resolved { .. }) => continue,
-                    None => return,
-                },
+            let next = match self.next_hook(&unit).await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(%unit, error = %e, "uniter cannot read its queue");
+                    None
+                }
+            };
+            let Some(hook) = next else {
+                let gone = !self.inner.state.lock().await.units.contains_key(&unit);
+                if gone {
+                    self.inner
+                        .uniters
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&unit);
+                    return;
+                }
+                wake.notified().await;
+                continue;
             };
             match self.run_hook(&unit, &hook).await {
-                Outcome::Done => {}
+                Outcome::Done => {
+                    if let Err(e) = self.hook_done(&unit, &hook).await {
+                        tracing::error!(%unit, error = %e, "cannot dequeue a hook that ran");
+                        wake.notified().await;
+                    }
+                }
+                // Stays first in the queue: `resolved --retry` runs it again. (The pause
+                // keeps a store that refuses writes from being hammered.)
+                Outcome::Failed => tokio::time::sleep(Duration::from_millis(100)).await,
                 Outcome::Gone => {
                     self.inner
                         .uniters
@@ -1371,47 +1449,69 @@ impl Model {
                         .remove(&unit);
                     return;
                 }
-                Outcome::Failed => loop {
-                    match rx.recv().await {
-                        Some(UnitMsg::Resolved { retry }) => {
-                            if retry {
-                                queued.push_front(hook.clone());
-                            } else if let Err(e) = self.clear_error(&unit, &hook).await {
-                                tracing::warn!(%unit, error = %e, "cannot resolve the unit");
-                            }
-                            break;
-                        }
-                        Some(UnitMsg::Hook(next)) if next.kind == HookKind::Stop => {
-                            // Being destroyed: only the way out still runs.
-                            queued.retain(|h| {
-                                matches!(h.kind, HookKind::Departed | HookKind::Broken)
-                            });
-                            queued.push_back(next);
-                            break;
-                        }
-                        Some(UnitMsg::Hook(next)) => queued.push_back(next),
-                        None => return,
-                    }
-                },
+                Outcome::Interrupted => return,
             }
         }
     }
 
-    /// Leaves `error` without running the failed hook again.
-    async fn clear_error(&self, name: &str, hook: &Hook) -> CoreResult<()> {
+    /// The hook to run next, if any: none while the unit is in error, unless a destroy
+    /// is queued (then only the way out is kept).
+    async fn next_hook(&self, name: &str) -> CoreResult<Option<Hook>> {
         let mut state = self.inner.state.lock().await;
-        let Some(mut unit) = state.units.get(name).cloned() else {
-            return Ok(());
+        let Some(unit) = state.units.get(name).cloned() else {
+            return Ok(None);
         };
-        unit.status = status_after(hook.kind).unwrap_or(UnitStatus::Started);
+        let Some(queue) = state.hooks.get(name) else {
+            return Ok(None);
+        };
+        if unit.status != UnitStatus::Error {
+            return Ok(queue.front().cloned());
+        }
+        if !queue.iter().any(|h| h.kind == HookKind::Stop) {
+            return Ok(None);
+        }
+        let mut change = Change::new(&state);
+        if let Some(queue) = change.state.hooks.get_mut(name) {
+            queue.retain(|h| {
+                matches!(
+                    h.kind,
+                    HookKind::Departed | HookKind::Broken | HookKind::Stop | HookKind::Remove
+                )
+            });
+        }
+        change.queues.insert(name.to_owned());
+        let mut unit = unit;
+        unit.status = UnitStatus::Stopping;
         unit.status_info.clear();
         unit.failed_hook = None;
-        let mut change = Change::new(&state);
         change.put_unit(unit);
+        let next = change
+            .state
+            .hooks
+            .get(name)
+            .and_then(|q| q.front().cloned());
+        self.commit(&mut state, change).await?;
+        Ok(next)
+    }
+
+    /// Takes a hook that ran off the front of its unit's queue.
+    async fn hook_done(&self, name: &str, hook: &Hook) -> CoreResult<()> {
+        let mut state = self.inner.state.lock().await;
+        if state.hooks.get(name).and_then(|q| q.front()) != Some(hook) {
+            return Ok(());
+        }
+        let mut change = Change::new(&state);
+        if let Some(queue) = change.state.hooks.get_mut(name) {
+            queue.pop_front();
+        }
+        change.queues.insert(name.to_owned());
         self.commit(&mut state, change).await
     }
 
     async fn run_hook(&self, name: &str, hook: &Hook) -> Outcome {
+        if self.stopping() {
+            return Outcome::Interrupted;
+        }
         match self.try_run_hook(name, hook).await {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -1500,6 +1600,9 @@ impl Model {
                 self.inner.config.hook_timeout * 2 + Duration::from_secs(60),
             )
             .await?;
+        if self.stopping() && !(ended && job.state == JobState::Succeeded) {
+            return Ok(Outcome::Interrupted);
+        }
         let success = ended && job.state == JobState::Succeeded;
         let stdout = match self.inner.jobs.output(&job.name).await {
             Ok(output) => output.stdout,
@@ -1684,6 +1787,8 @@ impl Model {
         };
         let mut change = Change::new(&state);
         change.remove_unit(name);
+        change.state.hooks.remove(name);
+        change.queues.insert(name.to_owned());
         let with_settings: Vec<Relation> = change
             .state
             .relations

@@ -344,3 +344,57 @@ async fn the_event_log_resumes_the_model_from_the_revision_of_a_status() {
     watcher.next().await.unwrap();
     assert_eq!(watcher.revision(), page.events[1].rev);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_hooks_survive_a_restart_and_the_interrupted_one_runs_again() {
+    // A charm whose install takes a while, so the server stops in the middle of it.
+    let root = tempfile::tempdir().unwrap();
+    let charms = root.path().join("charms");
+    let hooks = charms.join("slow/hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    std::fs::write(
+        charms.join("slow/metadata.yaml"),
+        "name: slow\nsummary: slow\n",
+    )
+    .unwrap();
+    let marker = root.path().join("installs");
+    for (hook, body) in [
+        (
+            "install",
+            format!("echo once >> {}\nsleep 2", marker.display()),
+        ),
+        ("start", "echo started".to_string()),
+    ] {
+        let path = hooks.join(hook);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    let config = |charms: &std::path::Path| {
+        let mut config = common::config(root.path());
+        config.model.charms_dir = charms.to_path_buf();
+        config
+    };
+    let core = opsbox_core::Core::open(config(&charms)).await.unwrap();
+    core.model
+        .deploy(deploy("s", "slow", 1), "admin")
+        .await
+        .unwrap();
+    eventually("the install hook to start", 20, || async {
+        std::fs::metadata(&marker).is_ok().then_some(())
+    })
+    .await;
+    core.shutdown().await;
+    drop(core);
+
+    let core = opsbox_core::Core::open(config(&charms)).await.unwrap();
+    eventually("s/0 to start after the restart", 30, || async {
+        let unit = core.model.unit("s/0").await.ok()?;
+        (unit.status == UnitStatus::Started).then_some(())
+    })
+    .await;
+    // The interrupted install ran again; nothing is left queued.
+    let installs = std::fs::read_to_string(&marker).unwrap();
+    assert_eq!(installs.lines().count(), 2, "{installs}");
+    core.shutdown().await;
+}
