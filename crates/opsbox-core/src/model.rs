@@ -52,6 +52,9 @@ const CONSTRAINTS: &[&str] = &[
 ];
 const NUMERIC_CONSTRAINTS: &[&str] = &["cpu-cores", "cpu-power", "mem", "root-disk"];
 
+/// Units one request may add: each is a machine, a uniter and a few jobs.
+pub const MAX_UNITS_PER_REQUEST: u32 = 1000;
+
 /// Settings of the model service.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -583,6 +586,7 @@ impl Model {
     /// Deploys a charm under a name, with `num_units` units on new machines.
     pub async fn deploy(&self, request: DeployRequest, owner: &str) -> CoreResult<Application> {
         check_app_name(&request.name)?;
+        check_unit_count(request.num_units)?;
         let charm = self.inner.charms.resolve(&request.charm)?;
         let config = check_config(&charm, &request.config, &BTreeMap::new())?;
         check_constraints(&request.constraints)?;
@@ -638,6 +642,7 @@ impl Model {
         if request.num_units == 0 {
             return Err(CoreError::Invalid("must add at least one unit".into()));
         }
+        check_unit_count(request.num_units)?;
         let mut state = self.inner.state.lock().await;
         let app = alive_app(&state, application)?.clone();
         let mut change = Change::new(&state);
@@ -2168,6 +2173,15 @@ fn check_tag(tag: &str) -> CoreResult<()> {
     }
 }
 
+fn check_unit_count(n: u32) -> CoreResult<()> {
+    if n > MAX_UNITS_PER_REQUEST {
+        return Err(CoreError::Invalid(format!(
+            "at most {MAX_UNITS_PER_REQUEST} units per request, not {n}"
+        )));
+    }
+    Ok(())
+}
+
 fn unknown_option(key: &str, charm: &Charm) -> CoreError {
     CoreError::Invalid(format!(
         "unknown option \"{key}\": charm \"{}\" has {}",
@@ -2193,6 +2207,11 @@ fn check_config(
             .config
             .get(key)
             .ok_or_else(|| unknown_option(key, charm))?;
+        if raw.contains('\0') {
+            return Err(CoreError::Invalid(format!(
+                "option \"{key}\" holds a NUL byte, which a hook's environment cannot carry"
+            )));
+        }
         let value = typed(&option.kind, raw).map_err(|expected| {
             CoreError::Invalid(format!("option \"{key}\" expected {expected}, got {raw:?}"))
         })?;

@@ -195,6 +195,20 @@ async fn config_is_checked_against_the_charm_and_a_failed_hook_puts_the_unit_in_
         .unwrap_err()
         .to_string();
     assert!(err.contains("unknown option \"nosuch\""), "{err}");
+    let err = model
+        .deploy(deploy("many", "wordpress", 5000), "admin")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at most 1000 units"), "{err}");
+    let mut request = deploy("blog", "wordpress", 1);
+    request.config.insert("engine".into(), "a\0b".into());
+    let err = model
+        .deploy(request, "admin")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("NUL"), "{err}");
     let mut request = deploy("blog", "wordpress", 1);
     request.constraints.insert("cpu-cores".into(), 4.into());
     model.deploy(request, "admin").await.unwrap();

@@ -695,9 +695,6 @@ impl Call<'_> {
                     constraints: constraints(p)?,
                     to: p.opt_str("ToMachineSpec")?,
                 };
-                if request.num_units > 1000 {
-                    return Err(JujuError::bad("at most 1000 units at once"));
-                }
                 model.deploy(request, &self.identity.name).await?;
                 Ok(json!({}))
             }
@@ -802,14 +799,12 @@ impl Call<'_> {
             }
             "AddServiceUnits" => {
                 let n = p.int("NumUnits")?.unwrap_or(1);
-                if n > 1000 {
-                    return Err(JujuError::bad("at most 1000 units at once"));
-                }
                 let units = model
                     .add_units(
                         &p.str("ServiceName")?,
                         AddUnitsRequest {
-                            num_units: n as u32,
+                            num_units: u32::try_from(n)
+                                .map_err(|_| JujuError::bad("NumUnits is too large"))?,
                             to: p.opt_str("ToMachineSpec")?,
                         },
                     )
