@@ -366,3 +366,40 @@ def test_connect_by_name_with_a_jenv_written_by_opsbox(juju, tmp_path):
     assert connected.info()['UUID'] in connected.endpoint
     connected.deploy('db', 'cs:precise/mysql', num_units=0)
     assert 'db' in connected.status()['Services']
+
+
+def test_a_local_charm_dir_is_uploaded_deployed_and_downloaded(juju, tmp_path):
+    import io
+    import zipfile
+    charm = tmp_path / "hello"
+    (charm / "hooks").mkdir(parents=True)
+    (charm / "metadata.yaml").write_text(
+        "name: hello\nsummary: says hello\nprovides:\n  web:\n    interface: http\n")
+    (charm / "config.yaml").write_text(
+        "options:\n  greeting:\n    type: string\n    default: hi\n")
+    install = charm / "hooks" / "install"
+    install.write_text('#!/bin/sh\necho "$CONFIG_GREETING from $JUJU_UNIT_NAME"\n')
+    install.chmod(0o755)
+    env = login(juju)
+    # The HTTPS helpers verify the server like any Python HTTPS client: trust its cert.
+    os.environ["SSL_CERT_FILE"] = str(juju.data / "tls" / "cert.pem")
+    try:
+        assert env.add_local_charm_dir(str(charm), 'trusty') == {'CharmURL': 'local:trusty/hello-0'}
+        assert env.add_local_charm_dir(str(charm), 'trusty') == {'CharmURL': 'local:trusty/hello-1'}
+        with pytest.raises(EnvError) as e:
+            env.add_local_charm(io.BytesIO(b"not a zip"), 'trusty', 9)
+        assert 'bad charm archive' in e.value.message
+        env.deploy('greeter', 'local:trusty/hello-1')
+        env.wait_for_units(timeout=60)
+        size = env.download_charm('local:trusty/hello-1', str(tmp_path / 'hello.zip'))
+    finally:
+        del os.environ["SSL_CERT_FILE"]
+    assert size > 0
+    with zipfile.ZipFile(tmp_path / 'hello.zip') as z:
+        assert 'metadata.yaml' in z.namelist()
+        assert (z.getinfo('hooks/install').external_attr >> 16) & 0o111
+    assert 'local:trusty/hello-1' in env.charms.list()['CharmURLs']
+    jobs = native(juju, '/v1/jobs?limit=100').json()['jobs']
+    install_job = next(j for j in jobs if j['script'] == 'hook-greeter-0-install')
+    out = native(juju, f"/v1/jobs/{install_job['name']}/results/map-0.out").text
+    assert out == 'hi from greeter/0\n'

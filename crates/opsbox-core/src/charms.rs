@@ -18,6 +18,7 @@ use crate::error::{CoreError, CoreResult};
 #[derive(Debug, Clone)]
 pub struct Charms {
     dir: PathBuf,
+    uploads: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -112,11 +113,15 @@ impl CharmUrl {
 }
 
 impl Charms {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    /// The charms of `dir`; `uploads` holds charms added over the API (they win over
+    /// charms of the same name in `dir`).
+    pub fn new(dir: impl Into<PathBuf>, uploads: impl Into<PathBuf>) -> Self {
         // Absolute, because hooks are read from here wherever the job runs.
-        let dir: PathBuf = dir.into();
-        let dir = std::path::absolute(&dir).unwrap_or(dir);
-        Charms { dir }
+        let absolute = |dir: PathBuf| std::path::absolute(&dir).unwrap_or(dir);
+        Charms {
+            dir: absolute(dir.into()),
+            uploads: absolute(uploads.into()),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -125,22 +130,16 @@ impl Charms {
 
     /// Every readable charm, by name; broken ones are logged and left out.
     pub fn list(&self) -> Vec<Charm> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut charms: Vec<Charm> = entries
-            .flatten()
-            .filter(|e| e.path().join("metadata.yaml").is_file())
-            .filter_map(|e| match self.read(&e.path()) {
-                Ok(charm) => Some(charm),
-                Err(error) => {
-                    tracing::warn!(charm = %e.path().display(), %error, "charm left out");
-                    None
+        let mut charms: BTreeMap<String, Charm> = BTreeMap::new();
+        for dir in self.list_dirs() {
+            match self.read(&dir) {
+                Ok(charm) => {
+                    charms.entry(charm.name.clone()).or_insert(charm);
                 }
-            })
-            .collect();
-        charms.sort_by(|a, b| a.name.cmp(&b.name));
-        charms
+                Err(error) => tracing::warn!(charm = %dir.display(), %error, "charm left out"),
+            }
+        }
+        charms.into_values().collect()
     }
 
     /// The charm a URL names.
@@ -150,32 +149,35 @@ impl Charms {
             .map_err(|_| CoreError::NotFound(format!("charm \"{url}\"")))
     }
 
-    /// The charm called `name` (its directory name or its metadata name).
+    /// The charm called `name` (its metadata name, or its directory's).
     pub fn get(&self, name: &str) -> CoreResult<Charm> {
-        let dir = self.dir.join(name);
-        if dir.join("metadata.yaml").is_file() {
-            return self.read(&dir);
+        let dir = self
+            .dir_of(name)
+            .ok_or_else(|| CoreError::NotFound(format!("charm \"{name}\"")))?;
+        self.read(&dir)
+    }
+
+    /// The directory of the charm called `name`: an upload first, then the charms
+    /// directory (by directory name, then by metadata name).
+    fn dir_of(&self, name: &str) -> Option<PathBuf> {
+        for root in [&self.uploads, &self.dir] {
+            let direct = root.join(name);
+            if direct.join("metadata.yaml").is_file() {
+                return Some(direct);
+            }
         }
-        self.list()
-            .into_iter()
-            .find(|c| c.name == name)
-            .ok_or_else(|| CoreError::NotFound(format!("charm \"{name}\"")))
+        self.list_dirs().into_iter().find(|dir| {
+            std::fs::read_to_string(dir.join("metadata.yaml"))
+                .ok()
+                .and_then(|text| serde_yaml::from_str::<Metadata>(&text).ok())
+                .is_some_and(|meta| meta.name == name)
+        })
     }
 
     /// The file of a charm's hook, if the charm has it.
     pub fn hook_path(&self, charm: &str, hook: &str) -> Option<PathBuf> {
-        let direct = self.dir.join(charm).join("hooks").join(hook);
-        if direct.is_file() {
-            return Some(direct);
-        }
-        // The directory may be named otherwise than the charm.
-        let entries = std::fs::read_dir(&self.dir).ok()?;
-        entries.flatten().find_map(|e| {
-            let meta = std::fs::read_to_string(e.path().join("metadata.yaml")).ok()?;
-            let meta: Metadata = serde_yaml::from_str(&meta).ok()?;
-            let path = e.path().join("hooks").join(hook);
-            (meta.name == charm && path.is_file()).then_some(path)
-        })
+        let path = self.dir_of(charm)?.join("hooks").join(hook);
+        path.is_file().then_some(path)
     }
 
     /// The executable of a charm's action, if the charm declares and has it.
@@ -192,17 +194,9 @@ impl Charms {
                 }
             )));
         }
-        self.list_dirs()
-            .into_iter()
+        self.dir_of(charm)
             .map(|dir| dir.join("actions").join(action))
-            .find(|path| {
-                path.is_file()
-                    && path
-                        .parent()
-                        .and_then(Path::parent)
-                        .and_then(|d| self.read(d).ok())
-                        .is_some_and(|c| c.name == charm)
-            })
+            .filter(|path| path.is_file())
             .ok_or_else(|| {
                 CoreError::Invalid(format!(
                     "charm \"{charm}\" declares action \"{action}\" but has no actions/{action}"
@@ -210,16 +204,122 @@ impl Charms {
             })
     }
 
+    /// Adds a charm from a zip archive (what `juju deploy` of a local charm uploads):
+    /// unpacked into the uploads directory under its metadata name, replacing an
+    /// earlier upload, with a revision above every earlier one. Returns the charm and
+    /// its URL, `local:<series>/<name>-<revision>`.
+    pub fn add_archive(&self, archive: &[u8], series: &str) -> CoreResult<(Charm, String)> {
+        if series.is_empty()
+            || !series
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(CoreError::Invalid(format!(
+                "invalid series \"{series}\": expected a word like trusty"
+            )));
+        }
+        let io = |action: String| move |source| CoreError::Io { action, source };
+        std::fs::create_dir_all(&self.uploads)
+            .map_err(io(format!("create {}", self.uploads.display())))?;
+        let staging = self.uploads.join(format!(
+            ".upload-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
+        let unpacked = unpack(archive, &staging);
+        let charm = unpacked.and_then(|()| self.read(&staging));
+        let charm = match charm {
+            Ok(charm) => charm,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(e);
+            }
+        };
+        let name = charm.name.clone();
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(CoreError::Invalid(format!(
+                "invalid charm name \"{name}\" in metadata.yaml"
+            )));
+        }
+        let previous = self.dir_of(&name).and_then(|d| self.read(&d).ok());
+        let revision = previous
+            .map(|p| p.revision + 1)
+            .unwrap_or(0)
+            .max(charm.revision);
+        std::fs::write(staging.join("revision"), format!("{revision}\n"))
+            .map_err(io(format!("write {}", staging.join("revision").display())))?;
+        let target = self.uploads.join(&name);
+        if target.exists() {
+            let old = self.uploads.join(format!(".old-{name}-{revision}"));
+            std::fs::rename(&target, &old).map_err(io(format!("replace {}", target.display())))?;
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        std::fs::rename(&staging, &target).map_err(io(format!("move {}", target.display())))?;
+        let charm = self.read(&target)?;
+        Ok((charm, format!("local:{series}/{name}-{revision}")))
+    }
+
+    /// The charm a URL names, as a zip archive of its directory.
+    pub fn archive(&self, url: &str) -> CoreResult<Vec<u8>> {
+        use std::io::Write;
+        let parsed = CharmUrl::parse(url)?;
+        let dir = self
+            .dir_of(&parsed.name)
+            .ok_or_else(|| CoreError::NotFound(format!("charm \"{url}\"")))?;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let fail =
+            |e: &dyn std::fmt::Display| CoreError::Invalid(format!("cannot pack {url}: {e}"));
+        let mut stack = vec![dir.clone()];
+        while let Some(current) = stack.pop() {
+            let entries = std::fs::read_dir(&current).map_err(|e| fail(&e))?;
+            let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for path in paths {
+                let Ok(relative) = path.strip_prefix(&dir) else {
+                    continue;
+                };
+                let name = relative.to_string_lossy().into_owned();
+                let meta = std::fs::symlink_metadata(&path).map_err(|e| fail(&e))?;
+                if meta.is_dir() {
+                    stack.push(path.clone());
+                } else if meta.is_file() {
+                    use std::os::unix::fs::PermissionsExt;
+                    let options = zip::write::SimpleFileOptions::default()
+                        .unix_permissions(meta.permissions().mode() & 0o777);
+                    zip.start_file(name, options).map_err(|e| fail(&e))?;
+                    let data = std::fs::read(&path).map_err(|e| fail(&e))?;
+                    zip.write_all(&data).map_err(|e| fail(&e))?;
+                }
+            }
+        }
+        Ok(zip.finish().map_err(|e| fail(&e))?.into_inner())
+    }
+
+    /// Charm directories: uploads first.
     fn list_dirs(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(&self.dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.join("metadata.yaml").is_file())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let mut dirs = Vec::new();
+        for root in [&self.uploads, &self.dir] {
+            let Ok(entries) = std::fs::read_dir(root) else {
+                continue;
+            };
+            let mut found: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.join("metadata.yaml").is_file()
+                        && !p
+                            .file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
+                .collect();
+            found.sort();
+            dirs.extend(found);
+        }
+        dirs
     }
 
     fn read(&self, dir: &Path) -> CoreResult<Charm> {
@@ -307,9 +407,140 @@ impl Charms {
     }
 }
 
+/// Largest unpacked charm: a charm is metadata and small hooks.
+const MAX_UNPACKED: u64 = 64 * 1024 * 1024;
+
+/// Unpacks a zip archive into `dir`, refusing paths that leave it, symlinks and
+/// archives that unpack to more than [`MAX_UNPACKED`]. Unix modes are kept (hooks must
+/// stay executable).
+fn unpack(archive: &[u8], dir: &Path) -> CoreResult<()> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |why: String| CoreError::Invalid(format!("bad charm archive: {why}"));
+    let mut zip =
+        zip::ZipArchive::new(std::io::Cursor::new(archive)).map_err(|e| bad(e.to_string()))?;
+    let io = |action: String| move |source| CoreError::Io { action, source };
+    std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    let mut total = 0u64;
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| bad(e.to_string()))?;
+        let Some(relative) = entry.enclosed_name() else {
+            return Err(bad(format!(
+                "{:?} leaves the charm directory",
+                entry.name()
+            )));
+        };
+        let mode = entry.unix_mode();
+        if mode.is_some_and(|m| m & 0o170000 == 0o120000) {
+            return Err(bad(format!("{} is a symlink", relative.display())));
+        }
+        let path = dir.join(&relative);
+        if entry.is_dir() {
+            std::fs::create_dir_all(&path).map_err(io(format!("create {}", path.display())))?;
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+        }
+        let mut data = Vec::new();
+        (&mut entry)
+            .take(MAX_UNPACKED + 1 - total)
+            .read_to_end(&mut data)
+            .map_err(|e| bad(e.to_string()))?;
+        total += data.len() as u64;
+        if total > MAX_UNPACKED {
+            return Err(bad(format!(
+                "it unpacks to more than {} MiB",
+                MAX_UNPACKED >> 20
+            )));
+        }
+        std::fs::write(&path, &data).map_err(io(format!("write {}", path.display())))?;
+        let executable = mode.is_some_and(|m| m & 0o111 != 0)
+            || relative.starts_with("hooks")
+            || relative.starts_with("actions");
+        let perm = if executable { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(perm))
+            .map_err(io(format!("chmod {}", path.display())))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn zip_of(files: &[(&str, &str, u32)]) -> Vec<u8> {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        for (name, text, mode) in files {
+            let options = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
+            zip.start_file(*name, options).unwrap();
+            zip.write_all(text.as_bytes()).unwrap();
+        }
+        zip.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn uploads_get_new_revisions_win_over_the_directory_and_pack_back() {
+        let root = tempfile::tempdir().unwrap();
+        let charms = Charms::new(root.path().join("charms"), root.path().join("uploads"));
+        let archive = zip_of(&[
+            ("metadata.yaml", "name: hello\nsummary: hi\n", 0o644),
+            ("hooks/install", "#!/bin/sh\necho hi\n", 0o755),
+        ]);
+        let (charm, url) = charms.add_archive(&archive, "trusty").unwrap();
+        assert_eq!(
+            (charm.name.as_str(), url.as_str()),
+            ("hello", "local:trusty/hello-0")
+        );
+        let (_, url) = charms.add_archive(&archive, "trusty").unwrap();
+        assert_eq!(url, "local:trusty/hello-1");
+        assert_eq!(charms.resolve("local:trusty/hello").unwrap().revision, 1);
+        let hook = charms.hook_path("hello", "install").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(hook).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let packed = charms.archive("local:trusty/hello-1").unwrap();
+        let names: Vec<String> = zip::ZipArchive::new(std::io::Cursor::new(packed))
+            .unwrap()
+            .file_names()
+            .map(str::to_owned)
+            .collect();
+        assert!(names.contains(&"hooks/install".to_string()), "{names:?}");
+    }
+
+    #[test]
+    fn bad_archives_are_refused_and_leave_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let charms = Charms::new(root.path().join("charms"), root.path().join("uploads"));
+        let escaping = zip_of(&[
+            ("metadata.yaml", "name: evil\n", 0o644),
+            ("../outside", "x", 0o644),
+        ]);
+        let err = charms
+            .add_archive(&escaping, "trusty")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("leaves the charm directory"), "{err}");
+        assert!(!root.path().join("outside").exists());
+        let err = charms
+            .add_archive(b"not a zip", "trusty")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad charm archive"), "{err}");
+        let no_meta = zip_of(&[("hooks/install", "x", 0o755)]);
+        assert!(charms.add_archive(&no_meta, "trusty").is_err());
+        let ok = zip_of(&[("metadata.yaml", "name: fine\n", 0o644)]);
+        assert!(charms.add_archive(&ok, "../etc").is_err());
+        // Only dot-directories of failed uploads would be left, and they are removed.
+        let left: Vec<_> = std::fs::read_dir(root.path().join("uploads"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     #[test]
     fn urls() {

@@ -67,7 +67,10 @@ impl CoreConfig {
     pub fn new(data_dir: PathBuf, scripts_dir: PathBuf) -> Self {
         CoreConfig {
             nodes: NodesConfig::new(&data_dir),
-            model: ModelConfig::new(scripts_dir.with_file_name("charms")),
+            model: ModelConfig::new(
+                scripts_dir.with_file_name("charms"),
+                data_dir.join("charms"),
+            ),
             data_dir,
             scripts_dir,
             max_concurrent_runs: 64,

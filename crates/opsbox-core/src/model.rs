@@ -59,6 +59,8 @@ pub const MAX_UNITS_PER_REQUEST: u32 = 1000;
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub charms_dir: PathBuf,
+    /// Charms added over the API (Juju's `POST /charms`), in the data directory.
+    pub uploads_dir: PathBuf,
     /// The model's name (Juju's environment name).
     pub name: String,
     /// Series of machines and of charm URLs that name none.
@@ -68,9 +70,10 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    pub fn new(charms_dir: PathBuf) -> Self {
+    pub fn new(charms_dir: PathBuf, uploads_dir: PathBuf) -> Self {
         ModelConfig {
             charms_dir,
+            uploads_dir,
             name: "opsbox".into(),
             default_series: "trusty".into(),
             hook_timeout: Duration::from_secs(300),
@@ -386,7 +389,7 @@ impl Model {
                 store,
                 nodes,
                 jobs,
-                charms: Charms::new(&config.charms_dir),
+                charms: Charms::new(&config.charms_dir, &config.uploads_dir),
                 config,
                 uuid,
                 state: tokio::sync::Mutex::new(State::default()),

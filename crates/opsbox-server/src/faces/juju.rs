@@ -109,11 +109,169 @@ const JUJU_CLIENT_METHODS: &[&str] = &[
     "AddMachinesV2",
 ];
 
-/// Routes of the face besides `/` (which the py-jrpc face shares, see [`upgrade`]).
+/// Routes of the face besides `/` (which other faces share, see [`on_root`]): the API
+/// WebSocket on its longer paths, and the HTTPS charm upload and download.
 pub fn routes(_state: AppState) -> Router<AppState> {
     Router::new()
         .route("/environment/{uuid}/api", get(on_api))
         .route("/model/{uuid}/api", get(on_api))
+        .route("/charms", get(download_charm).post(upload_charm))
+        .route(
+            "/environment/{uuid}/charms",
+            get(download_charm).post(upload_charm),
+        )
+}
+
+/// An error of the HTTPS side, in the shape the client raises `EnvError` with.
+fn http_error(status: axum::http::StatusCode, e: JujuError) -> Response {
+    let mut body = json!({ "Error": e.message });
+    if let Some(code) = e.code {
+        body["ErrorCode"] = json!(code);
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+/// The HTTPS side authenticates with Basic `user-<name>:<password>` (or a token as the
+/// password); an open server takes anyone, as every face does.
+async fn http_identity(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Result<Identity, Response> {
+    use axum::http::StatusCode;
+    use base64::Engine as _;
+    let core = &state.core;
+    let required = core
+        .identities
+        .auth_required()
+        .await
+        .map_err(|e| http_error(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;
+    let refused = || {
+        http_error(
+            StatusCode::UNAUTHORIZED,
+            JujuError::new(
+                "invalid entity name or password",
+                Some("unauthorized access"),
+            ),
+        )
+    };
+    let basic = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok());
+    let Some((tag, password)) = basic.as_deref().and_then(|b| b.split_once(':')) else {
+        if required {
+            return Err(refused());
+        }
+        return Ok(Identity {
+            name: "admin".into(),
+            role: Role::Admin,
+            nodes: Vec::new(),
+        });
+    };
+    let user = user_of_tag(tag);
+    if !required {
+        return Ok(Identity {
+            name: user,
+            role: Role::Admin,
+            nodes: Vec::new(),
+        });
+    }
+    let by_password = core
+        .identities
+        .authenticate(&Credentials::Password {
+            user,
+            password: password.to_owned(),
+        })
+        .await;
+    match by_password {
+        Ok(identity) => Ok(identity),
+        Err(_) => core
+            .identities
+            .authenticate(&Credentials::Token(password.to_owned()))
+            .await
+            .map_err(|_| refused()),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct CharmsQuery {
+    series: Option<String>,
+    url: Option<String>,
+}
+
+/// `POST /charms?series=S` with a zip body: adds a local charm (`add_local_charm`).
+async fn upload_charm(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<CharmsQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use axum::http::StatusCode;
+    let identity = match http_identity(&state, &headers).await {
+        Ok(identity) => identity,
+        Err(response) => return response,
+    };
+    if let Err(e) = identity.require(Role::Operator) {
+        return http_error(StatusCode::FORBIDDEN, e.into());
+    }
+    let Some(series) = query.series.filter(|s| !s.is_empty()) else {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            JujuError::bad("expected series= in the query"),
+        );
+    };
+    let charms = state.core.model.charms().clone();
+    let added = tokio::task::spawn_blocking(move || charms.add_archive(&body, &series)).await;
+    match added {
+        Ok(Ok((_, url))) => {
+            (StatusCode::OK, axum::Json(json!({ "CharmURL": url }))).into_response()
+        }
+        Ok(Err(e)) => http_error(StatusCode::BAD_REQUEST, e.into()),
+        Err(e) => http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            JujuError::new(e.to_string(), None),
+        ),
+    }
+}
+
+/// `GET /charms?url=U[&file=*]`: the charm as a zip (`download_charm`).
+async fn download_charm(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<CharmsQuery>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    use axum::http::StatusCode;
+    if let Err(response) = http_identity(&state, &headers).await {
+        return response;
+    }
+    let Some(url) = query.url else {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            JujuError::bad("expected url= in the query"),
+        );
+    };
+    let charms = state.core.model.charms().clone();
+    let packed = tokio::task::spawn_blocking(move || charms.archive(&url)).await;
+    match packed {
+        Ok(Ok(bytes)) => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "application/zip")],
+            bytes,
+        )
+            .into_response(),
+        Ok(Err(e @ CoreError::NotFound(_))) => http_error(StatusCode::NOT_FOUND, e.into()),
+        Ok(Err(e)) => http_error(StatusCode::BAD_REQUEST, e.into()),
+        Err(e) => http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            JujuError::new(e.to_string(), None),
+        ),
+    }
 }
 
 async fn on_api(State(state): State<AppState>, request: Request) -> Response {
