@@ -95,6 +95,11 @@ impl Server {
             .arg(dir.path().join("data"))
             .arg("--scripts")
             .arg(dir.path().join("scripts"))
+            .arg("--charms")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../examples/charms"
+            ))
             .env_remove("OPSBOX_CONFIG")
             .env_remove("OPSBOX_LISTEN")
             .stdin(Stdio::null())
@@ -790,4 +795,80 @@ fn read_lines(stdout: impl std::io::Read + Send + 'static) -> mpsc::Receiver<Str
         }
     });
     receive
+}
+
+#[test]
+fn model_and_backups_commands() {
+    let server = Server::start();
+    server
+        .cli(&["model", "deploy", "cs:precise/mysql", "db"])
+        .success()
+        .stdout_has("deployed db (cs:precise/mysql) with 1 unit(s)");
+    server
+        .cli(&[
+            "model",
+            "deploy",
+            "wordpress",
+            "blog",
+            "--config",
+            "engine=apache",
+        ])
+        .success();
+    server
+        .cli(&["model", "add-relation", "blog", "db"])
+        .success()
+        .stdout_has("related blog:db db:db over mysql");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = server.cli(&["model", "status", "--json"]).success().json();
+        let units = status["units"].as_array().unwrap().clone();
+        if units.len() == 2 && units.iter().all(|u| u["status"] == "started") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "units never started: {status:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server
+        .cli(&["model", "status"])
+        .success()
+        .stdout_has("blog/0  started")
+        .stdout_has("blog:db db:db");
+    server
+        .cli(&["model", "config", "blog"])
+        .success()
+        .stdout_has("apache");
+    server
+        .cli(&["model", "config", "blog", "colour=red"])
+        .code(1)
+        .stderr_has("unknown option \"colour\"");
+    server
+        .cli(&["model", "remove-unit", "blog"])
+        .code(1)
+        .stderr_has("not a unit name");
+    server
+        .cli(&["model", "constraints", "blog", "cpu-cores=4"])
+        .success()
+        .stdout_has("cpu-cores=4");
+    // No https listener: no jenv, and a message that says what to do.
+    let home = server.dir.path().join("juju");
+    server
+        .cli(&["model", "jenv", "x", "--juju-home", home.to_str().unwrap()])
+        .code(1)
+        .stderr_has("https://");
+
+    server
+        .cli(&["backups", "create", "--notes", "before"])
+        .success()
+        .stdout_has("created backup");
+    let list = server.cli(&["backups", "list", "--json"]).success().json();
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+    let file = server.dir.path().join("copy.db");
+    server
+        .cli(&["backups", "download", &id, "-o", file.to_str().unwrap()])
+        .success();
+    assert!(std::fs::read(&file)
+        .unwrap()
+        .starts_with(b"SQLite format 3\0"));
+    server.cli(&["backups", "remove", &id]).success();
+    server.cli(&["backups", "remove", &id]).code(1);
 }
