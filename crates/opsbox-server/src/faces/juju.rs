@@ -36,6 +36,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::AppState;
 
+/// Requests of one connection handled at once (each `Next` holds one while it waits).
+const MAX_IN_FLIGHT: usize = 64;
+
 /// The juju version this face speaks for.
 const AGENT_VERSION: &str = "1.25.0";
 
@@ -342,6 +345,9 @@ async fn serve(socket: WebSocket, state: AppState) {
         watchers: Mutex::new(HashMap::new()),
         next_watcher: AtomicU64::new(1),
     });
+    // Requests in progress per connection: a client that floods the socket waits for
+    // its earlier answers instead of piling up tasks (juju's own client has one or two).
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     while let Some(Ok(message)) = stream.next().await {
         let text = match message {
             Message::Text(text) => text.to_string(),
@@ -349,11 +355,15 @@ async fn serve(socket: WebSocket, state: AppState) {
             Message::Close(_) => break,
             _ => continue,
         };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
         let conn = conn.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             let reply = conn.handle(&text).await;
             let _ = tx.send(reply.to_string());
+            drop(permit);
         });
     }
     // The client went away (often without a close frame): stop its watchers.

@@ -93,14 +93,32 @@ async fn status(State(state): State<AppState>) -> Json<ModelStatus> {
 }
 
 #[utoipa::path(get, path = "/v1/model/jenv", responses((status = 200, body = JenvInfo)))]
-async fn jenv(State(state): State<AppState>) -> ApiResult<Json<JenvInfo>> {
+async fn jenv(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<Json<JenvInfo>> {
     let model = &state.core.model;
+    // A wildcard listener is reached at the host the caller used to reach this one.
+    let asked = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| match h.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host.to_owned(),
+            _ => h.to_owned(),
+        })
+        .unwrap_or_else(|| "127.0.0.1".into());
     let state_servers: Vec<String> = state
         .config
         .listen
         .iter()
         .filter_map(|l| l.strip_prefix("https://"))
-        .map(|hostport| hostport.trim_end_matches('/').to_owned())
+        .map(|hostport| {
+            let hostport = hostport.trim_end_matches('/');
+            match hostport.rsplit_once(':') {
+                Some(("0.0.0.0" | "[::]", port)) => format!("{asked}:{port}"),
+                _ => hostport.to_owned(),
+            }
+        })
         .collect();
     let ca_cert = if state_servers.is_empty() {
         None
