@@ -614,11 +614,7 @@ impl Model {
         };
         let mut change = Change::new(&state);
         change.put_app(app.clone());
-        for _ in 0..request.num_units {
-            self.add_unit(&mut change, &app, request.to.as_deref())
-                .await?;
-        }
-        // Peer relations come with the application.
+        // Peer relations come with the application, before its units join them.
         for (name, relation) in &charm.peers {
             let endpoint = endpoint(&app.name, name, Role::Peer, relation);
             let id = change.next("relation", 0);
@@ -631,6 +627,10 @@ impl Model {
                 settings: BTreeMap::new(),
                 life: Life::Alive,
             });
+        }
+        for _ in 0..request.num_units {
+            self.add_unit(&mut change, &app, request.to.as_deref())
+                .await?;
         }
         self.commit(&mut state, change).await?;
         Ok(app)
@@ -1764,9 +1764,15 @@ impl Model {
                     *entry = merged;
                     let app = name.split('/').next().unwrap_or_default().to_owned();
                     let local = relation.endpoints.iter().find(|e| e.application == app);
-                    let remote = relation.endpoints.iter().find(|e| e.application != app);
+                    // A peer relation's other side is the same endpoint.
+                    let remote = relation
+                        .endpoints
+                        .iter()
+                        .find(|e| e.application != app)
+                        .or(local);
                     if let (Some(local), Some(remote)) = (local.cloned(), remote.cloned()) {
-                        for other in alive_units(&change.state, &remote.application) {
+                        let others = alive_units(&change.state, &remote.application);
+                        for other in others.into_iter().filter(|o| o != name) {
                             change.hook(
                                 &other,
                                 relation_hook(

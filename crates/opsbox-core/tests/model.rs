@@ -412,3 +412,60 @@ async fn queued_hooks_survive_a_restart_and_the_interrupted_one_runs_again() {
     assert_eq!(installs.lines().count(), 2, "{installs}");
     core.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_of_one_application_meet_and_see_each_others_settings() {
+    let root = tempfile::tempdir().unwrap();
+    let charms = root.path().join("charms");
+    let hooks = charms.join("cluster/hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    std::fs::write(
+        charms.join("cluster/metadata.yaml"),
+        "name: cluster\nsummary: peers\npeers:\n  ring:\n    interface: ring\n",
+    )
+    .unwrap();
+    for (hook, body) in [
+        ("ring-relation-joined", "echo \"relation-set addr=$JUJU_UNIT_NAME\""),
+        (
+            "ring-relation-changed",
+            "[ -n \"$RELATION_ADDR\" ] && echo \"$JUJU_UNIT_NAME sees $RELATION_ADDR\" > \"$OPSBOX_RESULTS/peer\"; true",
+        ),
+    ] {
+        let path = hooks.join(hook);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    let mut config = common::config(root.path());
+    config.model.charms_dir = charms;
+    let core = opsbox_core::Core::open(config).await.unwrap();
+    core.model
+        .deploy(deploy("c", "cluster", 2), "admin")
+        .await
+        .unwrap();
+    let status = core.model.status().await;
+    assert_eq!(status.relations.len(), 1);
+    assert_eq!(status.relations[0].key, "c:ring");
+    // Each unit set its address, and each saw the other's in a changed hook.
+    let seen = eventually("both peers to see each other", 30, || async {
+        let jobs = core.jobs.list(&Default::default()).await.unwrap();
+        let mut seen = Vec::new();
+        for job in jobs
+            .iter()
+            .filter(|j| j.script.ends_with("ring-relation-changed"))
+        {
+            let path = core.jobs.results_dir(&job.name).join("map-0/peer");
+            if let Ok(text) = std::fs::read_to_string(path) {
+                seen.push(text.trim().to_owned());
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        (seen.len() == 2).then_some(seen)
+    })
+    .await;
+    assert_eq!(seen, ["c/0 sees c/1", "c/1 sees c/0"]);
+    let relation = core.model.status().await.relations.remove(0);
+    assert_eq!(relation.settings["c/0"]["addr"], "c/0");
+    core.shutdown().await;
+}
