@@ -1394,6 +1394,28 @@ impl Model {
             .collect())
     }
 
+    /// The unit and action an action's job ran, or `None` for any other job.
+    pub async fn action_of(&self, job: &Job) -> Option<(String, String)> {
+        let rest = job.script.strip_prefix("action-")?;
+        let state = self.inner.state.lock().await;
+        let units: Vec<String> = state.units.keys().cloned().collect();
+        let apps: BTreeMap<String, String> = state
+            .apps
+            .values()
+            .map(|a| (a.name.clone(), a.charm.clone()))
+            .collect();
+        drop(state);
+        // `action-<app>-<n>-<action>`: the unit is the one whose prefix this is and whose
+        // charm has the rest as an action (names may hold dashes).
+        units.into_iter().find_map(|unit| {
+            let action = job.script.strip_prefix(&action_prefix(&unit))?;
+            let app = unit.split('/').next()?;
+            let charm = self.inner.charms.get(apps.get(app)?).ok()?;
+            (charm.actions.contains_key(action) && rest.ends_with(action))
+                .then(|| (unit.clone(), action.to_owned()))
+        })
+    }
+
     /// What an action reported with `action-set key=value` lines on its stdout.
     pub async fn action_output(&self, job: &str) -> CoreResult<BTreeMap<String, String>> {
         let output = self.inner.jobs.output(job).await?;

@@ -167,18 +167,31 @@ async fn http_identity(
                 .ok()
         })
         .and_then(|b| String::from_utf8(b).ok());
-    let Some((tag, password)) = basic.as_deref().and_then(|b| b.split_once(':')) else {
-        if required {
-            return Err(refused());
-        }
-        return Ok(Identity {
-            name: "admin".into(),
-            role: Role::Admin,
-            nodes: Vec::new(),
-        });
-    };
+    match basic.as_deref().and_then(|b| b.split_once(':')) {
+        Some((tag, password)) => log_in(core, tag, password).await.map_err(|e| {
+            let status = if e.code == Some("unauthorized access") {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            http_error(status, e)
+        }),
+        None if required => Err(refused()),
+        None => log_in(core, "user-admin", "")
+            .await
+            .map_err(|e| http_error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+    }
+}
+
+/// Who `user-<name>` with `password` (a user's password or a token) is. With no users
+/// or tokens the server is open to everyone on its (loopback) listeners, as every face is.
+async fn log_in(
+    core: &opsbox_core::Core,
+    tag: &str,
+    password: &str,
+) -> Result<Identity, JujuError> {
     let user = user_of_tag(tag);
-    if !required {
+    if !core.identities.auth_required().await? {
         return Ok(Identity {
             name: user,
             role: Role::Admin,
@@ -198,7 +211,12 @@ async fn http_identity(
             .identities
             .authenticate(&Credentials::Token(password.to_owned()))
             .await
-            .map_err(|_| refused()),
+            .map_err(|_| {
+                JujuError::new(
+                    "invalid entity name or password",
+                    Some("unauthorized access"),
+                )
+            }),
     }
 }
 
@@ -672,43 +690,7 @@ impl Conn {
             .opt_str("AuthTag")?
             .unwrap_or_else(|| "user-admin".into());
         let password = params.opt_str("Password")?.unwrap_or_default();
-        let user = tag.strip_prefix("user-").unwrap_or(&tag);
-        let user = user.strip_suffix("@local").unwrap_or(user).to_owned();
-        let required = core
-            .identities
-            .auth_required()
-            .await
-            .map_err(JujuError::from)?;
-        let identity = if !required {
-            // No users or tokens: the server is open to everyone on its (loopback)
-            // listeners, as every face is.
-            Identity {
-                name: user,
-                role: Role::Admin,
-                nodes: Vec::new(),
-            }
-        } else {
-            let by_password = core
-                .identities
-                .authenticate(&Credentials::Password {
-                    user: user.clone(),
-                    password: password.clone(),
-                })
-                .await;
-            match by_password {
-                Ok(identity) => identity,
-                Err(_) => core
-                    .identities
-                    .authenticate(&Credentials::Token(password))
-                    .await
-                    .map_err(|_| {
-                        JujuError::new(
-                            "invalid entity name or password",
-                            Some("unauthorized access"),
-                        )
-                    })?,
-            }
-        };
+        let identity = log_in(core, &tag, &password).await?;
         *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity);
         let facades: Vec<Value> = FACADES
             .iter()
@@ -1473,10 +1455,15 @@ impl Call<'_> {
                         _ => self.core.jobs.get(&tag).await,
                     };
                     results.push(match found {
-                        Ok(job) if tag.starts_with("action-") => {
-                            let (receiver, name) = action_parts(&job.script);
-                            self.action_result(&job, &receiver, &name, &BTreeMap::new()).await
-                        }
+                        Ok(job) => match model.action_of(&job).await {
+                            Some((unit, name)) => {
+                                let receiver = format!("unit-{unit}");
+                                self.action_result(&job, &receiver, &name, &BTreeMap::new())
+                                    .await
+                            }
+                            None => json!({ "error": {
+                                "Message": format!("action \"{tag}\" not found"), "Code": "not found" } }),
+                        },
                         _ => json!({ "error": {
                             "Message": format!("action \"{tag}\" not found"), "Code": "not found" } }),
                     });
@@ -1502,11 +1489,12 @@ impl Call<'_> {
                         "ListCompleted" => j.state.is_terminal(),
                         _ => true,
                     }) {
-                        let (receiver, name) = action_parts(&job.script);
-                        actions.push(
-                            self.action_result(job, &receiver, &name, &BTreeMap::new())
-                                .await,
-                        );
+                        let name = model
+                            .action_of(job)
+                            .await
+                            .map(|(_, n)| n)
+                            .unwrap_or_default();
+                        actions.push(self.action_result(job, &tag, &name, &BTreeMap::new()).await);
                     }
                     lists.push(json!({ "receiver": tag, "actions": actions, "error": null }));
                 }
@@ -1600,23 +1588,6 @@ fn unit_of_tag(tag: &str) -> String {
     match name.rsplit_once('-') {
         Some((app, n)) if n.bytes().all(|b| b.is_ascii_digit()) => format!("{app}/{n}"),
         _ => name.to_owned(),
-    }
-}
-
-/// The receiver tag and action name of an action job's script (`action-db-0-backup`).
-fn action_parts(script: &str) -> (String, String) {
-    let rest = script.strip_prefix("action-").unwrap_or(script);
-    // The unit is `<app>-<n>`: the first all-digit word ends it.
-    let words: Vec<&str> = rest.split('-').collect();
-    match words
-        .iter()
-        .position(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit()))
-    {
-        Some(i) => (
-            format!("unit-{}", words[..=i].join("-")),
-            words[i + 1..].join("-"),
-        ),
-        None => (String::new(), rest.to_owned()),
     }
 }
 
