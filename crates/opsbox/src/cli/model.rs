@@ -430,6 +430,30 @@ fn render_status(status: &ModelStatus) -> String {
         &["UNIT", "STATUS", "MACHINE", "NODE", "PORTS", "INFO"],
         &units,
     ));
+    let machines: Vec<Vec<String>> = status
+        .machines
+        .iter()
+        .map(|m| {
+            let units: Vec<&str> = status
+                .units
+                .iter()
+                .filter(|u| u.machine == m.id)
+                .map(|u| u.name.as_str())
+                .collect();
+            vec![
+                m.id.clone(),
+                m.node.clone(),
+                m.status.clone(),
+                m.series.clone(),
+                units.join(","),
+            ]
+        })
+        .collect();
+    text.push('\n');
+    text.push_str(&output::table(
+        &["MACHINE", "NODE", "STATUS", "SERIES", "UNITS"],
+        &machines,
+    ));
     let relations: Vec<Vec<String>> = status
         .relations
         .iter()
