@@ -41,7 +41,9 @@ pub mod rpc {
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub core: Core,
+    /// Behind one `Arc`: the state is cloned several times per request (each layer and
+    /// extractor), and a `Core` is a dozen `Arc`s.
+    pub core: Arc<Core>,
     pub config: Arc<ServerConfig>,
 }
 
@@ -300,7 +302,7 @@ impl Server {
         }
         Ok(Server {
             state: AppState {
-                core,
+                core: Arc::new(core),
                 config: Arc::new(config),
             },
             bound,
