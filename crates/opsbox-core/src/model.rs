@@ -699,13 +699,7 @@ impl Model {
             change.hook(&name, Hook::plain(kind));
         }
         // The new unit joins the application's relations, and their units meet it.
-        let relations: Vec<Relation> = change
-            .state
-            .relations
-            .values()
-            .filter(|r| r.endpoints.iter().any(|e| e.application == app.name))
-            .cloned()
-            .collect();
+        let relations = relations_of(&change.state, &app.name);
         for relation in relations {
             self.join(change, &relation, &name);
         }
@@ -825,13 +819,7 @@ impl Model {
 
     /// Removes a dying application with no units left, with its relations.
     fn finish_application(&self, change: &mut Change, name: &str) {
-        let relations: Vec<Relation> = change
-            .state
-            .relations
-            .values()
-            .filter(|r| r.endpoints.iter().any(|e| e.application == name))
-            .cloned()
-            .collect();
+        let relations = relations_of(&change.state, name);
         for relation in relations {
             // The other side learns that the relation is gone.
             for endpoint in relation.endpoints.iter().filter(|e| e.application != name) {
@@ -853,12 +841,17 @@ impl Model {
     }
 
     pub async fn expose(&self, name: &str, exposed: bool) -> CoreResult<()> {
+        self.update_app(name, |app| app.exposed = exposed).await
+    }
+
+    /// Changes an alive application; writes (and tells watchers) only if it changed.
+    async fn update_app(&self, name: &str, edit: impl FnOnce(&mut Application)) -> CoreResult<()> {
         let mut state = self.inner.state.lock().await;
         let mut app = alive_app(&state, name)?.clone();
-        if app.exposed == exposed {
+        edit(&mut app);
+        if state.apps.get(name) == Some(&app) {
             return Ok(());
         }
-        app.exposed = exposed;
         let mut change = Change::new(&state);
         change.put_app(app);
         self.commit(&mut state, change).await
@@ -897,15 +890,8 @@ impl Model {
         constraints: BTreeMap<String, Value>,
     ) -> CoreResult<()> {
         check_constraints(&constraints)?;
-        let mut state = self.inner.state.lock().await;
-        let mut app = alive_app(&state, name)?.clone();
-        if app.constraints == constraints {
-            return Ok(());
-        }
-        app.constraints = constraints;
-        let mut change = Change::new(&state);
-        change.put_app(app);
-        self.commit(&mut state, change).await
+        self.update_app(name, |app| app.constraints = constraints)
+            .await
     }
 
     /// Switches an application to another charm; its units run upgrade-charm.
@@ -975,13 +961,7 @@ impl Model {
         unit.life = Life::Dying;
         let app = unit.application.clone();
         change.put_unit(unit);
-        let relations: Vec<Relation> = change
-            .state
-            .relations
-            .values()
-            .filter(|r| r.endpoints.iter().any(|e| e.application == app))
-            .cloned()
-            .collect();
+        let relations = relations_of(&change.state, &app);
         for relation in relations {
             let Some(local) = relation.endpoints.iter().find(|e| e.application == app) else {
                 continue;
@@ -2065,6 +2045,16 @@ fn alive_app<'a>(state: &'a State, name: &str) -> CoreResult<&'a Application> {
         )));
     }
     Ok(app)
+}
+
+/// The relations an application is in.
+fn relations_of(state: &State, app: &str) -> Vec<Relation> {
+    state
+        .relations
+        .values()
+        .filter(|r| r.endpoints.iter().any(|e| e.application == app))
+        .cloned()
+        .collect()
 }
 
 fn alive_units(state: &State, app: &str) -> Vec<String> {

@@ -375,7 +375,11 @@ async fn queued_hooks_survive_a_restart_and_the_interrupted_one_runs_again() {
     for (hook, body) in [
         (
             "install",
-            format!("echo once >> {}\nsleep 2", marker.display()),
+            // The first run waits to be cut short by the stop; the rerun goes through.
+            format!(
+                "echo once >> {m}\n[ \"$(wc -l < {m})\" -ge 2 ] || sleep 30",
+                m = marker.display()
+            ),
         ),
         ("start", "echo started".to_string()),
     ] {
