@@ -712,14 +712,9 @@ impl Model {
         let Some(app) = unit.split('/').next() else {
             return;
         };
-        let Some(local) = relation.endpoints.iter().find(|e| e.application == app) else {
+        let Some((local, remote_endpoint)) = sides(relation, app) else {
             return;
         };
-        let remote_endpoint = relation
-            .endpoints
-            .iter()
-            .find(|e| e.application != app)
-            .unwrap_or(local);
         let remotes: Vec<String> = alive_units(&change.state, &remote_endpoint.application)
             .into_iter()
             .filter(|u| u != unit)
@@ -823,11 +818,9 @@ impl Model {
         for relation in relations {
             // The other side learns that the relation is gone.
             for endpoint in relation.endpoints.iter().filter(|e| e.application != name) {
-                let remote = relation
-                    .endpoints
-                    .iter()
-                    .find(|e| e.application != endpoint.application)
-                    .unwrap_or(endpoint);
+                let Some((endpoint, remote)) = sides(&relation, &endpoint.application) else {
+                    continue;
+                };
                 for unit in alive_units(&change.state, &endpoint.application) {
                     change.hook(
                         &unit,
@@ -963,14 +956,9 @@ impl Model {
         change.put_unit(unit);
         let relations = relations_of(&change.state, &app);
         for relation in relations {
-            let Some(local) = relation.endpoints.iter().find(|e| e.application == app) else {
+            let Some((local, remote)) = sides(&relation, &app) else {
                 continue;
             };
-            let remote = relation
-                .endpoints
-                .iter()
-                .find(|e| e.application != app)
-                .unwrap_or(local);
             for other in alive_units(&change.state, &remote.application) {
                 if other == name {
                     continue;
@@ -1765,14 +1753,9 @@ impl Model {
                 if &merged != entry {
                     *entry = merged;
                     let app = name.split('/').next().unwrap_or_default().to_owned();
-                    let local = relation.endpoints.iter().find(|e| e.application == app);
-                    // A peer relation's other side is the same endpoint.
-                    let remote = relation
-                        .endpoints
-                        .iter()
-                        .find(|e| e.application != app)
-                        .or(local);
-                    if let (Some(local), Some(remote)) = (local.cloned(), remote.cloned()) {
+                    if let Some((local, remote)) =
+                        sides(&relation, &app).map(|(l, r)| (l.clone(), r.clone()))
+                    {
                         let others = alive_units(&change.state, &remote.application);
                         for other in others.into_iter().filter(|o| o != name) {
                             change.hook(
@@ -2117,6 +2100,18 @@ fn relation_key(endpoints: &[Endpoint]) -> String {
         .map(|(_, s)| s)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// An application's endpoint in a relation and the other side's (the same endpoint for
+/// a peer relation); `None` when the application is not in it.
+fn sides<'a>(relation: &'a Relation, app: &str) -> Option<(&'a Endpoint, &'a Endpoint)> {
+    let local = relation.endpoints.iter().find(|e| e.application == app)?;
+    let remote = relation
+        .endpoints
+        .iter()
+        .find(|e| e.application != app)
+        .unwrap_or(local);
+    Some((local, remote))
 }
 
 /// The two endpoint names of a relation request.
