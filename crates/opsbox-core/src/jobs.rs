@@ -253,7 +253,12 @@ impl Jobs {
                 ..JobFilter::default()
             })
             .await?;
+        // With a shared store, the other servers' runs are theirs to look after.
+        let owner = self.inner.store.owner().map(str::to_owned);
         for job in running {
+            if job.server.is_some() && job.server != owner {
+                continue;
+            }
             if let Some(pid) = job.pid {
                 if opsbox_agent::reap_orphan(pid, &job.name) {
                     tracing::warn!(job = %job.name, pid, "killed the processes a previous run left behind");
@@ -362,6 +367,7 @@ impl Jobs {
             results: Vec::new(),
             spec: serde_json::to_value(&spec).unwrap_or_default(),
             pid: None,
+            server: None,
         };
         let (done_tx, done) = watch::channel(None);
         let active = Arc::new(Active {

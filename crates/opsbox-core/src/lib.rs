@@ -61,6 +61,9 @@ pub struct CoreConfig {
     pub nodes: NodesConfig,
     /// Charms and the model.
     pub model: ModelConfig,
+    /// The store, when not the embedded SQLite file of the data directory: a
+    /// `postgres://` URL shared by several servers (see [`store::open`]).
+    pub store: Option<String>,
 }
 
 impl CoreConfig {
@@ -78,6 +81,7 @@ impl CoreConfig {
             event_retention: 100_000,
             kill_grace: Duration::from_secs(5),
             queues: QueuesConfig::default(),
+            store: None,
         }
     }
 
@@ -107,14 +111,18 @@ pub struct Core {
 }
 
 impl Core {
-    /// Opens the SQLite store of the data directory (creating both if needed), scans the
-    /// scripts, and marks jobs left unfinished by a previous run as lost.
+    /// Opens the store (the SQLite file of the data directory unless `config.store`
+    /// names another), creating the data directory if needed, scans the scripts, and
+    /// marks jobs this server left unfinished in a previous run as lost.
     pub async fn open(config: CoreConfig) -> CoreResult<Core> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| CoreError::Io {
             action: format!("create the data directory {}", config.data_dir.display()),
             source,
         })?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path()).await?);
+        let store: Arc<dyn Store> = match &config.store {
+            Some(spec) => store::open(spec, &config.nodes.server_id).await?,
+            None => Arc::new(SqliteStore::open(&config.database_path()).await?),
+        };
         Self::with_store(config, store).await
     }
 

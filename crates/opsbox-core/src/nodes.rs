@@ -966,6 +966,7 @@ impl Nodes {
             results: Vec::new(),
             spec: serde_json::to_value(&spec).unwrap_or_default(),
             pid: None,
+            server: None,
         };
         set_fanout(&mut record, &fanout);
         std::fs::create_dir_all(self.inner.results_dir.join(&name)).map_err(|source| {

@@ -571,12 +571,13 @@ impl Queues {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SqliteStore;
 
+    /// SQLite, or PostgreSQL with `OPSBOX_TEST_STORE` (see [`crate::store::test_store`]).
     async fn queues() -> (Queues, Arc<dyn Store>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("q.db")).await.unwrap());
+        let spec = crate::store::test_store(dir.path())
+            .unwrap_or_else(|| dir.path().join("q.db").display().to_string());
+        let store = crate::store::open(&spec, "test-server").await.unwrap();
         (
             Queues::new(store.clone(), QueuesConfig::default()),
             store,

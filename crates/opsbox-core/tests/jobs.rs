@@ -367,7 +367,11 @@ ln -s "$OPSBOX_RESULTS/../.." "$OPSBOX_RESULTS/up""#,
         .unwrap();
     assert_eq!(std::fs::read_to_string(path).unwrap(), "a,b\n1,2\n");
 
-    assert!(t.data_dir().join("opsbox.db").exists());
+    // The database file (a stand-in when the store is PostgreSQL) must stay out of reach.
+    let db = t.data_dir().join("opsbox.db");
+    if !db.exists() {
+        std::fs::write(&db, "secret").unwrap();
+    }
     for bad in [
         "../opsbox.db",
         "../../opsbox.db",

@@ -32,6 +32,7 @@ fn record(name: &str, state: JobState, pid: Option<u32>) -> JobRecord {
         results: Vec::new(),
         spec: serde_json::json!({}),
         pid,
+        server: None,
     }
 }
 

@@ -1,4 +1,7 @@
-//! The SQLite store on its own: group commit, per-write failure, records, output.
+//! A store on its own: group commit, per-write failure, records, output. The same
+//! tests run on SQLite and, with `OPSBOX_TEST_STORE`, on PostgreSQL.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,15 +10,21 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use opsbox_api::{JobState, ResultFile, Stream};
 use opsbox_core::store::{
-    EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, SqliteStore, Store, StoreError,
+    EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError,
 };
 
-async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("opsbox.db"))
+/// The store of a directory (opened again, it is the same store).
+async fn open(dir: &std::path::Path) -> Arc<dyn Store> {
+    let spec =
+        common::test_store(dir).unwrap_or_else(|| dir.join("opsbox.db").display().to_string());
+    opsbox_core::store::open(&spec, "test-server")
         .await
-        .unwrap();
-    (Arc::new(store), dir)
+        .unwrap()
+}
+
+async fn store() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (open(dir.path()).await, dir)
 }
 
 fn ev(kind: &str, subject: &str) -> NewEvent {
@@ -40,10 +49,11 @@ fn job(name: &str, script: &str, state: JobState) -> JobRecord {
         results: Vec::new(),
         spec: serde_json::json!({}),
         pid: None,
+        server: None,
     }
 }
 
-async fn all_events(store: &SqliteStore) -> Vec<opsbox_api::Event> {
+async fn all_events(store: &dyn Store) -> Vec<opsbox_api::Event> {
     match store.events_since(0, 100_000).await.unwrap() {
         EventsSince::Events(events) => events,
         EventsSince::Gone { .. } => panic!("nothing was compacted"),
@@ -75,7 +85,7 @@ async fn concurrent_appends_all_commit_with_distinct_revisions() {
     assert_eq!(*store.changes().borrow(), 200);
 
     // What each caller was told is what the log holds.
-    let mut stored = all_events(&store).await;
+    let mut stored = all_events(&*store).await;
     assert_eq!(stored.len(), 200);
     let mut told = events.clone();
     told.sort_by_key(|e| e.rev);
@@ -140,7 +150,7 @@ async fn a_conflict_in_a_concurrent_batch_fails_only_that_write() {
         store.list_jobs(&JobFilter::default()).await.unwrap().len(),
         11
     );
-    let events = all_events(&store).await;
+    let events = all_events(&*store).await;
     assert_eq!(events.len(), 1 + 10 + 20);
     assert_eq!(
         events.iter().filter(|e| e.subject == "dup@1").count(),
@@ -156,7 +166,8 @@ async fn a_conflict_in_a_concurrent_batch_fails_only_that_write() {
 async fn job_records_round_trip_and_missing_ones_are_not_found() {
     let (store, _dir) = store().await;
     let created = Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).unwrap()
-        + chrono::Duration::nanoseconds(123_456_789);
+        // Stores keep times to the microsecond (PostgreSQL's precision).
+        + chrono::Duration::nanoseconds(123_456_000);
     let mut record = JobRecord {
         name: "full@1:2:3".into(),
         script: "full".into(),
@@ -177,6 +188,8 @@ async fn job_records_round_trip_and_missing_ones_are_not_found() {
         }],
         spec: serde_json::json!({"lock": true, "timeout_secs": 5}),
         pid: Some(4_000_000),
+        // What the store gives back: its owner when servers share it.
+        server: store.owner().map(str::to_owned),
     };
     let event = store
         .insert_job(&record, ev("job.created", &record.name))
@@ -394,9 +407,8 @@ async fn unfinished_jobs_are_marked_lost_in_one_write() {
 #[tokio::test]
 async fn everything_survives_reopening_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("opsbox.db");
     let rev = {
-        let store = SqliteStore::open(&path).await.unwrap();
+        let store = open(dir.path()).await;
         store
             .insert_job(
                 &job("keep@1", "keep", JobState::Succeeded),
@@ -406,7 +418,7 @@ async fn everything_survives_reopening_the_file() {
             .unwrap();
         store.append_event(ev("test.x", "x")).await.unwrap().rev
     };
-    let store = SqliteStore::open(&path).await.unwrap();
+    let store = open(dir.path()).await;
     assert_eq!(store.current_revision().await.unwrap(), rev);
     assert_eq!(*store.changes().borrow(), rev);
     assert!(store.get_job("keep@1").await.unwrap().is_some());
@@ -429,7 +441,7 @@ async fn huge_keep_and_since_values_are_not_wrapped_around() {
     for keep in [u64::MAX, 1 << 63, i64::MAX as u64] {
         assert_eq!(store.compact_events(keep).await.unwrap(), 0, "keep {keep}");
     }
-    assert_eq!(all_events(&store).await.len(), 5);
+    assert_eq!(all_events(&*store).await.len(), 5);
     assert_eq!(store.current_revision().await.unwrap(), 5);
     let next = store.append_event(ev("test.y", "y")).await.unwrap();
     assert_eq!(next.rev, 6);
@@ -474,24 +486,22 @@ async fn the_event_tail_and_the_database_agree() {
         })
         .collect();
     futures::future::join_all(tasks).await;
-    let from_tail = all_events(&store).await;
-    let other = SqliteStore::open(&dir.path().join("opsbox.db"))
-        .await
-        .unwrap();
-    let from_disk = all_events(&other).await;
+    let from_tail = all_events(&*store).await;
+    let other = open(dir.path()).await;
+    let from_disk = all_events(&*other).await;
     assert_eq!(from_tail, from_disk);
     assert_eq!(from_tail.len(), 201);
     // An event another process writes is found by the gap it leaves at the next write.
     other.append_event(ev("test.other", "x")).await.unwrap();
     store.append_event(ev("test.own", "y")).await.unwrap();
-    let kinds: Vec<String> = all_events(&store)
+    let kinds: Vec<String> = all_events(&*store)
         .await
         .into_iter()
         .map(|e| e.kind)
         .collect();
     assert_eq!(kinds[kinds.len() - 2..], ["test.other", "test.own"]);
-    let from_tail = all_events(&store).await;
-    let from_disk = all_events(&other).await;
+    let from_tail = all_events(&*store).await;
+    let from_disk = all_events(&*other).await;
     assert_eq!(from_tail, from_disk);
     // A page from the middle, too.
     let middle = from_tail[99].rev;

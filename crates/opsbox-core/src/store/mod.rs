@@ -18,11 +18,60 @@ use chrono::{DateTime, Utc};
 use opsbox_api::{
     Event, JobState, LogChunk, MessageStatus, PayloadKind, QueueStats, ResultFile, Role, Stream,
 };
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
+pub mod copy;
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+
+/// Opens the store `spec` names: a `postgres://` (or `postgresql://`) URL, or `sqlite:PATH`
+/// / a plain path for the embedded store. `owner` names this server in the records of
+/// the jobs it runs (see [`JobRecord::server`]).
+pub async fn open(spec: &str, owner: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        return Ok(std::sync::Arc::new(PgStore::open(spec, owner).await?));
+    }
+    let path = spec
+        .strip_prefix("sqlite://")
+        .or_else(|| spec.strip_prefix("sqlite:"));
+    let path = std::path::Path::new(path.unwrap_or(spec));
+    if spec.contains("://") && !spec.starts_with("sqlite://") {
+        return Err(StoreError::Invalid(format!(
+            "unknown store '{spec}': use postgres://USER@HOST/DB or sqlite:PATH"
+        )));
+    }
+    Ok(std::sync::Arc::new(SqliteStore::open(path).await?))
+}
+
+/// The store tests run on for a test's temp dir `root`: `None` (SQLite in the data
+/// dir), or, when `OPSBOX_TEST_STORE` is a PostgreSQL URL, a schema of that database
+/// named after `root` (the same schema each time a test reopens its root, as a restart
+/// would). The same test bodies run on both stores; `test.sh` runs them once per store.
+#[doc(hidden)]
+pub fn test_store(root: &std::path::Path) -> Option<String> {
+    use std::hash::{Hash, Hasher};
+    let url = std::env::var("OPSBOX_TEST_STORE").ok()?;
+    if url.is_empty() {
+        return None;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    root.hash(&mut hasher);
+    let schema = format!("t_{:016x}", hasher.finish());
+    let sep = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{sep}schema={schema}"))
+}
+
+/// A message for every server sharing a store (this one included), for what must reach
+/// the server that holds something in memory: a kill for the server that runs the job.
+/// Not stored: only servers up at the time hear it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    pub topic: String,
+    pub message: String,
+}
 
 /// Errors of a store, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +93,9 @@ pub enum StoreError {
     /// The store's writer is gone (the store is shutting down).
     #[error("the store is closed")]
     Closed,
+    /// The store was asked for something it cannot do as asked (a bad URL, say).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -87,6 +139,9 @@ pub struct JobRecord {
     pub spec: serde_json::Value,
     /// Process (group) id of the task while it runs on the local node.
     pub pid: Option<u32>,
+    /// The server that runs the job's process, when several share the store (set by the
+    /// store from its owner when the job is written without one).
+    pub server: Option<String>,
 }
 
 /// Which jobs to list.
@@ -131,7 +186,18 @@ pub enum EventsSince {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Bumped after every commit; the value is the newest revision of the event log.
+    /// With a shared store, also after the other servers' commits.
     fn changes(&self) -> watch::Receiver<u64>;
+
+    /// The server this store writes job records for, when servers share the store.
+    fn owner(&self) -> Option<&str> {
+        None
+    }
+
+    /// Sends a [`Signal`] to every server of the store.
+    async fn signal(&self, topic: &str, message: &str) -> StoreResult<()>;
+    /// Signals from now on.
+    fn signals(&self) -> broadcast::Receiver<Signal>;
 
     // -- event log ---------------------------------------------------------------------
     async fn current_revision(&self) -> StoreResult<u64>;
@@ -160,8 +226,9 @@ pub trait Store: Send + Sync + 'static {
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
     /// Deletes a job and its output; [`StoreError::NotFound`] if there is none.
     async fn delete_job(&self, name: &str, event: NewEvent) -> StoreResult<Event>;
-    /// Marks every queued or running job lost (startup after a crash or restart), with
-    /// the event `event` makes of each updated record.
+    /// Marks every queued or running job of this server lost (startup after a crash or
+    /// restart), with the event `event` makes of each updated record. Fan-out jobs are
+    /// left to the nodes service, and other servers' jobs to them.
     async fn mark_unfinished_lost(
         &self,
         reason: &str,

@@ -62,6 +62,8 @@ pub struct SqliteStore {
     changes: watch::Receiver<u64>,
     /// The newest committed events, filled by the writer before it bumps `changes`.
     tail: Arc<Mutex<Tail>>,
+    /// One server per file: signals stay in this process.
+    signals: tokio::sync::broadcast::Sender<super::Signal>,
 }
 
 /// Every committed event with a revision above `from`, oldest first.
@@ -159,6 +161,7 @@ impl SqliteStore {
             writes,
             changes,
             tail,
+            signals: tokio::sync::broadcast::channel(1024).0,
         })
     }
 
@@ -603,6 +606,7 @@ fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
         pid: row
             .try_get::<Option<i64>, _>("pid")?
             .and_then(|p| u32::try_from(p).ok()),
+        server: None,
         name,
     })
 }
@@ -656,6 +660,18 @@ fn stream_code(stream: Stream) -> i64 {
 impl Store for SqliteStore {
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
+    }
+
+    async fn signal(&self, topic: &str, message: &str) -> StoreResult<()> {
+        let _ = self.signals.send(super::Signal {
+            topic: topic.to_owned(),
+            message: message.to_owned(),
+        });
+        Ok(())
+    }
+
+    fn signals(&self) -> tokio::sync::broadcast::Receiver<super::Signal> {
+        self.signals.subscribe()
     }
 
     async fn current_revision(&self) -> StoreResult<u64> {

@@ -48,11 +48,17 @@ impl TestCore {
     }
 }
 
-/// The config the tests use: a short kill grace.
+/// The config the tests use: a short kill grace, and the store of [`test_store`].
 pub fn config(root: &Path) -> CoreConfig {
     let mut config = CoreConfig::new(root.join("data"), root.join("scripts"));
     config.kill_grace = Duration::from_millis(200);
+    config.store = test_store(root);
     config
+}
+
+/// See [`opsbox_core::store::test_store`].
+pub fn test_store(root: &Path) -> Option<String> {
+    opsbox_core::store::test_store(root)
 }
 
 /// Writes `<dir>/<file>` as an executable `#!/bin/sh` script: `block` (a Jojo metadata
