@@ -55,6 +55,16 @@ pub struct JobsConfig {
     pub kill_grace: Duration,
 }
 
+/// The [`crate::store::Signal`] topic of a kill for the server that runs the job.
+const KILL_SIGNAL: &str = "job.kill";
+
+/// What a kill signal carries.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KillAsk {
+    name: String,
+    by: Option<String>,
+}
+
 /// A job that runs (or waits to run) in this process.
 struct Active {
     /// Set by kill; checked before the process starts.
@@ -226,7 +236,7 @@ impl Submitted {
 
 impl Jobs {
     pub fn new(store: Arc<dyn Store>, scripts: Arc<Scripts>, config: JobsConfig) -> Self {
-        Jobs {
+        let jobs = Jobs {
             inner: Arc::new(Inner {
                 runtime: Runtime::new(config.kill_grace),
                 slots: Arc::new(Semaphore::new(config.max_concurrent_runs.max(1))),
@@ -239,7 +249,45 @@ impl Jobs {
                 active: Mutex::new(HashMap::new()),
                 fanout_kill: std::sync::OnceLock::new(),
             }),
-        }
+        };
+        jobs.spawn_kill_listener();
+        jobs
+    }
+
+    /// Kills asked for through another server sharing the store reach the one that
+    /// runs the job's process (see [`Jobs::kill`]).
+    fn spawn_kill_listener(&self) {
+        let mut signals = self.inner.store.signals();
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let signal = match signals.recv().await {
+                    Ok(signal) => signal,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if signal.topic != KILL_SIGNAL {
+                    continue;
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let jobs = Jobs { inner };
+                let Ok(ask) = serde_json::from_str::<KillAsk>(&signal.message) else {
+                    continue;
+                };
+                let active = jobs.lock_active().get(&ask.name).cloned();
+                if let Some(active) = active {
+                    jobs.stop_active(&ask.name, &active, ask.by.as_deref());
+                }
+            }
+        });
+    }
+
+    /// Tells a job running in this process to stop; it records its own end.
+    fn stop_active(&self, name: &str, active: &Active, by: Option<&str>) {
+        *active.killed_by.lock().unwrap_or_else(|e| e.into_inner()) = by.map(str::to_owned);
+        active.killed.store(true, Ordering::SeqCst);
+        active.wake.notify_one();
+        self.inner.runtime.kill(name);
     }
 
     /// Marks jobs that were queued or running when the server last stopped as lost, and
@@ -503,13 +551,23 @@ impl Jobs {
                 record.spec.get("fanout").is_some(),
             ) {
                 kill(name.to_owned(), by.map(str::to_owned)).await?;
+            } else if !record.state.is_terminal() && self.inner.store.owner().is_some() {
+                // Another server sharing the store runs it: ask it, and wait for the
+                // end it records.
+                let ask = KillAsk {
+                    name: name.to_owned(),
+                    by: by.map(str::to_owned),
+                };
+                let message = serde_json::to_string(&ask).unwrap_or_default();
+                self.inner.store.signal(KILL_SIGNAL, &message).await?;
+                let (_, job) = self
+                    .wait(name, self.inner.config.kill_grace + Duration::from_secs(10))
+                    .await?;
+                return Ok(job);
             }
             return self.get(name).await;
         };
-        *active.killed_by.lock().unwrap_or_else(|e| e.into_inner()) = by.map(str::to_owned);
-        active.killed.store(true, Ordering::SeqCst);
-        active.wake.notify_one();
-        self.inner.runtime.kill(name);
+        self.stop_active(name, &active, by);
         let (_, job) = self
             .wait(name, self.inner.config.kill_grace + Duration::from_secs(10))
             .await?;

@@ -25,7 +25,7 @@ use opsbox_api::model::{
     ConfigValue, DeployRequest, Endpoint, Life, Machine, ModelStatus, Relation, Role, Unit,
     UnitStatus,
 };
-use opsbox_api::{Job, JobState, LOCAL_NODE};
+use opsbox_api::{Job, JobState};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -407,7 +407,7 @@ impl Model {
             // on the event log (watchers see it in their first snapshot).
             let machine = Machine {
                 id: "0".into(),
-                node: LOCAL_NODE.into(),
+                node: model.inner.nodes.local_id().into(),
                 status: "started".into(),
                 series: model.inner.config.default_series.clone(),
                 life: Life::Alive,
@@ -770,7 +770,7 @@ impl Model {
         candidates.sort();
         let node = match candidates.into_iter().next() {
             Some((_, node)) => node,
-            None if tags.is_empty() => LOCAL_NODE.to_owned(),
+            None if tags.is_empty() => self.inner.nodes.local_id().to_owned(),
             None => {
                 return Err(CoreError::Invalid(format!(
                     "no connected node has the labels {} (constraint tags): see opsbox nodes list",

@@ -44,7 +44,8 @@ use crate::error::{CoreError, CoreResult};
 use crate::jobs::{results_in, to_job, Jobs};
 use crate::scripts::Scripts;
 use crate::store::{
-    JobRecord, LogChunkBytes, NewEvent, NodeRecord, Store, StoreError, TaskRecord, TaskWrite,
+    JobRecord, LogChunkBytes, NewEvent, NodeRecord, Store, StoreError, StoreLock, TaskRecord,
+    TaskWrite,
 };
 
 /// Inputs a fan-out job may have.
@@ -68,6 +69,9 @@ pub struct NodesConfig {
     pub local_work: PathBuf,
     /// This server, as the node list shows it.
     pub server_id: String,
+    /// The id of the server's own node: `local`, unless servers share a store (each
+    /// needs its own then).
+    pub local_id: String,
 }
 
 impl NodesConfig {
@@ -79,6 +83,7 @@ impl NodesConfig {
             local_labels: Vec::new(),
             local_slots: cpus.max(2),
             local_work: data_dir.join("local-node"),
+            local_id: LOCAL_NODE.to_owned(),
             server_id: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "opsbox".into()),
@@ -189,6 +194,9 @@ struct State {
     pending_output: HashMap<String, Vec<(OutStream, Vec<u8>)>>,
 }
 
+/// The signal topic of a task kill for the server its node is connected to.
+const TASK_KILL: &str = "task.kill";
+
 /// Task output reaches the store (and `jobs log --follow`) at least this often.
 const OUTPUT_EVERY: Duration = Duration::from_millis(100);
 
@@ -240,7 +248,11 @@ impl Nodes {
             if node.blacklisted {
                 state.blacklisted.insert(node.id.clone());
             }
-            state.away.insert(node.id, Instant::now());
+            // With a shared store, nodes connected to another server are that
+            // server's to watch: only ours wait here to come back.
+            if node.server.is_none() || node.server.as_deref() == Some(&config.server_id) {
+                state.away.insert(node.id, Instant::now());
+            }
         }
         let nodes = Nodes {
             inner: Arc::new(Inner {
@@ -273,14 +285,15 @@ impl Nodes {
             .tasks_in(&[TaskState::Running])
             .await?
             .into_iter()
-            .filter(|t| t.task.node.as_deref() == Some(LOCAL_NODE))
+            .filter(|t| t.task.node.as_deref() == Some(nodes.local_id()))
             .collect();
         for task in local_running {
+            let local = nodes.local_id().to_owned();
             nodes
                 .lost(
                     &task.task.job,
                     &task.task.id,
-                    LOCAL_NODE,
+                    &local,
                     "the server restarted while it ran",
                 )
                 .await?;
@@ -288,6 +301,19 @@ impl Nodes {
         nodes.start_local(kill_grace).await?;
         nodes.spawn_loops();
         Ok(nodes)
+    }
+
+    /// The id of this server's own node.
+    pub fn local_id(&self) -> &str {
+        &self.inner.config.local_id
+    }
+
+    /// Serialises read-modify-write of jobs and tasks: in this process, and across the
+    /// servers sharing the store.
+    async fn ops(&self) -> CoreResult<(tokio::sync::MutexGuard<'_, ()>, StoreLock)> {
+        let local = self.inner.ops.lock().await;
+        let shared = self.inner.store.lock("nodes.ops").await?;
+        Ok((local, shared))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -300,11 +326,11 @@ impl Nodes {
         let executor = Executor::new(
             Runtime::new(kill_grace),
             self.inner.config.local_work.clone(),
-            LOCAL_NODE,
+            self.local_id(),
         );
         let connection = self
             .register(
-                LOCAL_NODE,
+                self.local_id(),
                 self.inner.config.local_labels.clone(),
                 self.inner.config.local_slots,
                 Vec::new(),
@@ -322,11 +348,12 @@ impl Nodes {
         });
         let weak = Arc::downgrade(&self.inner);
         let session = connection.session;
+        let local = self.local_id().to_owned();
         tokio::spawn(async move {
             while let Some(message) = out_rx.recv().await {
                 let Some(inner) = weak.upgrade() else { return };
                 let nodes = Nodes { inner };
-                if let Err(e) = nodes.message(LOCAL_NODE, session, message).await {
+                if let Err(e) = nodes.message(&local, session, message).await {
                     tracing::warn!(error = %e, "local node message failed");
                 }
             }
@@ -347,7 +374,45 @@ impl Nodes {
         }
     }
 
+    /// Kills of tasks on this server's nodes asked for through another server.
+    fn spawn_kill_listener(&self) {
+        let mut signals = self.inner.store.signals();
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let signal = match signals.recv().await {
+                    Ok(signal) => signal,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if signal.topic != TASK_KILL {
+                    continue;
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let nodes = Nodes { inner };
+                let Ok(ask) = serde_json::from_str::<serde_json::Value>(&signal.message) else {
+                    continue;
+                };
+                let (Some(job), Some(task), Some(node)) = (
+                    ask["job"].as_str(),
+                    ask["task"].as_str(),
+                    ask["node"].as_str(),
+                ) else {
+                    continue;
+                };
+                let state = nodes.lock();
+                if let Some(link) = state.links.get(node) {
+                    let _ = link.tx.send(ServerMessage::Kill {
+                        job: job.to_owned(),
+                        task: task.to_owned(),
+                    });
+                }
+            }
+        });
+    }
+
     fn spawn_loops(&self) {
+        self.spawn_kill_listener();
         let weak = Arc::downgrade(&self.inner);
         let kick = self.inner.kick.clone();
         tokio::spawn(async move {
@@ -416,9 +481,9 @@ impl Nodes {
             ));
         };
         check_node_id(&node_id)?;
-        if node_id == LOCAL_NODE {
+        if node_id == LOCAL_NODE || node_id == self.local_id() {
             return Err(CoreError::Invalid(format!(
-                "node id '{LOCAL_NODE}' is the server's own node: give the agent another --node-id"
+                "node id '{node_id}' is a server's own node: give the agent another --node-id"
             )));
         }
         if slots == 0 || slots > 4096 {
@@ -491,7 +556,7 @@ impl Nodes {
         record.server = Some(self.inner.config.server_id.clone());
         record.last_seen = Some(Utc::now());
         // The local node comes up with the server: no event of its own.
-        let event = (node_id != LOCAL_NODE).then_some("node.connected");
+        let event = (node_id != self.local_id()).then_some("node.connected");
         self.put_node(&record, event).await?;
         Ok(Connection {
             node_id: node_id.to_owned(),
@@ -582,7 +647,9 @@ impl Nodes {
             .lock()
             .links
             .iter()
-            .filter(|(id, link)| id.as_str() != LOCAL_NODE && link.last_seen.elapsed() > timeout)
+            .filter(|(id, link)| {
+                id.as_str() != self.local_id() && link.last_seen.elapsed() > timeout
+            })
             .map(|(id, link)| (id.clone(), link.session))
             .collect();
         for (id, session) in silent {
@@ -648,7 +715,7 @@ impl Nodes {
 
     /// Stores the output waiting for every job.
     async fn flush_output(&self) -> CoreResult<()> {
-        let _ops = self.inner.ops.lock().await;
+        let _ops = self.ops().await?;
         let jobs: Vec<String> = self.lock().pending_output.keys().cloned().collect();
         for job in jobs {
             let chunks = self.take_output(&job);
@@ -1073,7 +1140,7 @@ impl Nodes {
     /// Kills a fan-out job: queued tasks never start, running ones are stopped on their
     /// nodes. The job is `killed` at once.
     pub async fn kill(&self, job: &str, by: Option<&str>) -> CoreResult<()> {
-        let _ops = self.inner.ops.lock().await;
+        let _ops = self.ops().await?;
         let Some(mut record) = self.inner.store.get_job(job).await? else {
             return Err(CoreError::UnknownJob(job.to_owned()));
         };
@@ -1086,6 +1153,27 @@ impl Nodes {
             Some(who) => format!("killed by {who}"),
             None => "killed".to_owned(),
         };
+        // Tasks running on nodes of another server sharing the store: that server tells
+        // their nodes (see `spawn_kill_listener`).
+        let elsewhere: Vec<serde_json::Value> = {
+            let state = self.lock();
+            tasks
+                .iter()
+                .filter(|t| t.task.state == TaskState::Running)
+                .filter(|t| {
+                    t.task
+                        .node
+                        .as_ref()
+                        .is_some_and(|n| !state.links.contains_key(n))
+                })
+                .map(|t| serde_json::json!({"job": t.task.job, "task": t.task.id, "node": t.task.node}))
+                .collect()
+        };
+        if self.inner.store.owner().is_some() {
+            for ask in &elsewhere {
+                self.inner.store.signal(TASK_KILL, &ask.to_string()).await?;
+            }
+        }
         let changed = self.stop_tasks(&mut tasks, TaskState::Killed, &reason);
         record.state = JobState::Killed;
         record.reason = Some(reason);
@@ -1173,7 +1261,7 @@ impl Nodes {
 
     /// Places what can be placed of the queued tasks.
     async fn dispatch(&self) -> CoreResult<()> {
-        let _ops = self.inner.ops.lock().await;
+        let _ops = self.ops().await?;
         let free: u32 = self
             .lock()
             .links
@@ -1441,7 +1529,7 @@ impl Nodes {
     }
 
     async fn finished(&self, node: &str, job: &str, task_id: &str, end: TaskEnd) -> CoreResult<()> {
-        let _ops = self.inner.ops.lock().await;
+        let _ops = self.ops().await?;
         let Some(mut record) = self.inner.store.get_job(job).await? else {
             return Ok(());
         };
@@ -1549,7 +1637,7 @@ impl Nodes {
 
     /// A task's node is gone: the attempt counts as failed and is retried elsewhere.
     async fn lost(&self, job: &str, task_id: &str, node: &str, why: &str) -> CoreResult<()> {
-        let _ops = self.inner.ops.lock().await;
+        let _ops = self.ops().await?;
         if let Some(link) = self.lock().links.get_mut(node) {
             link.running.remove(&key(job, task_id));
         }

@@ -38,6 +38,13 @@ pub struct ServerConfig {
     pub rpc: RpcConfig,
     pub scirocco: SciroccoConfig,
     pub nodes: NodesSettings,
+    /// The store: `None` for the SQLite file in `data`, or a `postgres://` URL that
+    /// several servers share (README, "Scaling out").
+    pub store: Option<String>,
+    /// This server's name in the node list and in the records of the jobs it runs.
+    /// Default: the host name, plus the first listen address when the store is shared
+    /// (so that servers on one host differ).
+    pub server_id: Option<String>,
 }
 
 /// Settings of nodes and fan-out jobs (`[nodes]`).
@@ -183,6 +190,8 @@ impl Default for ServerConfig {
             rpc: RpcConfig::default(),
             scirocco: SciroccoConfig::default(),
             nodes: NodesSettings::default(),
+            store: None,
+            server_id: None,
         }
     }
 }

@@ -241,6 +241,33 @@ impl Server {
         if let Some(slots) = nodes.local_slots {
             core_config.nodes.local_slots = slots;
         }
+        core_config.store = config.store.clone();
+        match (&config.server_id, &config.store) {
+            (Some(id), _) => core_config.nodes.server_id = id.clone(),
+            (None, Some(_)) => {
+                let first = config.listen.first().cloned().unwrap_or_default();
+                core_config.nodes.server_id = format!("{}/{first}", core_config.nodes.server_id);
+            }
+            (None, None) => {}
+        }
+        if config.store.is_some() {
+            // Servers sharing a store each have their own node: `local-<server id>`,
+            // in node id characters.
+            let id: String = core_config
+                .nodes
+                .server_id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(58)
+                .collect();
+            core_config.nodes.local_id = format!("local-{id}");
+        }
         let core = Core::open(core_config).await?;
         if let Some(path) = &config.htpasswd {
             import_htpasswd(&core, path).await?;

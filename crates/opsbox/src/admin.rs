@@ -9,7 +9,13 @@ use opsbox_api::{CreatedToken, NewToken, NewUser, Token, User};
 use opsbox_core::identities::Identities;
 use opsbox_core::Core;
 
+/// `--data` names a data directory, or a shared store by its `postgres://` URL.
 async fn identities(data: &Path) -> anyhow::Result<Identities> {
+    let text = data.to_string_lossy();
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        let store = opsbox_core::store::open(&text, "opsbox-admin").await?;
+        return Ok(Identities::new(store));
+    }
     Ok(Identities::new(Core::open_store(data).await?))
 }
 

@@ -17,6 +17,14 @@ pub struct ServeArgs {
     /// Data directory: database, job results, TLS certificate [default: ./data]
     #[arg(long = "data", env = "OPSBOX_DATA")]
     pub data: Option<PathBuf>,
+    /// Store shared by several servers: `postgres://USER@HOST/DB[?schema=NAME]`
+    /// [default: the SQLite file in the data directory]
+    #[arg(long = "store", env = "OPSBOX_STORE")]
+    pub store: Option<String>,
+    /// This server's name in the node list and its job records [default: the host
+    /// name, plus the first --listen address with a shared --store]
+    #[arg(long = "server-id", env = "OPSBOX_SERVER_ID")]
+    pub server_id: Option<String>,
     /// Scripts directory [default: ./examples/scripts]
     #[arg(long = "scripts", env = "OPSBOX_SCRIPTS")]
     pub scripts: Option<PathBuf>,
@@ -102,6 +110,12 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
     if let Some(data) = &args.data {
         config.data = data.clone();
     }
+    if let Some(store) = &args.store {
+        config.store = Some(store.clone());
+    }
+    if let Some(id) = &args.server_id {
+        config.server_id = Some(id.clone());
+    }
     if let Some(scripts) = &args.scripts {
         config.scripts = scripts.clone();
     }
@@ -184,6 +198,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         catalog.scripts.len(),
         config.scripts.display()
     );
+    if config.store.is_some() {
+        // The URL may hold a password: only say which kind of store it is.
+        eprintln!("store: PostgreSQL, shared with every server pointed at it");
+    }
     server.run(shutdown_signal()).await?;
     Ok(())
 }

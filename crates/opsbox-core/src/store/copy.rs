@@ -38,7 +38,10 @@ enum Kind {
 use Kind::*;
 
 /// Tables in copy order, with their columns and the key that orders their rows.
-const TABLES: &[(&str, &[(&str, Kind)], &str)] = &[
+/// A table: its name, its columns and the key that orders its rows.
+type Table = (&'static str, &'static [(&'static str, Kind)], &'static str);
+
+const TABLES: &[Table] = &[
     (
         "events",
         &[

@@ -64,6 +64,16 @@ pub fn test_store(root: &std::path::Path) -> Option<String> {
     Some(format!("{url}{sep}schema={schema}"))
 }
 
+/// A lock from [`Store::lock`], released when dropped.
+#[derive(Default)]
+pub struct StoreLock(#[allow(dead_code)] Option<Box<dyn Send + Sync>>);
+
+impl StoreLock {
+    pub fn new(guard: Box<dyn Send + Sync>) -> Self {
+        StoreLock(Some(guard))
+    }
+}
+
 /// A message for every server sharing a store (this one included), for what must reach
 /// the server that holds something in memory: a kill for the server that runs the job.
 /// Not stored: only servers up at the time hear it.
@@ -192,6 +202,14 @@ pub trait Store: Send + Sync + 'static {
     /// The server this store writes job records for, when servers share the store.
     fn owner(&self) -> Option<&str> {
         None
+    }
+
+    /// Holds the lock `name` across every server sharing the store until the guard is
+    /// dropped: for read-modify-write that in-process locks protect with one server.
+    /// A store that only one server uses needs none (the default).
+    async fn lock(&self, name: &str) -> StoreResult<StoreLock> {
+        let _ = name;
+        Ok(StoreLock::default())
     }
 
     /// Sends a [`Signal`] to every server of the store.

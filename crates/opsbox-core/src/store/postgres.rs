@@ -39,7 +39,7 @@ use tokio::sync::{broadcast, watch};
 use super::{
     Claim, DeleteEvent, EventsSince, JobFilter, JobRecord, LogChunkBytes, MessageEvent,
     MessageRecord, MessageSelector, ModelData, ModelDoc, ModelWrite, NewEvent, NodeRecord, Signal,
-    Store, StoreError, StoreResult, TaskRecord, TaskWrite, TokenRecord, UserRecord,
+    Store, StoreError, StoreLock, StoreResult, TaskRecord, TaskWrite, TokenRecord, UserRecord,
 };
 
 /// Expired leases settled per claim at most (the rest at the next claim).
@@ -210,6 +210,47 @@ impl PgStore {
             .pop()
             .ok_or_else(|| StoreError::Corrupt("a write lost its event".into()))
     }
+}
+
+/// An advisory lock held on its own pooled connection.
+struct AdvisoryLock {
+    conn: Option<sqlx::pool::PoolConnection<Postgres>>,
+    key: i64,
+}
+
+impl Drop for AdvisoryLock {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let key = self.key;
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+                        .bind(key)
+                        .execute(&mut *conn)
+                        .await;
+                    if unlocked.is_err() {
+                        // Never hand a connection that may still hold the lock back to
+                        // the pool: closing the session releases it.
+                        drop(conn.detach());
+                    }
+                });
+            }
+            Err(_) => drop(conn.detach()),
+        }
+    }
+}
+
+/// A stable 64-bit key for a lock name (FNV-1a: the same on every server and build).
+fn lock_key(channel: &str, name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in channel.bytes().chain([0]).chain(name.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
 }
 
 /// Wakes this server on the other servers' commits and relays their signals.
@@ -710,6 +751,19 @@ impl Store for PgStore {
 
     fn owner(&self) -> Option<&str> {
         Some(&self.owner)
+    }
+
+    async fn lock(&self, name: &str) -> StoreResult<StoreLock> {
+        let key = lock_key(&self.channel, name);
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(key)
+            .execute(&mut *conn)
+            .await?;
+        Ok(StoreLock::new(Box::new(AdvisoryLock {
+            conn: Some(conn),
+            key,
+        })))
     }
 
     async fn signal(&self, topic: &str, message: &str) -> StoreResult<()> {

@@ -13,6 +13,7 @@ mod queue;
 mod rpc;
 mod scripts;
 mod server;
+mod store;
 mod watch;
 
 use std::path::PathBuf;
@@ -107,6 +108,9 @@ enum Command {
     /// Copies of the whole store, taken while the server runs (admin).
     #[command(subcommand)]
     Backups(backups::BackupsCommand),
+    /// The store itself, offline: migrate between SQLite and PostgreSQL.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Make the server rescan its scripts directory.
     Reload,
     /// Show the server's version, revision and who you are to it.
@@ -178,6 +182,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             crate::serve::run(args).await?;
             return Ok(0);
         }
+        Command::Store(command) => return store::run(command, cli.global.json).await,
         Command::Agent(args) => {
             let g = cli.global;
             crate::agent::run(args, g.server, g.token, g.insecure).await?;
@@ -187,7 +192,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     };
     let ctx = Ctx::new(&cli.global)?;
     match command {
-        Command::Serve(_) | Command::Agent(_) => Ok(0),
+        Command::Serve(_) | Command::Agent(_) | Command::Store(_) => Ok(0),
         Command::Nodes(command) => nodes::run(&ctx, command).await,
         Command::Disco(args) => disco::run(&ctx, args).await,
         Command::Scripts(command) => scripts::run(&ctx, command).await,
