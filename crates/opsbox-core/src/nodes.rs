@@ -187,6 +187,8 @@ struct State {
     /// Task outcomes per node (ok, failed, lost) not yet added to its stored record:
     /// the sweep writes them, so a task's end costs no extra write.
     counters: HashMap<String, [u64; 3]>,
+    /// When `refresh_seen` last wrote the connected nodes' records.
+    seen_written: Option<Instant>,
     /// The job the scheduler placed a task of last (the turns go on after it).
     last_served: Option<String>,
     /// Task output not yet stored, per job: written with the job's next write, or by
@@ -582,7 +584,8 @@ impl Nodes {
             mine
         };
         if removed {
-            if let Some(record) = self.record(node_id).await? {
+            if let Some(mut record) = self.record(node_id).await? {
+                record.server = None;
                 self.put_node(&record, Some("node.disconnected")).await?;
             }
         }
@@ -642,6 +645,9 @@ impl Nodes {
     /// longer than the heartbeat timeout.
     async fn sweep(&self) -> CoreResult<()> {
         self.flush_counters().await?;
+        if self.inner.store.owner().is_some() {
+            self.refresh_seen().await?;
+        }
         let timeout = self.inner.config.heartbeat_timeout;
         let silent: Vec<(String, u64)> = self
             .lock()
@@ -733,6 +739,33 @@ impl Nodes {
     }
 
     /// Adds the counted outcomes to the stored node records.
+    /// With a shared store, the other servers learn which nodes are connected here from
+    /// their records: `last_seen` is written again a few times per heartbeat timeout.
+    async fn refresh_seen(&self) -> CoreResult<()> {
+        let every = self.inner.config.heartbeat_timeout / 3;
+        let due: Vec<String> = {
+            let mut state = self.lock();
+            if state.seen_written.is_some_and(|at| at.elapsed() < every) {
+                return Ok(());
+            }
+            state.seen_written = Some(Instant::now());
+            state
+                .links
+                .keys()
+                .filter(|id| id.as_str() != self.local_id())
+                .cloned()
+                .collect()
+        };
+        for id in due {
+            if let Some(mut record) = self.record(&id).await? {
+                record.last_seen = Some(Utc::now());
+                record.server = Some(self.inner.config.server_id.clone());
+                self.inner.store.put_node(&record, None).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn flush_counters(&self) -> CoreResult<()> {
         let pending: Vec<(String, [u64; 3])> = self.lock().counters.drain().collect();
         for (node, [ok, failed, lost]) in pending {
@@ -787,7 +820,7 @@ impl Nodes {
             id: record.id.clone(),
             labels: link.map_or(record.labels.clone(), |l| l.labels.clone()),
             slots: link.map_or(record.slots, |l| l.slots),
-            connected: link.is_some(),
+            connected: link.is_some() || self.connected_elsewhere(record),
             blacklisted: state.blacklisted.contains(&record.id),
             // A connected node's last heartbeat; else what was stored.
             last_seen: link
@@ -801,8 +834,22 @@ impl Nodes {
             tasks_lost: record.tasks_lost + lost,
             hostname: record.hostname.clone(),
             version: record.version.clone(),
-            server: link.and(record.server.clone()),
+            server: (link.is_some() || self.connected_elsewhere(record))
+                .then(|| record.server.clone())
+                .flatten(),
         }
+    }
+
+    /// True for a node connected to another server sharing the store: that server
+    /// refreshes its record's `last_seen` while it is (see `sweep`).
+    fn connected_elsewhere(&self, record: &NodeRecord) -> bool {
+        let timeout = chrono::Duration::from_std(self.inner.config.heartbeat_timeout)
+            .unwrap_or_else(|_| chrono::Duration::seconds(15));
+        record
+            .server
+            .as_ref()
+            .is_some_and(|s| *s != self.inner.config.server_id)
+            && record.last_seen.is_some_and(|seen| Utc::now() - seen < timeout)
     }
 
     /// Every node ever seen, connected or not.
