@@ -14,8 +14,21 @@ echo "== formatting and lints"
 cargo fmt --all --check || fail "cargo fmt --all --check failed: run cargo fmt --all"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-echo "== Rust tests"
+# PostgreSQL (the scale-out store): the server on loopback of this machine kind, or
+# OPSBOX_TEST_PG. A fresh database each run; no PostgreSQL, no green run.
+pg="${OPSBOX_TEST_PG:-postgres://postgres@127.0.0.1:5432/opsbox_test}"
+pg_admin="${pg%/*}/postgres"
+pg_db="${pg##*/}"; pg_db="${pg_db%%\?*}"
+command -v psql >/dev/null || fail "psql is required to set up the PostgreSQL test database (apt-get install postgresql-client)"
+psql "$pg_admin" -qc "DROP DATABASE IF EXISTS $pg_db WITH (FORCE)" -c "CREATE DATABASE $pg_db" >/dev/null \
+    || fail "cannot reach PostgreSQL at $pg_admin to create $pg_db (set OPSBOX_TEST_PG)"
+export OPSBOX_TEST_PG="$pg"
+
+echo "== Rust tests (SQLite store; the scale-out tests use PostgreSQL)"
 cargo test --workspace
+
+echo "== core tests again on the PostgreSQL store"
+OPSBOX_TEST_STORE="$pg" cargo test -p opsbox-core
 
 echo "== compat tests (older clients against a started opsbox)"
 cargo build --quiet -p opsbox

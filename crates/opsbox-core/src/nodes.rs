@@ -849,7 +849,9 @@ impl Nodes {
             .server
             .as_ref()
             .is_some_and(|s| *s != self.inner.config.server_id)
-            && record.last_seen.is_some_and(|seen| Utc::now() - seen < timeout)
+            && record
+                .last_seen
+                .is_some_and(|seen| Utc::now() - seen < timeout)
     }
 
     /// Every node ever seen, connected or not.
