@@ -151,7 +151,15 @@ async fn drive(mut client: Client, measure_from: Instant, end: Instant) -> Tally
 fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
     let out = Command::new("psql")
         .arg(url)
-        .args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c", "SET client_min_messages = warning", "-c", sql])
+        .args([
+            "-qAtX",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "SET client_min_messages = warning",
+            "-c",
+            sql,
+        ])
         .output()
         .context("running psql (apt-get install postgresql-client)")?;
     ensure!(

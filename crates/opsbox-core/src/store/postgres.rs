@@ -1,15 +1,16 @@
 //! The shared store: one PostgreSQL database behind any number of servers.
 //!
-//! Every write is one transaction on a pooled connection; PostgreSQL's own group commit
-//! shares WAL flushes between the servers' concurrent transactions. What keeps several
-//! servers from stepping on each other lives here:
+//! Writes are group-committed per server: the writes waiting at a moment share one
+//! transaction, each in its own savepoint (see [`Writer`]), and PostgreSQL's own group
+//! commit shares WAL flushes between the servers. What keeps several servers from
+//! stepping on each other lives here:
 //!
 //! - **Revisions in commit order.** A write collects its events and appends them last,
 //!   taking the next revisions from the `meta.revision` row in the same statement. That
 //!   row stays locked until the commit, so revisions are committed in order, and a
 //!   reader of "rev > N" on any server never sees revision N+2 before N+1 (a plain
 //!   sequence would hand out numbers in one order and commit them in another). The lock
-//!   is held for one statement and the commit only.
+//!   is held for one statement and the commit only, once per batch of writes.
 //! - **Claims skip what others hold.** A pull locks its candidates with `FOR UPDATE SKIP
 //!   LOCKED`, so two servers pulling one queue take different messages and never wait
 //!   for each other; expired leases are settled the same way, by exactly one server.
@@ -21,6 +22,7 @@
 //! A `schema=NAME` parameter on the URL keeps one opsbox in its own schema (created if
 //! needed), so several installations, or tests, share a database.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -34,7 +36,7 @@ use opsbox_api::{
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
 
 use super::{
     Claim, DeleteEvent, EventsSince, JobFilter, JobRecord, LogChunkBytes, MessageEvent,
@@ -48,6 +50,12 @@ const SETTLE_BATCH: i64 = 1000;
 const EVENT_IDS: usize = 1000;
 /// Rows per multi-row INSERT (PostgreSQL allows 65535 bound parameters).
 const ROWS_PER_INSERT: usize = 1000;
+/// Writer tasks per server: one batch runs its statements while another commits.
+const WRITERS: usize = 4;
+/// Writes per transaction at most. Each runs in a savepoint, and PostgreSQL keeps the
+/// subtransactions of a transaction in a 64-entry cache per backend: beyond it every
+/// snapshot on the server gets slower.
+const MAX_BATCH: usize = 48;
 
 /// The PostgreSQL [`Store`].
 #[derive(Debug, Clone)]
@@ -55,13 +63,12 @@ pub struct PgStore {
     pool: PgPool,
     /// The NOTIFY channel of this installation (one per schema).
     channel: String,
-    /// Tells this store's own notifications from other servers'.
-    instance: String,
     /// Who runs the jobs this store records (see [`JobRecord::server`]).
     owner: String,
     changes: watch::Receiver<u64>,
-    bump: Arc<watch::Sender<u64>>,
     signals: broadcast::Sender<Signal>,
+    /// Writes go to this server's [`Writer`]s.
+    writes: mpsc::Sender<WriteRequest>,
 }
 
 /// A PostgreSQL URL split into connect options and opsbox's own `schema` parameter.
@@ -142,46 +149,56 @@ impl PgStore {
             Arc::downgrade(&bump),
             signals.clone(),
         ));
+        let (writes, requests) = mpsc::channel(WRITERS * MAX_BATCH * 4);
+        let requests = Arc::new(Mutex::new(requests));
+        for _ in 0..WRITERS {
+            let writer = Writer {
+                pool: pool.clone(),
+                channel: channel.clone(),
+                instance: instance.clone(),
+                bump: bump.clone(),
+            };
+            tokio::spawn(writer.run(requests.clone()));
+        }
         Ok(PgStore {
             pool,
             channel,
-            instance,
             owner: owner.to_owned(),
             changes,
-            bump,
+            writes,
             signals,
         })
     }
 
-    /// Runs `work` in a transaction, then appends the events it collected (taking their
-    /// revisions, see the module docs), notifies every server and commits.
+    /// Runs `work` in a transaction shared with the other writes waiting at that moment
+    /// (see [`Writer`]), then appends the events it collected (taking their revisions,
+    /// see the module docs), notifies every server and commits.
     async fn write<T, F>(&self, work: F) -> StoreResult<(T, Vec<Event>)>
     where
-        T: Send,
+        T: Send + 'static,
         F: for<'c> FnOnce(
                 &'c mut PgConnection,
                 &'c mut Vec<NewEvent>,
             ) -> BoxFuture<'c, StoreResult<T>>
-            + Send,
+            + Send
+            + 'static,
     {
-        let mut tx = self.pool.begin().await?;
-        let mut pending = Vec::new();
-        let value = work(&mut tx, &mut pending).await?;
-        let events = if pending.is_empty() {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(&self.channel)
-                .bind(format!("c:{}:0", self.instance))
-                .execute(&mut *tx)
-                .await?;
-            Vec::new()
-        } else {
-            append_events(&mut tx, &self.channel, &self.instance, pending).await?
-        };
-        tx.commit().await?;
-        let newest = events.last().map_or(0, |e| e.rev);
-        // Sent even without events: followers of job output wake on every commit.
-        self.bump.send_modify(|rev| *rev = (*rev).max(newest));
-        Ok((value, events))
+        let (reply, answer) = oneshot::channel();
+        let op: Op = Box::new(move |conn, events| {
+            Box::pin(async move {
+                let value = work(conn, events).await?;
+                Ok(Box::new(value) as Box<dyn Any + Send>)
+            })
+        });
+        self.writes
+            .send(WriteRequest { op, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let (value, events) = answer.await.map_err(|_| StoreError::Closed)??;
+        let value = value
+            .downcast::<T>()
+            .map_err(|_| StoreError::Corrupt("a write answered a value of another type".into()))?;
+        Ok((*value, events))
     }
 
     /// A write that returns its events only.
@@ -191,7 +208,8 @@ impl PgStore {
                 &'c mut PgConnection,
                 &'c mut Vec<NewEvent>,
             ) -> BoxFuture<'c, StoreResult<()>>
-            + Send,
+            + Send
+            + 'static,
     {
         Ok(self.write(work).await?.1)
     }
@@ -203,13 +221,171 @@ impl PgStore {
                 &'c mut PgConnection,
                 &'c mut Vec<NewEvent>,
             ) -> BoxFuture<'c, StoreResult<()>>
-            + Send,
+            + Send
+            + 'static,
     {
         self.write_events(work)
             .await?
             .pop()
             .ok_or_else(|| StoreError::Corrupt("a write lost its event".into()))
     }
+}
+
+/// One write's work, its value type erased so that writes of all kinds share a batch.
+type Op = Box<
+    dyn for<'c> FnOnce(
+            &'c mut PgConnection,
+            &'c mut Vec<NewEvent>,
+        ) -> BoxFuture<'c, StoreResult<Box<dyn Any + Send>>>
+        + Send,
+>;
+
+type WriteAnswer = StoreResult<(Box<dyn Any + Send>, Vec<Event>)>;
+
+/// A write waiting for a writer.
+struct WriteRequest {
+    op: Op,
+    reply: oneshot::Sender<WriteAnswer>,
+}
+
+/// Group commit for one server.
+///
+/// The events of every write go through the `meta.revision` row, locked from the append
+/// until the commit's WAL flush: with one transaction per write, writes would commit one
+/// flush after another, whatever PostgreSQL's own group commit could share. So the
+/// writes waiting at a given moment share one transaction: each in a savepoint (a write
+/// that fails is rolled back alone and answered with its own error), their events
+/// appended in one statement, one notify, one commit, one flush. A few writers take
+/// batches in turn, so one batch runs its statements while another holds the counter.
+/// No library does this for sqlx; it is the same group commit as the SQLite writer's.
+struct Writer {
+    pool: PgPool,
+    channel: String,
+    /// Tells this server's own notifications from other servers'.
+    instance: String,
+    bump: Arc<watch::Sender<u64>>,
+}
+
+/// How one write of a batch ended before the commit.
+enum Outcome {
+    Done(Box<dyn Any + Send>, std::ops::Range<usize>),
+    Failed(StoreError),
+}
+
+impl Writer {
+    async fn run(self, requests: Arc<Mutex<mpsc::Receiver<WriteRequest>>>) {
+        while let Some(batch) = next_batch(&requests).await {
+            self.commit(batch).await;
+        }
+    }
+
+    /// Runs a batch and answers each of its writes.
+    async fn commit(&self, batch: Vec<WriteRequest>) {
+        let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+        match self.transaction(ops).await {
+            Ok((outcomes, mut events)) => {
+                let newest = events.last().map_or(0, |e| e.rev);
+                // Sent even without events: followers of job output wake on every commit.
+                self.bump.send_modify(|rev| *rev = (*rev).max(newest));
+                for (outcome, reply) in outcomes.into_iter().zip(replies) {
+                    let answer = match outcome {
+                        Outcome::Done(value, range) => {
+                            // Ranges are in order, so the front is always this write's.
+                            let rest = events.split_off(range.len());
+                            let mine = std::mem::replace(&mut events, rest);
+                            Ok((value, mine))
+                        }
+                        Outcome::Failed(error) => Err(error),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(error) => {
+                // Nothing of the batch was committed; every write hears why.
+                let reason = error.to_string();
+                let mut replies = replies.into_iter();
+                if let Some(first) = replies.next() {
+                    let _ = first.send(Err(error));
+                }
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                        "the transaction shared with other writes failed: {reason}"
+                    )))));
+                }
+            }
+        }
+    }
+
+    // Boxed: spawning an unboxed future that calls the ops trips the compiler's
+    // higher-ranked `Send` check (rust-lang/rust#100013).
+    fn transaction(&self, ops: Vec<Op>) -> BoxFuture<'_, StoreResult<(Vec<Outcome>, Vec<Event>)>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            // A lone write needs no savepoint: if it fails, the whole transaction goes.
+            let alone = ops.len() == 1;
+            let mut outcomes = Vec::with_capacity(ops.len());
+            let mut pending: Vec<NewEvent> = Vec::new();
+            // Whether the savepoint `w` holds nothing yet (just set, or rolled back to).
+            let mut clean = false;
+            for op in ops {
+                if !alone && !clean {
+                    let sql = if outcomes.is_empty() {
+                        "SAVEPOINT w"
+                    } else {
+                        // One round trip: keep the last write's changes, open the next's.
+                        "RELEASE SAVEPOINT w; SAVEPOINT w"
+                    };
+                    sqlx::Executor::execute(&mut *tx, sql).await?;
+                }
+                let mut events = Vec::new();
+                match op(&mut tx, &mut events).await {
+                    Ok(value) => {
+                        let start = pending.len();
+                        pending.append(&mut events);
+                        outcomes.push(Outcome::Done(value, start..pending.len()));
+                        clean = false;
+                    }
+                    Err(error) if alone => return Err(error),
+                    Err(error) => {
+                        sqlx::Executor::execute(&mut *tx, "ROLLBACK TO SAVEPOINT w").await?;
+                        outcomes.push(Outcome::Failed(error));
+                        clean = true;
+                    }
+                }
+            }
+            let events = if pending.is_empty() {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(&self.channel)
+                    .bind(format!("c:{}:0", self.instance))
+                    .execute(&mut *tx)
+                    .await?;
+                Vec::new()
+            } else {
+                append_events(&mut tx, &self.channel, &self.instance, pending).await?
+            };
+            tx.commit().await?;
+            Ok((outcomes, events))
+        })
+    }
+}
+
+/// The writes waiting now (at least one, at most [`MAX_BATCH`]); `None` once every
+/// [`PgStore`] handle is gone.
+fn next_batch(
+    requests: &Mutex<mpsc::Receiver<WriteRequest>>,
+) -> BoxFuture<'_, Option<Vec<WriteRequest>>> {
+    Box::pin(async move {
+        let mut requests = requests.lock().await;
+        let first = requests.recv().await?;
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        Some(batch)
+    })
 }
 
 /// An advisory lock held on its own pooled connection.
