@@ -399,10 +399,13 @@ impl Queues {
         let max = options.max.clamp(1, self.config.max_batch as u32);
         let deadline = tokio::time::Instant::now() + options.wait;
         let mut changes = self.store.changes();
+        // The first try claims at once: a pull usually finds a message. Wake-ups come
+        // from any commit, mostly for other queues, so they look before they write.
+        let mut first = true;
         loop {
             changes.borrow_and_update();
             let now = Utc::now();
-            if self.store.has_deliverable(node, now).await? {
+            if std::mem::take(&mut first) || self.store.has_deliverable(node, now).await? {
                 let lease_until = options
                     .lease
                     .and_then(|l| chrono::Duration::from_std(l).ok())
@@ -778,6 +781,141 @@ mod tests {
             q.ack("b", vec![first[0].id.clone()]).await.unwrap().1.len(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn expired_leases_are_settled_with_their_events_before_the_claim() {
+        let (q, store, _dir) = queues().await;
+        let mut once = text("a", "b", "once");
+        once.max_tries = Some(1);
+        q.push(vec![once, text("a", "b", "two"), text("a", "b", "three")])
+            .await
+            .unwrap();
+        let leased = PullOptions {
+            max: 3,
+            lease: Some(Duration::from_millis(100)),
+            ..PullOptions::default()
+        };
+        let ids: Vec<String> = q
+            .pull("b", leased)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids.len(), 3);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let from = store.current_revision().await.unwrap();
+        let one = PullOptions {
+            max: 1,
+            ..PullOptions::default()
+        };
+        let again = q.pull("b", one).await.unwrap();
+        assert_eq!((again[0].id.as_str(), again[0].tries), (ids[1].as_str(), 2));
+        let crate::store::EventsSince::Events(events) =
+            store.events_since(from, 100).await.unwrap()
+        else {
+            panic!("compacted")
+        };
+        let seen: Vec<(&str, &str, u64)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.kind.as_str(),
+                    e.data["id"].as_str().unwrap(),
+                    e.data["tries"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("queue.dead", ids[0].as_str(), 1),
+                ("queue.requeued", ids[1].as_str(), 1),
+                ("queue.requeued", ids[2].as_str(), 1),
+                ("queue.pulled", ids[1].as_str(), 2),
+            ]
+        );
+        let status = |id: &str| {
+            let q = q.clone();
+            let id = id.to_owned();
+            async move { q.get(&id).await.unwrap().unwrap().status }
+        };
+        assert_eq!(status(&ids[0]).await, MessageStatus::Dead);
+        assert_eq!(status(&ids[1]).await, MessageStatus::Processing);
+        assert_eq!(status(&ids[2]).await, MessageStatus::Pending);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_pushes_and_acks_fail_and_win_alone() {
+        let (q, store, _dir) = queues().await;
+        // Pushes at once, two of them of a message id taken already: those two fail.
+        let seed = q.push(vec![text("a", "b", "seed")]).await.unwrap();
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let q = q.clone();
+                let store = store.clone();
+                let seed = seed.clone();
+                tokio::spawn(async move {
+                    if i < 2 {
+                        return store
+                            .insert_messages(seed, message_event)
+                            .await
+                            .map(|_| Vec::new())
+                            .map_err(CoreError::from);
+                    }
+                    let mut pushes = vec![text("a", "b", &format!("m{i}"))];
+                    if i % 3 == 0 {
+                        pushes.push(text("a", "b", &format!("m{i}+")));
+                    }
+                    q.push(pushes).await
+                })
+            })
+            .collect();
+        let results: Vec<_> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        for result in &results[..2] {
+            assert!(matches!(result, Err(CoreError::Conflict(_))), "{result:?}");
+        }
+        assert!(results[2..].iter().all(|r| r.is_ok()));
+        let pushed: usize = 1 + results.iter().flatten().map(Vec::len).sum::<usize>();
+        let all = PullOptions {
+            max: 100,
+            ..PullOptions::default()
+        };
+        let pulled = q.pull("b", all).await.unwrap();
+        assert_eq!(pulled.len(), pushed);
+        // Each message acked twice at once (plus an unknown id): each is acked once.
+        let from = store.current_revision().await.unwrap();
+        let tasks: Vec<_> = pulled
+            .iter()
+            .chain(&pulled)
+            .map(|m| {
+                let q = q.clone();
+                let ids = vec![m.id.clone(), "ffffffffffffffffffffffffffffffff".to_owned()];
+                tokio::spawn(async move { q.ack("b", ids).await.unwrap().0 })
+            })
+            .collect();
+        let mut acked: Vec<String> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .flat_map(|r| r.unwrap())
+            .map(|m| m.id)
+            .collect();
+        acked.sort();
+        let mut want: Vec<String> = pulled.iter().map(|m| m.id.clone()).collect();
+        want.sort();
+        assert_eq!(acked, want, "every message acked exactly once");
+        let crate::store::EventsSince::Events(events) =
+            store.events_since(from, 1000).await.unwrap()
+        else {
+            panic!("compacted")
+        };
+        assert_eq!(events.len(), pushed);
+        assert!(events.iter().all(|e| e.kind == "queue.acked"));
     }
 
     #[tokio::test]

@@ -23,7 +23,6 @@
 //! needed), so several installations, or tests, share a database.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +36,9 @@ use opsbox_api::{
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
+
+mod writer;
+use writer::{Op, Work, WriteRequest, Writer};
 
 use super::{
     Claim, DeleteEvent, EventsSince, JobFilter, JobRecord, LogChunkBytes, MessageEvent,
@@ -183,22 +185,24 @@ impl PgStore {
             + Send
             + 'static,
     {
-        let (reply, answer) = oneshot::channel();
         let op: Op = Box::new(move |conn, events| {
             Box::pin(async move {
                 let value = work(conn, events).await?;
                 Ok(Box::new(value) as Box<dyn Any + Send>)
             })
         });
+        let (value, events) = self.submit(Work::Op(op)).await?;
+        Ok((downcast(value)?, events))
+    }
+
+    /// Hands a write to this server's writers and waits for its commit.
+    async fn submit(&self, work: Work) -> StoreResult<(Box<dyn Any + Send>, Vec<Event>)> {
+        let (reply, answer) = oneshot::channel();
         self.writes
-            .send(WriteRequest { op, reply })
+            .send(WriteRequest { work, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
-        let (value, events) = answer.await.map_err(|_| StoreError::Closed)??;
-        let value = value
-            .downcast::<T>()
-            .map_err(|_| StoreError::Corrupt("a write answered a value of another type".into()))?;
-        Ok((*value, events))
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// A write that returns its events only.
@@ -229,163 +233,6 @@ impl PgStore {
             .pop()
             .ok_or_else(|| StoreError::Corrupt("a write lost its event".into()))
     }
-}
-
-/// One write's work, its value type erased so that writes of all kinds share a batch.
-type Op = Box<
-    dyn for<'c> FnOnce(
-            &'c mut PgConnection,
-            &'c mut Vec<NewEvent>,
-        ) -> BoxFuture<'c, StoreResult<Box<dyn Any + Send>>>
-        + Send,
->;
-
-type WriteAnswer = StoreResult<(Box<dyn Any + Send>, Vec<Event>)>;
-
-/// A write waiting for a writer.
-struct WriteRequest {
-    op: Op,
-    reply: oneshot::Sender<WriteAnswer>,
-}
-
-/// Group commit for one server.
-///
-/// The events of every write go through the `meta.revision` row, locked from the append
-/// until the commit's WAL flush: with one transaction per write, writes would commit one
-/// flush after another, whatever PostgreSQL's own group commit could share. So the
-/// writes waiting at a given moment share one transaction: each in a savepoint (a write
-/// that fails is rolled back alone and answered with its own error), their events
-/// appended in one statement, one notify, one commit, one flush. A few writers take
-/// batches in turn, so one batch runs its statements while another holds the counter.
-/// No library does this for sqlx; it is the same group commit as the SQLite writer's.
-struct Writer {
-    pool: PgPool,
-    channel: String,
-    /// Tells this server's own notifications from other servers'.
-    instance: String,
-    bump: Arc<watch::Sender<u64>>,
-}
-
-/// How one write of a batch ended before the commit.
-enum Outcome {
-    Done(Box<dyn Any + Send>, std::ops::Range<usize>),
-    Failed(StoreError),
-}
-
-impl Writer {
-    async fn run(self, requests: Arc<Mutex<mpsc::Receiver<WriteRequest>>>) {
-        while let Some(batch) = next_batch(&requests).await {
-            self.commit(batch).await;
-        }
-    }
-
-    /// Runs a batch and answers each of its writes.
-    async fn commit(&self, batch: Vec<WriteRequest>) {
-        let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
-        match self.transaction(ops).await {
-            Ok((outcomes, mut events)) => {
-                let newest = events.last().map_or(0, |e| e.rev);
-                // Sent even without events: followers of job output wake on every commit.
-                self.bump.send_modify(|rev| *rev = (*rev).max(newest));
-                for (outcome, reply) in outcomes.into_iter().zip(replies) {
-                    let answer = match outcome {
-                        Outcome::Done(value, range) => {
-                            // Ranges are in order, so the front is always this write's.
-                            let rest = events.split_off(range.len());
-                            let mine = std::mem::replace(&mut events, rest);
-                            Ok((value, mine))
-                        }
-                        Outcome::Failed(error) => Err(error),
-                    };
-                    let _ = reply.send(answer);
-                }
-            }
-            Err(error) => {
-                // Nothing of the batch was committed; every write hears why.
-                let reason = error.to_string();
-                let mut replies = replies.into_iter();
-                if let Some(first) = replies.next() {
-                    let _ = first.send(Err(error));
-                }
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                        "the transaction shared with other writes failed: {reason}"
-                    )))));
-                }
-            }
-        }
-    }
-
-    // Boxed: spawning an unboxed future that calls the ops trips the compiler's
-    // higher-ranked `Send` check (rust-lang/rust#100013).
-    fn transaction(&self, ops: Vec<Op>) -> BoxFuture<'_, StoreResult<(Vec<Outcome>, Vec<Event>)>> {
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
-            // A lone write needs no savepoint: if it fails, the whole transaction goes.
-            let alone = ops.len() == 1;
-            let mut outcomes = Vec::with_capacity(ops.len());
-            let mut pending: Vec<NewEvent> = Vec::new();
-            // Whether the savepoint `w` holds nothing yet (just set, or rolled back to).
-            let mut clean = false;
-            for op in ops {
-                if !alone && !clean {
-                    let sql = if outcomes.is_empty() {
-                        "SAVEPOINT w"
-                    } else {
-                        // One round trip: keep the last write's changes, open the next's.
-                        "RELEASE SAVEPOINT w; SAVEPOINT w"
-                    };
-                    sqlx::Executor::execute(&mut *tx, sql).await?;
-                }
-                let mut events = Vec::new();
-                match op(&mut tx, &mut events).await {
-                    Ok(value) => {
-                        let start = pending.len();
-                        pending.append(&mut events);
-                        outcomes.push(Outcome::Done(value, start..pending.len()));
-                        clean = false;
-                    }
-                    Err(error) if alone => return Err(error),
-                    Err(error) => {
-                        sqlx::Executor::execute(&mut *tx, "ROLLBACK TO SAVEPOINT w").await?;
-                        outcomes.push(Outcome::Failed(error));
-                        clean = true;
-                    }
-                }
-            }
-            let events = if pending.is_empty() {
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(&self.channel)
-                    .bind(format!("c:{}:0", self.instance))
-                    .execute(&mut *tx)
-                    .await?;
-                Vec::new()
-            } else {
-                append_events(&mut tx, &self.channel, &self.instance, pending).await?
-            };
-            tx.commit().await?;
-            Ok((outcomes, events))
-        })
-    }
-}
-
-/// The writes waiting now (at least one, at most [`MAX_BATCH`]); `None` once every
-/// [`PgStore`] handle is gone.
-fn next_batch(
-    requests: &Mutex<mpsc::Receiver<WriteRequest>>,
-) -> BoxFuture<'_, Option<Vec<WriteRequest>>> {
-    Box::pin(async move {
-        let mut requests = requests.lock().await;
-        let first = requests.recv().await?;
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
-        Some(batch)
-    })
 }
 
 /// An advisory lock held on its own pooled connection.
@@ -683,8 +530,7 @@ fn messages_in_order(rows: &[PgRow]) -> StoreResult<Vec<MessageRecord>> {
     for row in rows {
         keyed.push((row.try_get::<i64, _>("seq")?, message_from_row(row)?));
     }
-    keyed.sort_by(|(a_seq, a), (b_seq, b)| (a.created_at, a_seq).cmp(&(b.created_at, b_seq)));
-    Ok(keyed.into_iter().map(|(_, m)| m).collect())
+    Ok(in_order(keyed).into_iter().map(|(_, m)| m).collect())
 }
 
 fn push_selector(query: &mut QueryBuilder<'_, Postgres>, selector: &MessageSelector) {
@@ -801,6 +647,78 @@ async fn put_task(conn: &mut PgConnection, task: &TaskRecord) -> StoreResult<()>
     Ok(())
 }
 
+/// A write's value, of the type its caller asked for.
+fn downcast<T: 'static>(value: Box<dyn Any + Send>) -> StoreResult<T> {
+    value
+        .downcast::<T>()
+        .map(|v| *v)
+        .map_err(|_| StoreError::Corrupt("a write answered a value of another type".into()))
+}
+
+/// Inserts messages, in multi-row statements.
+async fn insert_rows(conn: &mut PgConnection, messages: &[&MessageRecord]) -> StoreResult<()> {
+    for group in messages.chunks(ROWS_PER_INSERT) {
+        let mut builder: QueryBuilder<Postgres> = QueryBuilder::new(
+            "INSERT INTO messages (id, source, destination, status, kind,
+                payload_type, payload, tries, max_tries, created_at, updated_at,
+                scheduled_at, processing_at, processed_at, lease_until, due_at) ",
+        );
+        builder.push_values(group, |mut row, m| {
+            row.push_bind(&m.id)
+                .push_bind(&m.source)
+                .push_bind(&m.destination)
+                .push_bind(m.status.as_str())
+                .push_bind(m.kind.as_str())
+                .push_bind(&m.payload_type)
+                .push_bind(&m.payload)
+                .push_bind(i32::try_from(m.tries).unwrap_or(i32::MAX))
+                .push_bind(m.max_tries.map(|n| i32::try_from(n).unwrap_or(i32::MAX)))
+                .push_bind(ms(m.created_at))
+                .push_bind(m.updated_at.map(ms))
+                .push_bind(m.scheduled_at.map(ms))
+                .push_bind(m.processing_at.map(ms))
+                .push_bind(m.processed_at.map(ms))
+                .push_bind(m.lease_until.map(ms))
+                .push_bind(due_at(m));
+        });
+        builder
+            .build()
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(d) if d.is_unique_violation() => {
+                    StoreError::Conflict("message id".into())
+                }
+                e => e.into(),
+            })?;
+    }
+    Ok(())
+}
+
+/// Marks processed the messages named (`ids[n]` in queue `destinations[n]`, acked at
+/// `at[n]` ms) that are being processed; returns them.
+async fn ack_rows(
+    conn: &mut PgConnection,
+    ids: &[&str],
+    destinations: &[&str],
+    at: &[i64],
+) -> StoreResult<Vec<MessageRecord>> {
+    let rows = sqlx::query(
+        "UPDATE messages m SET status = 'processed', processed_at = a.at,
+            updated_at = a.at, lease_until = NULL, due_at = NULL
+         FROM (SELECT DISTINCT ON (id, destination) id, destination, at
+               FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS u(id, destination, at)) a
+         WHERE m.id = a.id AND m.destination = a.destination AND m.status = 'processing'
+         RETURNING m.*",
+    )
+    .bind(ids)
+    .bind(destinations)
+    .bind(at)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(message_from_row).collect()
+}
+
 fn due_at(m: &MessageRecord) -> Option<i64> {
     match m.status {
         MessageStatus::Pending => Some(ms(m.created_at)),
@@ -810,7 +728,12 @@ fn due_at(m: &MessageRecord) -> Option<i64> {
     }
 }
 
-/// Settles expired leases, then claims; runs inside the write's transaction.
+/// Settles expired leases and claims, in one statement (one round trip per pull).
+///
+/// An expired lease is a candidate like a pending message (at its place by creation
+/// time), unless it is out of tries: then it goes dead. Expired messages not taken now
+/// go back to pending. The events are those of settling first and claiming after:
+/// `requeued` or `dead` for every expired message, then `pulled` for every claimed one.
 async fn claim(
     conn: &mut PgConnection,
     claim: &Claim,
@@ -818,26 +741,70 @@ async fn claim(
     events: &mut Vec<NewEvent>,
 ) -> StoreResult<Vec<MessageRecord>> {
     let now = ms(claim.now);
-    let settled = sqlx::query(
+    // Each kind of candidate is locked in its own index order, skipping what another
+    // claim holds; the oldest of all are taken. Candidates locked but not taken stay
+    // locked only until this commit. `claimed` and `settled` update disjoint rows.
+    let rows = sqlx::query(
         "WITH expired AS (
-            SELECT seq FROM messages
+            SELECT seq, created_at, (max_tries IS NOT NULL AND tries >= max_tries) AS dies
+            FROM messages
             WHERE destination = $1 AND status = 'processing' AND due_at <= $2
-            ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED
+            ORDER BY due_at LIMIT $5 FOR UPDATE SKIP LOCKED
+         ), p AS (
+            SELECT seq, created_at, false AS was FROM messages
+            WHERE destination = $1 AND status = 'pending'
+            ORDER BY due_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED
+         ), s AS (
+            SELECT seq, created_at, false AS was FROM messages
+            WHERE destination = $1 AND status = 'scheduled' AND due_at <= $2
+            ORDER BY created_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED
+         ), c AS (
+            SELECT seq, was FROM (
+                SELECT * FROM p UNION ALL SELECT * FROM s
+                UNION ALL SELECT seq, created_at, true FROM expired WHERE NOT dies
+            ) u ORDER BY created_at, seq LIMIT $3
+         ), claimed AS (
+            UPDATE messages m SET status = 'processing', tries = m.tries + 1,
+                processing_at = $2, updated_at = $2, lease_until = $4, due_at = $4
+            FROM c WHERE m.seq = c.seq
+            RETURNING m.*, c.was AS requeued, true AS taken
+         ), settled AS (
+            UPDATE messages m SET
+                status = CASE WHEN e.dies THEN 'dead' ELSE 'pending' END,
+                due_at = CASE WHEN e.dies THEN NULL ELSE m.created_at END,
+                lease_until = NULL, updated_at = $2
+            FROM expired e
+            WHERE m.seq = e.seq AND NOT EXISTS (SELECT 1 FROM c WHERE c.seq = e.seq)
+            RETURNING m.*, false AS requeued, false AS taken
          )
-         UPDATE messages m SET
-            status = CASE WHEN m.max_tries IS NOT NULL AND m.tries >= m.max_tries
-                          THEN 'dead' ELSE 'pending' END,
-            due_at = CASE WHEN m.max_tries IS NOT NULL AND m.tries >= m.max_tries
-                          THEN NULL ELSE m.created_at END,
-            lease_until = NULL, updated_at = $2
-         FROM expired WHERE m.seq = expired.seq RETURNING m.*",
+         SELECT * FROM settled UNION ALL SELECT * FROM claimed",
     )
     .bind(&claim.destination)
     .bind(now)
+    .bind(i64::from(claim.max.max(1)))
+    .bind(claim.lease_until.map(ms))
     .bind(SETTLE_BATCH)
     .fetch_all(&mut *conn)
     .await?;
-    for message in messages_in_order(&settled)? {
+    let mut settled = Vec::new();
+    let mut taken = Vec::new();
+    for row in &rows {
+        let seq: i64 = row.try_get("seq")?;
+        let message = message_from_row(row)?;
+        if row.try_get::<bool, _>("taken")? {
+            if row.try_get::<bool, _>("requeued")? {
+                // As it was between settling and claiming.
+                let mut requeued = message.clone();
+                requeued.status = MessageStatus::Pending;
+                requeued.tries = requeued.tries.saturating_sub(1);
+                settled.push((seq, requeued));
+            }
+            taken.push((seq, message));
+        } else {
+            settled.push((seq, message));
+        }
+    }
+    for (_, message) in in_order(settled) {
         let name = if message.status == MessageStatus::Dead {
             "dead"
         } else {
@@ -845,37 +812,17 @@ async fn claim(
         };
         events.push(event(name, &message));
     }
-    // Each kind of candidate is locked in its own index order, skipping what another
-    // claim holds; the oldest of both are taken. Candidates locked but not taken stay
-    // locked only until this commit.
-    let rows = sqlx::query(
-        "WITH p AS (
-            SELECT seq, created_at FROM messages
-            WHERE destination = $1 AND status = 'pending'
-            ORDER BY due_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED
-         ), s AS (
-            SELECT seq, created_at FROM messages
-            WHERE destination = $1 AND status = 'scheduled' AND due_at <= $2
-            ORDER BY created_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED
-         ), c AS (
-            SELECT seq FROM (SELECT * FROM p UNION ALL SELECT * FROM s) u
-            ORDER BY created_at, seq LIMIT $3
-         )
-         UPDATE messages m SET status = 'processing', tries = m.tries + 1,
-            processing_at = $2, updated_at = $2, lease_until = $4, due_at = $4
-         FROM c WHERE m.seq = c.seq RETURNING m.*",
-    )
-    .bind(&claim.destination)
-    .bind(now)
-    .bind(i64::from(claim.max.max(1)))
-    .bind(claim.lease_until.map(ms))
-    .fetch_all(&mut *conn)
-    .await?;
-    let claimed = messages_in_order(&rows)?;
+    let claimed: Vec<MessageRecord> = in_order(taken).into_iter().map(|(_, m)| m).collect();
     for message in &claimed {
         events.push(event("pulled", message));
     }
     Ok(claimed)
+}
+
+/// Messages by creation time, then by insertion.
+fn in_order(mut keyed: Vec<(i64, MessageRecord)>) -> Vec<(i64, MessageRecord)> {
+    keyed.sort_by(|(a_seq, a), (b_seq, b)| (a.created_at, a_seq).cmp(&(b.created_at, b_seq)));
+    keyed
 }
 
 async fn write_model(
@@ -1306,50 +1253,7 @@ impl Store for PgStore {
         messages: Vec<MessageRecord>,
         event: MessageEvent,
     ) -> StoreResult<Vec<Event>> {
-        self.write_events(move |conn, events| {
-            Box::pin(async move {
-                for group in messages.chunks(ROWS_PER_INSERT) {
-                    let mut builder: QueryBuilder<Postgres> = QueryBuilder::new(
-                        "INSERT INTO messages (id, source, destination, status, kind,
-                            payload_type, payload, tries, max_tries, created_at, updated_at,
-                            scheduled_at, processing_at, processed_at, lease_until, due_at) ",
-                    );
-                    builder.push_values(group, |mut row, m| {
-                        row.push_bind(&m.id)
-                            .push_bind(&m.source)
-                            .push_bind(&m.destination)
-                            .push_bind(m.status.as_str())
-                            .push_bind(m.kind.as_str())
-                            .push_bind(&m.payload_type)
-                            .push_bind(&m.payload)
-                            .push_bind(i32::try_from(m.tries).unwrap_or(i32::MAX))
-                            .push_bind(m.max_tries.map(|n| i32::try_from(n).unwrap_or(i32::MAX)))
-                            .push_bind(ms(m.created_at))
-                            .push_bind(m.updated_at.map(ms))
-                            .push_bind(m.scheduled_at.map(ms))
-                            .push_bind(m.processing_at.map(ms))
-                            .push_bind(m.processed_at.map(ms))
-                            .push_bind(m.lease_until.map(ms))
-                            .push_bind(due_at(m));
-                    });
-                    builder
-                        .build()
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(|e| match e {
-                            sqlx::Error::Database(d) if d.is_unique_violation() => {
-                                StoreError::Conflict("message id".into())
-                            }
-                            e => e.into(),
-                        })?;
-                }
-                for message in &messages {
-                    events.push(event("pushed", message));
-                }
-                Ok(())
-            })
-        })
-        .await
+        Ok(self.submit(Work::Push { messages, event }).await?.1)
     }
 
     async fn claim_messages(
@@ -1387,40 +1291,13 @@ impl Store for PgStore {
         at: DateTime<Utc>,
         event: MessageEvent,
     ) -> StoreResult<Vec<MessageRecord>> {
-        let destination = destination.to_owned();
-        Ok(self
-            .write(move |conn, events| {
-                Box::pin(async move {
-                    let rows = sqlx::query(
-                        "UPDATE messages SET status = 'processed', processed_at = $3,
-                            updated_at = $3, lease_until = NULL, due_at = NULL
-                         WHERE id = ANY($1) AND destination = $2 AND status = 'processing'
-                         RETURNING *",
-                    )
-                    .bind(&ids)
-                    .bind(&destination)
-                    .bind(ms(at))
-                    .fetch_all(&mut *conn)
-                    .await?;
-                    let mut acked = rows
-                        .iter()
-                        .map(message_from_row)
-                        .collect::<StoreResult<Vec<_>>>()?;
-                    // In the order asked for, as one ack after another would give them.
-                    let order: HashMap<&str, usize> = ids
-                        .iter()
-                        .enumerate()
-                        .map(|(i, id)| (id.as_str(), i))
-                        .collect();
-                    acked.sort_by_key(|m| order.get(m.id.as_str()).copied());
-                    for message in &acked {
-                        events.push(event("acked", message));
-                    }
-                    Ok(acked)
-                })
-            })
-            .await?
-            .0)
+        let work = Work::Ack {
+            destination: destination.to_owned(),
+            ids,
+            at,
+            event,
+        };
+        downcast(self.submit(work).await?.0)
     }
 
     async fn update_message_payload(
