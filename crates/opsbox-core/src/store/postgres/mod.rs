@@ -1258,15 +1258,10 @@ impl Store for PgStore {
 
     async fn claim_messages(
         &self,
-        request: Claim,
+        claim: Claim,
         event: MessageEvent,
     ) -> StoreResult<Vec<MessageRecord>> {
-        Ok(self
-            .write(move |conn, events| {
-                Box::pin(async move { claim(conn, &request, event, events).await })
-            })
-            .await?
-            .0)
+        downcast(self.submit(Work::Claim { claim, event }).await?.0)
     }
 
     async fn has_deliverable(&self, destination: &str, now: DateTime<Utc>) -> StoreResult<bool> {
