@@ -170,8 +170,79 @@ fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// CPU seconds used so far by the processes whose `/proc/PID/stat` name is `name`
+/// (`None`: those in `pids`). The kernel counts in USER_HZ ticks, 100 on Linux.
+fn cpu_seconds(name: Option<&str>, pids: &[u32]) -> f64 {
+    let mut ticks = 0.0;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if name.is_none() && !pids.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "PID (comm) state ppid …": fields after the comm, utime and stime are 12, 13.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if let Some(name) = name {
+            if head.split_once('(').map(|(_, comm)| comm) != Some(name) {
+                continue;
+            }
+        }
+        let fields: Vec<f64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        ticks += fields.iter().sum::<f64>();
+    }
+    ticks / 100.0
+}
+
+/// Where the CPU went during a measurement.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    opsbox: f64,
+    postgres: f64,
+    bench: f64,
+}
+
+impl Cpu {
+    fn now(servers: &[u32]) -> Self {
+        Cpu {
+            opsbox: cpu_seconds(None, servers),
+            postgres: cpu_seconds(Some("postgres"), &[]),
+            bench: cpu_seconds(None, &[std::process::id()]),
+        }
+    }
+
+    fn since(self, start: Cpu) -> Cpu {
+        Cpu {
+            opsbox: self.opsbox - start.opsbox,
+            postgres: self.postgres - start.postgres,
+            bench: self.bench - start.bench,
+        }
+    }
+}
+
 /// Messages/s of N servers on a fresh schema.
-async fn opsbox_row(args: &Args, root: &std::path::Path, n: usize) -> anyhow::Result<(f64, Tally)> {
+async fn opsbox_row(
+    args: &Args,
+    root: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<(f64, Tally, Cpu)> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis();
@@ -216,6 +287,11 @@ async fn opsbox_row(args: &Args, root: &std::path::Path, n: usize) -> anyhow::Re
         let client = Client::new(&bases[c % n], &format!("bench-{c}"))?;
         tasks.push(tokio::spawn(drive(client, measure_from, end)));
     }
+    let pids: Vec<u32> = servers.iter().map(ChildGuard::pid).collect();
+    tokio::time::sleep_until(measure_from.into()).await;
+    let start = Cpu::now(&pids);
+    tokio::time::sleep_until(end.into()).await;
+    let cpu = Cpu::now(&pids).since(start);
     let mut total = Tally::default();
     for task in tasks {
         let t = task.await?;
@@ -230,11 +306,12 @@ async fn opsbox_row(args: &Args, root: &std::path::Path, n: usize) -> anyhow::Re
     }
     drop(servers);
     psql(&args.pg, &format!("DROP SCHEMA bench_{n}_{stamp} CASCADE"))?;
-    Ok((total.ok as f64 / args.duration, total))
+    Ok((total.ok as f64 / args.duration, total, cpu))
 }
 
 /// Transactions/s of pgbench's claim-and-delete loop, each deleting one message.
-fn pgbench_row(args: &Args, root: &std::path::Path) -> anyhow::Result<f64> {
+/// Also answers PostgreSQL's CPU µs per message over the run.
+fn pgbench_row(args: &Args, root: &std::path::Path) -> anyhow::Result<(f64, f64)> {
     let rows = 2_000_000;
     psql(
         &args.pg,
@@ -252,16 +329,18 @@ fn pgbench_row(args: &Args, root: &std::path::Path) -> anyhow::Result<f64> {
         "DELETE FROM opsbox_bench_q WHERE id = (SELECT id FROM opsbox_bench_q ORDER BY id \
          LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING payload;\n",
     )?;
-    let total = args.warmup + args.duration;
+    let total = (args.warmup + args.duration).ceil();
+    let cpu_before = cpu_seconds(Some("postgres"), &[]);
     let out = Command::new("pgbench")
         .arg("-n")
         .args(["-c", &args.clients.to_string(), "-j", "2"])
-        .args(["-T", &format!("{}", total.ceil() as u64)])
+        .args(["-T", &format!("{}", total as u64)])
         .arg("-f")
         .arg(&script)
         .arg(&args.pg)
         .output()
         .context("running pgbench (apt-get install postgresql-contrib)")?;
+    let cpu = cpu_seconds(Some("postgres"), &[]) - cpu_before;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
         out.status.success(),
@@ -278,7 +357,7 @@ fn pgbench_row(args: &Args, root: &std::path::Path) -> anyhow::Result<f64> {
     let left: u64 = psql(&args.pg, "SELECT COUNT(*) FROM opsbox_bench_q")?.parse()?;
     ensure!(left > 0, "pgbench emptied the table: pre-fill more rows");
     psql(&args.pg, "DROP TABLE opsbox_bench_q")?;
-    Ok(tps)
+    Ok((tps, cpu * 1e6 / (tps * total).max(1.0)))
 }
 
 #[tokio::main]
@@ -312,18 +391,22 @@ async fn main() -> anyhow::Result<()> {
             .trim()
     );
 
-    let pgbench = pgbench_row(&args, &root)?;
-    println!("pgbench SKIP LOCKED claim-and-delete: {pgbench:.0} messages/s");
+    let (pgbench, pgbench_cpu) = pgbench_row(&args, &root)?;
+    println!(
+        "pgbench SKIP LOCKED claim-and-delete: {pgbench:.0} messages/s, postgres CPU {pgbench_cpu:.0} µs/message"
+    );
     let mut rows = Vec::new();
     for &n in &args.servers {
-        let (rate, tally) = opsbox_row(&args, &root, n).await?;
-        rows.push((n, rate, tally));
+        let (rate, tally, cpu) = opsbox_row(&args, &root, n).await?;
+        rows.push((n, rate, tally, cpu));
     }
     let one = rows.iter().find(|r| r.0 == 1).map(|r| r.1);
     println!();
-    println!("| servers | messages/s | vs 1 server | vs pgbench | errors |");
-    println!("|---|---|---|---|---|");
-    for (n, rate, tally) in &rows {
+    println!(
+        "| servers | messages/s | vs 1 server | vs pgbench | CPU µs/message: opsbox / postgres / clients | errors |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (n, rate, tally, cpu) in &rows {
         let scale = one.map(|o| rate / o);
         let scale_text = match (n, scale) {
             (2, Some(s)) => format!(
@@ -350,8 +433,12 @@ async fn main() -> anyhow::Result<()> {
         } else {
             format!("{vs:.2}×")
         };
+        let per = |seconds: f64| seconds * 1e6 / (rate * args.duration).max(1.0);
         println!(
-            "| {n} | {rate:.0} | {scale_text} | {vs_text} | {} |",
+            "| {n} | {rate:.0} | {scale_text} | {vs_text} | {:.0} / {:.0} / {:.0} | {} |",
+            per(cpu.opsbox),
+            per(cpu.postgres),
+            per(cpu.bench),
             tally.errors
         );
         if let Some(e) = &tally.first_error {

@@ -1,7 +1,7 @@
 //! The shared store: one PostgreSQL database behind any number of servers.
 //!
 //! Writes are group-committed per server: the writes waiting at a moment share one
-//! transaction, each in its own savepoint (see [`Writer`]), and PostgreSQL's own group
+//! transaction, each in its own savepoint (see [`writer`]), and PostgreSQL's own group
 //! commit shares WAL flushes between the servers. What keeps several servers from
 //! stepping on each other lives here:
 //!
@@ -35,7 +35,7 @@ use opsbox_api::{
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
-use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 mod writer;
 use writer::{Op, Work, WriteRequest, Writer};
@@ -52,10 +52,8 @@ const SETTLE_BATCH: i64 = 1000;
 const EVENT_IDS: usize = 1000;
 /// Rows per multi-row INSERT (PostgreSQL allows 65535 bound parameters).
 const ROWS_PER_INSERT: usize = 1000;
-/// Writer tasks per server: one batch runs its statements while another commits.
-const WRITERS: usize = 4;
-/// Writes per transaction at most. Each runs in a savepoint, and PostgreSQL keeps the
-/// subtransactions of a transaction in a 64-entry cache per backend: beyond it every
+/// Writes per transaction at most. Each may run in a savepoint, and PostgreSQL keeps
+/// the subtransactions of a transaction in a 64-entry cache per backend: beyond it every
 /// snapshot on the server gets slower.
 const MAX_BATCH: usize = 48;
 
@@ -151,17 +149,14 @@ impl PgStore {
             Arc::downgrade(&bump),
             signals.clone(),
         ));
-        let (writes, requests) = mpsc::channel(WRITERS * MAX_BATCH * 4);
-        let requests = Arc::new(Mutex::new(requests));
-        for _ in 0..WRITERS {
-            let writer = Writer {
-                pool: pool.clone(),
-                channel: channel.clone(),
-                instance: instance.clone(),
-                bump: bump.clone(),
-            };
-            tokio::spawn(writer.run(requests.clone()));
-        }
+        let (writes, requests) = mpsc::channel(MAX_BATCH * 4);
+        let writer = Writer {
+            pool: pool.clone(),
+            channel: channel.clone(),
+            instance: instance.clone(),
+            bump,
+        };
+        tokio::spawn(writer.run(requests));
         Ok(PgStore {
             pool,
             channel,
