@@ -574,6 +574,7 @@ impl Queues {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     /// SQLite, or PostgreSQL with `OPSBOX_TEST_STORE` (see [`crate::store::test_store`]).
     async fn queues() -> (Queues, Arc<dyn Store>, tempfile::TempDir) {
@@ -844,6 +845,46 @@ mod tests {
         assert_eq!(status(&ids[0]).await, MessageStatus::Dead);
         assert_eq!(status(&ids[1]).await, MessageStatus::Processing);
         assert_eq!(status(&ids[2]).await, MessageStatus::Pending);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_pulls_on_many_queues_each_get_their_own_oldest() {
+        let (q, _, _dir) = queues().await;
+        for n in 0..8 {
+            let pushes = (0..5).map(|i| text("a", &format!("q{n}"), &format!("{n}.{i}")));
+            q.push(pushes.collect()).await.unwrap();
+        }
+        let two = PullOptions {
+            max: 2,
+            ..PullOptions::default()
+        };
+        let tasks: Vec<_> = (0..24)
+            .map(|k| {
+                let q = q.clone();
+                let node = format!("q{}", k % 8);
+                tokio::spawn(async move { (node.clone(), q.pull(&node, two).await.unwrap()) })
+            })
+            .collect();
+        let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (node, pulled) in futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+        {
+            assert!(pulled.len() <= 2);
+            assert!(pulled.iter().all(|m| m.destination == node));
+            let bodies = bodies(&pulled);
+            let mut sorted = bodies.clone();
+            sorted.sort();
+            assert_eq!(bodies, sorted, "a pull's messages come oldest first");
+            got.entry(node).or_default().extend(bodies);
+        }
+        for n in 0..8 {
+            let mut bodies = got.remove(&format!("q{n}")).unwrap();
+            bodies.sort();
+            let want: Vec<String> = (0..5).map(|i| format!("{n}.{i}")).collect();
+            assert_eq!(bodies, want, "queue q{n}: every message once");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,7 @@
 //! needed), so several installations, or tests, share a database.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -723,95 +724,136 @@ fn due_at(m: &MessageRecord) -> Option<i64> {
     }
 }
 
-/// Settles expired leases and claims, in one statement (one round trip per pull).
+/// What one claim took (in order), with its events.
+type Claimed = (Vec<MessageRecord>, Vec<NewEvent>);
+
+/// Settles expired leases and claims for several queues, in one statement; the
+/// queues must differ. Answers each claim's messages and events, in the order given.
 ///
 /// An expired lease is a candidate like a pending message (at its place by creation
 /// time), unless it is out of tries: then it goes dead. Expired messages not taken now
-/// go back to pending. The events are those of settling first and claiming after:
+/// go back to pending. A claim's events are those of settling first and claiming after:
 /// `requeued` or `dead` for every expired message, then `pulled` for every claimed one.
 async fn claim(
     conn: &mut PgConnection,
-    claim: &Claim,
-    event: MessageEvent,
-    events: &mut Vec<NewEvent>,
-) -> StoreResult<Vec<MessageRecord>> {
-    let now = ms(claim.now);
+    claims: &[(Claim, MessageEvent)],
+) -> StoreResult<Vec<Claimed>> {
+    let destinations: Vec<&str> = claims.iter().map(|(c, _)| c.destination.as_str()).collect();
+    let now: Vec<i64> = claims.iter().map(|(c, _)| ms(c.now)).collect();
+    let take: Vec<i64> = claims
+        .iter()
+        .map(|(c, _)| i64::from(c.max.max(1)))
+        .collect();
+    let lease: Vec<Option<i64>> = claims.iter().map(|(c, _)| c.lease_until.map(ms)).collect();
     // Each kind of candidate is locked in its own index order, skipping what another
     // claim holds; the oldest of all are taken. Candidates locked but not taken stay
     // locked only until this commit. `claimed` and `settled` update disjoint rows.
     let rows = sqlx::query(
-        "WITH expired AS (
-            SELECT seq, created_at, (max_tries IS NOT NULL AND tries >= max_tries) AS dies
-            FROM messages
-            WHERE destination = $1 AND status = 'processing' AND due_at <= $2
-            ORDER BY due_at LIMIT $5 FOR UPDATE SKIP LOCKED
+        "WITH r AS (
+            SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[])
+                AS r(destination, at_ms, take, lease_ms)
+         ), expired AS (
+            SELECT x.* FROM r CROSS JOIN LATERAL (
+                SELECT seq, destination, created_at,
+                       (max_tries IS NOT NULL AND tries >= max_tries) AS dies
+                FROM messages
+                WHERE destination = r.destination AND status = 'processing'
+                      AND due_at <= r.at_ms
+                ORDER BY due_at LIMIT $5 FOR UPDATE SKIP LOCKED
+            ) x
          ), p AS (
-            SELECT seq, created_at, false AS was FROM messages
-            WHERE destination = $1 AND status = 'pending'
-            ORDER BY due_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED
+            SELECT x.* FROM r CROSS JOIN LATERAL (
+                SELECT seq, destination, created_at, false AS was FROM messages
+                WHERE destination = r.destination AND status = 'pending'
+                ORDER BY due_at, seq LIMIT r.take FOR UPDATE SKIP LOCKED
+            ) x
          ), s AS (
-            SELECT seq, created_at, false AS was FROM messages
-            WHERE destination = $1 AND status = 'scheduled' AND due_at <= $2
-            ORDER BY created_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED
+            SELECT x.* FROM r CROSS JOIN LATERAL (
+                SELECT seq, destination, created_at, false AS was FROM messages
+                WHERE destination = r.destination AND status = 'scheduled'
+                      AND due_at <= r.at_ms
+                ORDER BY created_at, seq LIMIT r.take FOR UPDATE SKIP LOCKED
+            ) x
          ), c AS (
-            SELECT seq, was FROM (
-                SELECT * FROM p UNION ALL SELECT * FROM s
-                UNION ALL SELECT seq, created_at, true FROM expired WHERE NOT dies
-            ) u ORDER BY created_at, seq LIMIT $3
+            SELECT u.seq, u.was, r.at_ms, r.lease_ms FROM (
+                SELECT a.*, row_number() OVER (
+                    PARTITION BY a.destination ORDER BY a.created_at, a.seq) AS k
+                FROM (SELECT * FROM p UNION ALL SELECT * FROM s
+                      UNION ALL SELECT seq, destination, created_at, true
+                                FROM expired WHERE NOT dies) a
+            ) u JOIN r ON r.destination = u.destination
+            WHERE u.k <= r.take
          ), claimed AS (
             UPDATE messages m SET status = 'processing', tries = m.tries + 1,
-                processing_at = $2, updated_at = $2, lease_until = $4, due_at = $4
+                processing_at = c.at_ms, updated_at = c.at_ms,
+                lease_until = c.lease_ms, due_at = c.lease_ms
             FROM c WHERE m.seq = c.seq
             RETURNING m.*, c.was AS requeued, true AS taken
          ), settled AS (
             UPDATE messages m SET
                 status = CASE WHEN e.dies THEN 'dead' ELSE 'pending' END,
                 due_at = CASE WHEN e.dies THEN NULL ELSE m.created_at END,
-                lease_until = NULL, updated_at = $2
-            FROM expired e
+                lease_until = NULL, updated_at = r.at_ms
+            FROM expired e JOIN r ON r.destination = e.destination
             WHERE m.seq = e.seq AND NOT EXISTS (SELECT 1 FROM c WHERE c.seq = e.seq)
             RETURNING m.*, false AS requeued, false AS taken
          )
          SELECT * FROM settled UNION ALL SELECT * FROM claimed",
     )
-    .bind(&claim.destination)
-    .bind(now)
-    .bind(i64::from(claim.max.max(1)))
-    .bind(claim.lease_until.map(ms))
+    .bind(&destinations)
+    .bind(&now)
+    .bind(&take)
+    .bind(&lease)
     .bind(SETTLE_BATCH)
     .fetch_all(&mut *conn)
     .await?;
-    let mut settled = Vec::new();
-    let mut taken = Vec::new();
+    let index: HashMap<&str, usize> = destinations
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (*d, i))
+        .collect();
+    let mut settled: Vec<Vec<(i64, MessageRecord)>> = claims.iter().map(|_| Vec::new()).collect();
+    let mut taken: Vec<Vec<(i64, MessageRecord)>> = claims.iter().map(|_| Vec::new()).collect();
     for row in &rows {
         let seq: i64 = row.try_get("seq")?;
         let message = message_from_row(row)?;
+        let Some(&i) = index.get(message.destination.as_str()) else {
+            return Err(StoreError::Corrupt(format!(
+                "a claim returned message {} of another queue",
+                message.id
+            )));
+        };
         if row.try_get::<bool, _>("taken")? {
             if row.try_get::<bool, _>("requeued")? {
                 // As it was between settling and claiming.
                 let mut requeued = message.clone();
                 requeued.status = MessageStatus::Pending;
                 requeued.tries = requeued.tries.saturating_sub(1);
-                settled.push((seq, requeued));
+                settled[i].push((seq, requeued));
             }
-            taken.push((seq, message));
+            taken[i].push((seq, message));
         } else {
-            settled.push((seq, message));
+            settled[i].push((seq, message));
         }
     }
-    for (_, message) in in_order(settled) {
-        let name = if message.status == MessageStatus::Dead {
-            "dead"
-        } else {
-            "requeued"
-        };
-        events.push(event(name, &message));
+    let mut answers = Vec::with_capacity(claims.len());
+    for (((_, event), settled), taken) in claims.iter().zip(settled).zip(taken) {
+        let mut events = Vec::new();
+        for (_, message) in in_order(settled) {
+            let name = if message.status == MessageStatus::Dead {
+                "dead"
+            } else {
+                "requeued"
+            };
+            events.push(event(name, &message));
+        }
+        let claimed: Vec<MessageRecord> = in_order(taken).into_iter().map(|(_, m)| m).collect();
+        for message in &claimed {
+            events.push(event("pulled", message));
+        }
+        answers.push((claimed, events));
     }
-    let claimed: Vec<MessageRecord> = in_order(taken).into_iter().map(|(_, m)| m).collect();
-    for message in &claimed {
-        events.push(event("pulled", message));
-    }
-    Ok(claimed)
+    Ok(answers)
 }
 
 /// Messages by creation time, then by insertion.

@@ -14,8 +14,7 @@
 //!
 //! The queue's hot writes are data, not closures: all pushes of a batch go in one
 //! multi-row `INSERT` and all acks in one `UPDATE` (a conflicting push falls back to one
-//! statement per push, so only it fails), and claims, which cannot fail but with the
-//! database, skip the savepoint.
+//! statement per push, so only it fails), and all claims in one statement too.
 //!
 //! No library does this for sqlx; it is the same group commit as the SQLite writer's.
 
@@ -196,6 +195,7 @@ impl Writer {
             let mut pending: Vec<NewEvent> = Vec::new();
             let mut pushes = Vec::new();
             let mut acks = Vec::new();
+            let mut claims = Vec::new();
             for (i, work) in works.into_iter().enumerate() {
                 match work {
                     Work::Op(op) => {
@@ -209,16 +209,7 @@ impl Writer {
                             Err(error) => point.undo(&mut tx, error).await?,
                         });
                     }
-                    Work::Claim { claim, event } => {
-                        // No savepoint of its own: a claim skips what is locked, so
-                        // it fails only when the database does, and then so does the
-                        // batch. One round trip less per pull.
-                        let mut events = Vec::new();
-                        let claimed = super::claim(&mut tx, &claim, event, &mut events).await?;
-                        point.kept();
-                        let range = take_events(&mut pending, events);
-                        outcomes[i] = Some(Outcome::Done(Box::new(claimed), range));
-                    }
+                    Work::Claim { claim, event } => claims.push((i, (claim, event))),
                     Work::Push { messages, event } => pushes.push((i, messages, event)),
                     Work::Ack {
                         destination,
@@ -229,6 +220,7 @@ impl Writer {
                 }
             }
             push(&mut tx, &mut point, pushes, &mut outcomes, &mut pending).await?;
+            claim(&mut tx, &mut point, claims, &mut outcomes, &mut pending).await?;
             ack(&mut tx, &mut point, acks, &mut outcomes, &mut pending).await?;
             let events = if pending.is_empty() {
                 sqlx::query("SELECT pg_notify($1, $2)")
@@ -301,6 +293,35 @@ async fn push(
             }
             Err(error) => point.undo(conn, error).await?,
         });
+    }
+    Ok(())
+}
+
+/// The claims of a batch, after its pushes (a pull may take what was pushed along with
+/// it): one statement for all queues, and one more for each further claim on a queue
+/// already claimed from. No savepoint of their own: a claim skips what is locked, so it
+/// fails only when the database does, and then so does the batch.
+async fn claim(
+    conn: &mut PgConnection,
+    point: &mut Savepoint,
+    mut claims: Vec<(usize, (Claim, MessageEvent))>,
+    outcomes: &mut [Option<Outcome>],
+    pending: &mut Vec<NewEvent>,
+) -> StoreResult<()> {
+    while !claims.is_empty() {
+        // The first claim of each queue now; the others in a later round.
+        let mut seen = std::collections::HashSet::new();
+        let (now, later): (Vec<_>, Vec<_>) = claims
+            .into_iter()
+            .partition(|(_, (c, _))| seen.insert(c.destination.clone()));
+        claims = later;
+        let (slots, work): (Vec<usize>, Vec<(Claim, MessageEvent)>) = now.into_iter().unzip();
+        let answers = super::claim(conn, &work).await?;
+        point.kept();
+        for (i, (claimed, events)) in slots.into_iter().zip(answers) {
+            let range = take_events(pending, events);
+            outcomes[i] = Some(Outcome::Done(Box::new(claimed), range));
+        }
     }
     Ok(())
 }
