@@ -651,43 +651,75 @@ fn downcast<T: 'static>(value: Box<dyn Any + Send>) -> StoreResult<T> {
         .map_err(|_| StoreError::Corrupt("a write answered a value of another type".into()))
 }
 
-/// Inserts messages, in multi-row statements.
+/// Inserts messages, in one statement of arrays (one prepared statement whatever the
+/// count, unlike a multi-row `VALUES`).
 async fn insert_rows(conn: &mut PgConnection, messages: &[&MessageRecord]) -> StoreResult<()> {
-    for group in messages.chunks(ROWS_PER_INSERT) {
-        let mut builder: QueryBuilder<Postgres> = QueryBuilder::new(
-            "INSERT INTO messages (id, source, destination, status, kind,
-                payload_type, payload, tries, max_tries, created_at, updated_at,
-                scheduled_at, processing_at, processed_at, lease_until, due_at) ",
-        );
-        builder.push_values(group, |mut row, m| {
-            row.push_bind(&m.id)
-                .push_bind(&m.source)
-                .push_bind(&m.destination)
-                .push_bind(m.status.as_str())
-                .push_bind(m.kind.as_str())
-                .push_bind(&m.payload_type)
-                .push_bind(&m.payload)
-                .push_bind(i32::try_from(m.tries).unwrap_or(i32::MAX))
-                .push_bind(m.max_tries.map(|n| i32::try_from(n).unwrap_or(i32::MAX)))
-                .push_bind(ms(m.created_at))
-                .push_bind(m.updated_at.map(ms))
-                .push_bind(m.scheduled_at.map(ms))
-                .push_bind(m.processing_at.map(ms))
-                .push_bind(m.processed_at.map(ms))
-                .push_bind(m.lease_until.map(ms))
-                .push_bind(due_at(m));
-        });
-        builder
-            .build()
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| match e {
-                sqlx::Error::Database(d) if d.is_unique_violation() => {
-                    StoreError::Conflict("message id".into())
-                }
-                e => e.into(),
-            })?;
-    }
+    let col = |f: fn(&MessageRecord) -> Option<i64>| -> Vec<Option<i64>> {
+        messages.iter().map(|m| f(m)).collect()
+    };
+    let tries = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    sqlx::query(
+        "INSERT INTO messages (id, source, destination, status, kind,
+            payload_type, payload, tries, max_tries, created_at, updated_at,
+            scheduled_at, processing_at, processed_at, lease_until, due_at)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+            $6::text[], $7::bytea[], $8::int4[], $9::int4[], $10::int8[], $11::int8[],
+            $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[])",
+    )
+    .bind(messages.iter().map(|m| m.id.as_str()).collect::<Vec<_>>())
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.source.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.destination.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.status.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(messages.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>())
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.payload_type.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.payload.as_slice())
+            .collect::<Vec<_>>(),
+    )
+    .bind(messages.iter().map(|m| tries(m.tries)).collect::<Vec<_>>())
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.max_tries.map(tries))
+            .collect::<Vec<_>>(),
+    )
+    .bind(col(|m| Some(ms(m.created_at))))
+    .bind(col(|m| m.updated_at.map(ms)))
+    .bind(col(|m| m.scheduled_at.map(ms)))
+    .bind(col(|m| m.processing_at.map(ms)))
+    .bind(col(|m| m.processed_at.map(ms)))
+    .bind(col(|m| m.lease_until.map(ms)))
+    .bind(col(due_at))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| match e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            StoreError::Conflict("message id".into())
+        }
+        e => e.into(),
+    })?;
     Ok(())
 }
 

@@ -185,7 +185,13 @@ impl Writer {
         works: Vec<Work>,
     ) -> BoxFuture<'_, StoreResult<(Vec<Outcome>, Vec<Event>)>> {
         Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
+            // Generic plans: a batch's statements are the same few each time, and
+            // planning them anew (PostgreSQL's default for the first runs, and for
+            // array parameters) cost more than running them (queues-pg: 3.5k→4.2k/s).
+            let mut tx = self
+                .pool
+                .begin_with("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
+                .await?;
             let mut point = Savepoint {
                 needed: works.len() > 1,
                 opened: false,
