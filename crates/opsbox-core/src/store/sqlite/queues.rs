@@ -11,9 +11,10 @@ use opsbox_api::{Event, MessageStatus, PayloadKind, QueueStats};
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Row};
 
-use super::{insert_event, SqliteStore};
+use super::{insert_event, record_event, SqliteStore};
 use crate::store::{
-    Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector, StoreError, StoreResult,
+    Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector, NewEvent, StoreError,
+    StoreResult,
 };
 
 /// Expired leases settled per claim at most (the rest at the next claim).
@@ -93,125 +94,246 @@ fn push_selector(query: &mut QueryBuilder<'_, Sqlite>, selector: &MessageSelecto
     }
 }
 
-async fn insert_message(conn: &mut SqliteConnection, m: &MessageRecord) -> StoreResult<()> {
-    let due = match m.status {
+/// Messages per trip to the driver's thread when pushing.
+const PUSH_ROWS: usize = 100;
+
+fn due_at(m: &MessageRecord) -> Option<i64> {
+    match m.status {
         MessageStatus::Pending => Some(ms(m.created_at)),
         MessageStatus::Scheduled => m.scheduled_at.map(ms),
         MessageStatus::Processing => m.lease_until.map(ms),
         MessageStatus::Processed | MessageStatus::Dead => None,
-    };
-    sqlx::query(
-        "INSERT INTO messages (id, source, destination, status, kind, payload_type, payload,
-            tries, max_tries, created_at, updated_at, scheduled_at, processing_at,
-            processed_at, lease_until, due_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-    )
-    .bind(&m.id)
-    .bind(&m.source)
-    .bind(&m.destination)
-    .bind(m.status.as_str())
-    .bind(m.kind.as_str())
-    .bind(&m.payload_type)
-    .bind(&m.payload)
-    .bind(i64::from(m.tries))
-    .bind(m.max_tries.map(i64::from))
-    .bind(ms(m.created_at))
-    .bind(m.updated_at.map(ms))
-    .bind(m.scheduled_at.map(ms))
-    .bind(m.processing_at.map(ms))
-    .bind(m.processed_at.map(ms))
-    .bind(m.lease_until.map(ms))
-    .bind(due)
-    .execute(conn)
-    .await
-    .map_err(|e| match e {
+    }
+}
+
+/// `at` as stored (milliseconds), so that a record built here equals one read back.
+fn stored(at: DateTime<Utc>) -> DateTime<Utc> {
+    time(Some(ms(at))).unwrap_or(at)
+}
+
+// A queue write runs its statements and its event inserts as ONE query: sqlx's SQLite
+// driver hands every query to its worker thread and back, and that hand-off costs more
+// than the statements (see `write_job_batch`).
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Appends one event insert per event to `sql`; they return their revisions.
+fn event_sql(sql: &mut String, events: &[NewEvent]) {
+    for _ in events {
+        sql.push_str(
+            "INSERT INTO events (at, kind, subject, data) VALUES (?, ?, ?, ?) RETURNING rev;",
+        );
+    }
+}
+
+fn bind_events<'q>(
+    mut q: SqliteQuery<'q>,
+    events: &[NewEvent],
+    at: DateTime<Utc>,
+) -> SqliteQuery<'q> {
+    for event in events {
+        q = q
+            .bind(at)
+            .bind(event.kind.clone())
+            .bind(event.subject.clone())
+            .bind(event.data.to_string());
+    }
+    q
+}
+
+/// Runs the query; the only rows are the events' revisions. Returns the events, noted
+/// for the group's tail.
+async fn run_with_events(
+    conn: &mut SqliteConnection,
+    q: SqliteQuery<'_>,
+    events: &[NewEvent],
+    at: DateTime<Utc>,
+) -> StoreResult<Vec<Event>> {
+    let rows = q.fetch_all(&mut *conn).await.map_err(|e| match e {
         sqlx::Error::Database(d) if d.is_unique_violation() => {
-            StoreError::Conflict(format!("message {}", m.id))
+            StoreError::Conflict("message id".into())
         }
         e => e.into(),
     })?;
-    Ok(())
+    if rows.len() != events.len() {
+        return Err(StoreError::Corrupt(format!(
+            "{} revisions for {} events",
+            rows.len(),
+            events.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(events.len());
+    for (row, event) in rows.iter().zip(events) {
+        let rev: i64 = row.try_get(0)?;
+        let event = Event {
+            rev: rev as u64,
+            at,
+            kind: event.kind.clone(),
+            subject: event.subject.clone(),
+            data: event.data.clone(),
+        };
+        record_event(&event);
+        out.push(event);
+    }
+    Ok(out)
 }
 
-/// Settles expired leases, then claims; runs inside the writer's transaction.
+/// Stores messages and their `pushed` events, a trip per [`PUSH_ROWS`] messages.
+async fn insert_messages(
+    conn: &mut SqliteConnection,
+    messages: &[MessageRecord],
+    event: MessageEvent,
+) -> StoreResult<Vec<Event>> {
+    let mut out = Vec::with_capacity(messages.len());
+    for group in messages.chunks(PUSH_ROWS) {
+        let mut sql = String::with_capacity(400 * group.len());
+        for _ in group {
+            sql.push_str(
+                "INSERT INTO messages (id, source, destination, status, kind, payload_type,
+                    payload, tries, max_tries, created_at, updated_at, scheduled_at,
+                    processing_at, processed_at, lease_until, due_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);",
+            );
+        }
+        let events: Vec<NewEvent> = group.iter().map(|m| event("pushed", m)).collect();
+        event_sql(&mut sql, &events);
+        let at = Utc::now();
+        let mut q = sqlx::query(&sql);
+        for m in group {
+            q = q
+                .bind(&m.id)
+                .bind(&m.source)
+                .bind(&m.destination)
+                .bind(m.status.as_str())
+                .bind(m.kind.as_str())
+                .bind(&m.payload_type)
+                .bind(&m.payload)
+                .bind(i64::from(m.tries))
+                .bind(m.max_tries.map(i64::from))
+                .bind(ms(m.created_at))
+                .bind(m.updated_at.map(ms))
+                .bind(m.scheduled_at.map(ms))
+                .bind(m.processing_at.map(ms))
+                .bind(m.processed_at.map(ms))
+                .bind(m.lease_until.map(ms))
+                .bind(due_at(m));
+        }
+        let q = bind_events(q, &events, at);
+        out.extend(run_with_events(conn, q, &events, at).await?);
+    }
+    Ok(out)
+}
+
+/// Settles expired leases, then claims; runs inside the writer's transaction. Two
+/// trips: one query reads every candidate, one writes the changes and their events.
+///
+/// An expired lease goes dead when out of tries, else back to pending, where it is a
+/// candidate at its place by creation time. Events: `dead` or `requeued` for each
+/// expired message, then `pulled` for each claimed one.
 async fn claim(
     conn: &mut SqliteConnection,
     claim: &Claim,
     event: MessageEvent,
 ) -> StoreResult<Vec<MessageRecord>> {
     let now = ms(claim.now);
-    let expired = sqlx::query(
-        "SELECT * FROM messages WHERE destination = ? AND status = 'processing' AND due_at <= ?
-         ORDER BY due_at LIMIT ?",
+    let at = stored(claim.now);
+    let max = i64::from(claim.max.max(1));
+    let rows = sqlx::query(
+        "SELECT * FROM (SELECT *, 0 AS what FROM messages
+                        WHERE destination = ?1 AND status = 'processing' AND due_at <= ?2
+                        ORDER BY due_at LIMIT ?4)
+         UNION ALL
+         SELECT * FROM (SELECT *, 1 AS what FROM messages
+                        WHERE destination = ?1 AND status = 'pending'
+                        ORDER BY due_at, seq LIMIT ?3)
+         UNION ALL
+         SELECT * FROM (SELECT *, 2 AS what FROM messages
+                        WHERE destination = ?1 AND status = 'scheduled' AND due_at <= ?2
+                        ORDER BY created_at, seq LIMIT ?3)",
     )
     .bind(&claim.destination)
     .bind(now)
+    .bind(max)
     .bind(SETTLE_BATCH)
     .fetch_all(&mut *conn)
     .await?;
-    for row in &expired {
-        let message = message_from_row(row)?;
-        let dead = message.max_tries.is_some_and(|max| message.tries >= max);
-        let sql = if dead {
-            "UPDATE messages SET status = 'dead', due_at = NULL, lease_until = NULL,
-                updated_at = ?2 WHERE seq = ?1 RETURNING *"
-        } else {
-            "UPDATE messages SET status = 'pending', due_at = created_at, lease_until = NULL,
-                updated_at = ?2 WHERE seq = ?1 RETURNING *"
-        };
+    // (seq, the record as it will be), in the order the changes are made.
+    let mut settled: Vec<(i64, MessageRecord)> = Vec::new();
+    let mut candidates: Vec<(i64, MessageRecord)> = Vec::new();
+    for row in &rows {
         let seq: i64 = row.try_get("seq")?;
-        let row = sqlx::query(sql)
-            .bind(seq)
-            .bind(now)
-            .fetch_one(&mut *conn)
-            .await?;
-        let settled = message_from_row(&row)?;
-        insert_event(
-            conn,
-            &event(if dead { "dead" } else { "requeued" }, &settled),
-        )
-        .await?;
-    }
-
-    let max = i64::from(claim.max.max(1));
-    let mut candidates: Vec<(i64, i64, i64)> = Vec::new(); // (created, seq, _)
-    for sql in [
-        "SELECT seq, created_at FROM messages WHERE destination = ?1 AND status = 'pending'
-         ORDER BY due_at, seq LIMIT ?3",
-        "SELECT seq, created_at FROM messages WHERE destination = ?1 AND status = 'scheduled'
-         AND due_at <= ?2 ORDER BY created_at, seq LIMIT ?3",
-    ] {
-        let rows = sqlx::query(sql)
-            .bind(&claim.destination)
-            .bind(now)
-            .bind(max)
-            .fetch_all(&mut *conn)
-            .await?;
-        for row in rows {
-            candidates.push((row.try_get("created_at")?, row.try_get("seq")?, 0));
+        let mut message = message_from_row(row)?;
+        if row.try_get::<i64, _>("what")? == 0 {
+            let dead = message.max_tries.is_some_and(|max| message.tries >= max);
+            message.status = if dead {
+                MessageStatus::Dead
+            } else {
+                MessageStatus::Pending
+            };
+            message.lease_until = None;
+            message.updated_at = Some(at);
+            settled.push((seq, message.clone()));
+            if dead {
+                continue;
+            }
         }
+        candidates.push((seq, message));
     }
-    candidates.sort_unstable();
+    candidates.sort_by(|(a_seq, a), (b_seq, b)| (a.created_at, a_seq).cmp(&(b.created_at, b_seq)));
     candidates.truncate(max as usize);
-
-    let lease = claim.lease_until.map(ms);
-    let mut claimed = Vec::with_capacity(candidates.len());
-    for (_, seq, _) in candidates {
-        let row = sqlx::query(
-            "UPDATE messages SET status = 'processing', tries = tries + 1, processing_at = ?2,
-                updated_at = ?2, lease_until = ?3, due_at = ?3
-             WHERE seq = ?1 RETURNING *",
-        )
-        .bind(seq)
-        .bind(now)
-        .bind(lease)
-        .fetch_one(&mut *conn)
-        .await?;
-        let message = message_from_row(&row)?;
-        insert_event(conn, &event("pulled", &message)).await?;
-        claimed.push(message);
+    let lease = claim.lease_until.map(stored);
+    let claimed: Vec<(i64, MessageRecord)> = candidates
+        .into_iter()
+        .map(|(seq, mut m)| {
+            m.status = MessageStatus::Processing;
+            m.tries = m.tries.saturating_add(1);
+            m.processing_at = Some(at);
+            m.updated_at = Some(at);
+            m.lease_until = lease;
+            (seq, m)
+        })
+        .collect();
+    if settled.is_empty() && claimed.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(claimed)
+    let mut events = Vec::with_capacity(settled.len() + claimed.len());
+    for (_, m) in &settled {
+        let name = if m.status == MessageStatus::Dead {
+            "dead"
+        } else {
+            "requeued"
+        };
+        events.push(event(name, m));
+    }
+    for (_, m) in &claimed {
+        events.push(event("pulled", m));
+    }
+    // A requeued message that is claimed at once is written twice, as it was settled
+    // and then claimed: the last write wins.
+    let changes: Vec<&(i64, MessageRecord)> = settled.iter().chain(&claimed).collect();
+    let mut sql = String::with_capacity(200 * changes.len());
+    for _ in &changes {
+        sql.push_str(
+            "UPDATE messages SET status = ?, tries = ?, updated_at = ?, processing_at = ?,
+                lease_until = ?, due_at = ? WHERE seq = ?;",
+        );
+    }
+    event_sql(&mut sql, &events);
+    let logged = Utc::now();
+    let mut q = sqlx::query(&sql);
+    for (seq, m) in &changes {
+        q = q
+            .bind(m.status.as_str())
+            .bind(i64::from(m.tries))
+            .bind(m.updated_at.map(ms))
+            .bind(m.processing_at.map(ms))
+            .bind(m.lease_until.map(ms))
+            .bind(due_at(m))
+            .bind(*seq);
+    }
+    let q = bind_events(q, &events, logged);
+    run_with_events(conn, q, &events, logged).await?;
+    Ok(claimed.into_iter().map(|(_, m)| m).collect())
 }
 
 impl SqliteStore {
@@ -221,14 +343,7 @@ impl SqliteStore {
         event: MessageEvent,
     ) -> StoreResult<Vec<Event>> {
         self.write(move |conn| {
-            Box::pin(async move {
-                let mut events = Vec::with_capacity(messages.len());
-                for message in &messages {
-                    insert_message(conn, message).await?;
-                    events.push(insert_event(conn, &event("pushed", message)).await?);
-                }
-                Ok(events)
-            })
+            Box::pin(async move { insert_messages(conn, &messages, event).await })
         })
         .await
     }
