@@ -184,6 +184,25 @@ impl SqliteStore {
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
+
+    /// Like [`SqliteStore::write`], for a queue write the writer runs together with the
+    /// others of its kind in the group (see [`QueueOp`]).
+    async fn write_queue(&self, work: QueueWork) -> StoreResult<Vec<MessageRecord>> {
+        let (reply, answer) = oneshot::channel();
+        let op = QueueOp {
+            batch: match work {
+                QueueWork::Claim(claim, event) => QueueBatch::Claims(vec![(claim, event)]),
+                QueueWork::Ack(ack) => QueueBatch::Acks(vec![ack]),
+            },
+            results: vec![None],
+            replies: vec![reply],
+        };
+        self.writes
+            .send(Box::new(op))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -198,6 +217,124 @@ trait Op: Send {
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'c>>;
     /// Delivers the result once the transaction is committed (or failed to commit).
     fn finish(self: Box<Self>, committed: Result<(), String>);
+    /// A queue write that can join the others of its kind, or the op itself.
+    fn into_queue(self: Box<Self>) -> Result<Box<QueueOp>, Box<dyn Op>>;
+}
+
+/// What a write answers once its transaction committed, or failed to.
+fn deliver<T>(committed: Result<(), String>, result: Option<StoreResult<T>>) -> StoreResult<T> {
+    match (committed, result) {
+        (Ok(()), Some(result)) => result,
+        (Ok(()), None) => Err(StoreError::Closed),
+        (Err(message), Some(Err(own))) => Err(StoreError::Corrupt(format!(
+            "{own}; and the commit failed: {message}"
+        ))),
+        (Err(message), _) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
+            "commit failed: {message}"
+        )))),
+    }
+}
+
+/// A queue write the writer may run together with the others of its kind.
+enum QueueWork {
+    Claim(Claim, MessageEvent),
+    Ack(queues::Ack),
+}
+
+enum QueueBatch {
+    Claims(Vec<(Claim, MessageEvent)>),
+    Acks(Vec<queues::Ack>),
+}
+
+/// All claims, or all acks, of a group as one write: their statements go to the
+/// driver's thread together (two trips for all of them instead of two or more each,
+/// plus a savepoint each). They fail only when the database does, and then together.
+struct QueueOp {
+    batch: QueueBatch,
+    results: Vec<Option<StoreResult<Vec<MessageRecord>>>>,
+    replies: Vec<oneshot::Sender<StoreResult<Vec<MessageRecord>>>>,
+}
+
+impl QueueOp {
+    /// Takes `other`'s writes if they are of this kind; gives it back if not.
+    fn absorb(&mut self, mut other: Box<QueueOp>) -> Option<Box<QueueOp>> {
+        match (&mut self.batch, &mut other.batch) {
+            (QueueBatch::Claims(mine), QueueBatch::Claims(theirs)) => mine.append(theirs),
+            (QueueBatch::Acks(mine), QueueBatch::Acks(theirs)) => mine.append(theirs),
+            _ => return Some(other),
+        }
+        self.results.append(&mut other.results);
+        self.replies.append(&mut other.replies);
+        None
+    }
+}
+
+impl Op for QueueOp {
+    fn apply<'c>(
+        &'c mut self,
+        conn: &'c mut SqliteConnection,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'c>> {
+        Box::pin(async move {
+            let answers = match &self.batch {
+                QueueBatch::Claims(claims) => queues::claim(conn, claims).await,
+                QueueBatch::Acks(acks) => queues::ack(conn, acks).await,
+            };
+            match answers {
+                Ok(answers) => {
+                    for (slot, answer) in self.results.iter_mut().zip(answers) {
+                        *slot = Some(Ok(answer));
+                    }
+                    true
+                }
+                Err(error) => {
+                    let reason = error.to_string();
+                    let mut first = Some(error);
+                    for slot in &mut self.results {
+                        *slot = Some(Err(first.take().unwrap_or_else(|| {
+                            StoreError::Database(sqlx::Error::Protocol(format!(
+                                "the write shared with others failed: {reason}"
+                            )))
+                        })));
+                    }
+                    false
+                }
+            }
+        })
+    }
+
+    fn finish(mut self: Box<Self>, committed: Result<(), String>) {
+        let results = std::mem::take(&mut self.results);
+        for (result, reply) in results.into_iter().zip(self.replies.drain(..)) {
+            let _ = reply.send(deliver(committed.clone(), result));
+        }
+    }
+
+    fn into_queue(self: Box<Self>) -> Result<Box<QueueOp>, Box<dyn Op>> {
+        Ok(self)
+    }
+}
+
+/// Folds the group's claims into one write and its acks into another.
+fn coalesce(batch: &mut Vec<Box<dyn Op>>) {
+    let mut queue_ops: Vec<Box<QueueOp>> = Vec::new();
+    let mut others: Vec<Box<dyn Op>> = Vec::with_capacity(batch.len());
+    for op in batch.drain(..) {
+        match op.into_queue() {
+            Ok(op) => {
+                let mut left = Some(op);
+                for group in &mut queue_ops {
+                    if let Some(op) = left.take() {
+                        left = group.absorb(op);
+                    }
+                }
+                // One that no group took starts its own.
+                queue_ops.extend(left);
+            }
+            Err(op) => others.push(op),
+        }
+    }
+    batch.extend(others);
+    batch.extend(queue_ops.into_iter().map(|op| op as Box<dyn Op>));
 }
 
 struct TypedOp<T, F> {
@@ -227,19 +364,14 @@ where
     }
 
     fn finish(mut self: Box<Self>, committed: Result<(), String>) {
-        let result = match (committed, self.result.take()) {
-            (Ok(()), Some(result)) => result,
-            (Ok(()), None) => Err(StoreError::Closed),
-            (Err(message), Some(Err(own))) => Err(own).map_err(|e: StoreError| {
-                StoreError::Corrupt(format!("{e}; and the commit failed: {message}"))
-            }),
-            (Err(message), _) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                "commit failed: {message}"
-            )))),
-        };
+        let result = deliver(committed, self.result.take());
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(result);
         }
+    }
+
+    fn into_queue(self: Box<Self>) -> Result<Box<QueueOp>, Box<dyn Op>> {
+        Err(self)
     }
 }
 
@@ -306,6 +438,7 @@ async fn writer_loop(
                         Err(_) => break,
                     }
                 }
+                coalesce(&mut batch);
                 let committed = commit_group(&mut conn, &mut batch).await;
                 let group = GROUP.with(|g| std::mem::take(&mut *g.borrow_mut()));
                 if committed.is_ok() {

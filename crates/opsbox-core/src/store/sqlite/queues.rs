@@ -11,7 +11,7 @@ use opsbox_api::{Event, MessageStatus, PayloadKind, QueueStats};
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Row};
 
-use super::{insert_event, record_event, SqliteStore};
+use super::{insert_event, record_event, QueueWork, SqliteStore};
 use crate::store::{
     Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector, NewEvent, StoreError,
     StoreResult,
@@ -224,43 +224,89 @@ async fn insert_messages(
     Ok(out)
 }
 
-/// Settles expired leases, then claims; runs inside the writer's transaction. Two
-/// trips: one query reads every candidate, one writes the changes and their events.
+/// Claims per candidate query (three compound terms each; SQLite allows 500).
+const CLAIMS_PER_QUERY: usize = 100;
+/// Acked ids per trip.
+const ACKS_PER_QUERY: usize = 200;
+
+/// Settles expired leases, then claims, for each claim given; runs inside the writer's
+/// transaction and answers each claim's messages in order. Two trips to the driver per
+/// round: one query reads every candidate of every claim, one writes all the changes
+/// and their events. Claims on a queue already claimed from go in a later round.
 ///
 /// An expired lease goes dead when out of tries, else back to pending, where it is a
-/// candidate at its place by creation time. Events: `dead` or `requeued` for each
-/// expired message, then `pulled` for each claimed one.
-async fn claim(
+/// candidate at its place by creation time. A claim's events: `dead` or `requeued` for
+/// each expired message, then `pulled` for each claimed one.
+pub(super) async fn claim(
     conn: &mut SqliteConnection,
-    claim: &Claim,
-    event: MessageEvent,
-) -> StoreResult<Vec<MessageRecord>> {
-    let now = ms(claim.now);
-    let at = stored(claim.now);
-    let max = i64::from(claim.max.max(1));
-    let rows = sqlx::query(
-        "SELECT * FROM (SELECT *, 0 AS what FROM messages
-                        WHERE destination = ?1 AND status = 'processing' AND due_at <= ?2
-                        ORDER BY due_at LIMIT ?4)
-         UNION ALL
-         SELECT * FROM (SELECT *, 1 AS what FROM messages
-                        WHERE destination = ?1 AND status = 'pending'
-                        ORDER BY due_at, seq LIMIT ?3)
-         UNION ALL
-         SELECT * FROM (SELECT *, 2 AS what FROM messages
-                        WHERE destination = ?1 AND status = 'scheduled' AND due_at <= ?2
-                        ORDER BY created_at, seq LIMIT ?3)",
-    )
-    .bind(&claim.destination)
-    .bind(now)
-    .bind(max)
-    .bind(SETTLE_BATCH)
-    .fetch_all(&mut *conn)
-    .await?;
-    // (seq, the record as it will be), in the order the changes are made.
-    let mut settled: Vec<(i64, MessageRecord)> = Vec::new();
-    let mut candidates: Vec<(i64, MessageRecord)> = Vec::new();
+    claims: &[(Claim, MessageEvent)],
+) -> StoreResult<Vec<Vec<MessageRecord>>> {
+    let mut answers: Vec<Option<Vec<MessageRecord>>> = claims.iter().map(|_| None).collect();
+    let mut left: Vec<usize> = (0..claims.len()).collect();
+    while !left.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        let (now, later): (Vec<usize>, Vec<usize>) = left
+            .into_iter()
+            .partition(|&i| seen.insert(claims[i].0.destination.as_str()));
+        left = later;
+        for round in now.chunks(CLAIMS_PER_QUERY) {
+            let picked: Vec<&(Claim, MessageEvent)> = round.iter().map(|&i| &claims[i]).collect();
+            for (&i, claimed) in round.iter().zip(claim_round(conn, &picked).await?) {
+                answers[i] = Some(claimed);
+            }
+        }
+    }
+    Ok(answers.into_iter().map(Option::unwrap_or_default).collect())
+}
+
+/// One round of [`claim`]: the claims' queues all differ.
+async fn claim_round(
+    conn: &mut SqliteConnection,
+    claims: &[&(Claim, MessageEvent)],
+) -> StoreResult<Vec<Vec<MessageRecord>>> {
+    let mut sql = String::with_capacity(600 * claims.len());
+    for k in 0..claims.len() {
+        if k > 0 {
+            sql.push_str(" UNION ALL ");
+        }
+        sql.push_str(&format!(
+            "SELECT * FROM (SELECT *, {k} AS k, 0 AS what FROM messages
+                            WHERE destination = ? AND status = 'processing' AND due_at <= ?
+                            ORDER BY due_at LIMIT ?)
+             UNION ALL
+             SELECT * FROM (SELECT *, {k} AS k, 1 AS what FROM messages
+                            WHERE destination = ? AND status = 'pending'
+                            ORDER BY due_at, seq LIMIT ?)
+             UNION ALL
+             SELECT * FROM (SELECT *, {k} AS k, 2 AS what FROM messages
+                            WHERE destination = ? AND status = 'scheduled' AND due_at <= ?
+                            ORDER BY created_at, seq LIMIT ?)"
+        ));
+    }
+    let mut q = sqlx::query(&sql);
+    for (claim, _) in claims {
+        let max = i64::from(claim.max.max(1));
+        q = q
+            .bind(&claim.destination)
+            .bind(ms(claim.now))
+            .bind(SETTLE_BATCH)
+            .bind(&claim.destination)
+            .bind(max)
+            .bind(&claim.destination)
+            .bind(ms(claim.now))
+            .bind(max);
+    }
+    let rows = q.fetch_all(&mut *conn).await?;
+    // Per claim: (seq, the record as it will be), in the order the changes are made.
+    let mut settled: Vec<Vec<(i64, MessageRecord)>> = claims.iter().map(|_| Vec::new()).collect();
+    let mut candidates: Vec<Vec<(i64, MessageRecord)>> =
+        claims.iter().map(|_| Vec::new()).collect();
     for row in &rows {
+        let k: i64 = row.try_get("k")?;
+        let k = usize::try_from(k)
+            .ok()
+            .filter(|&k| k < claims.len())
+            .ok_or_else(|| StoreError::Corrupt(format!("claim query answered for claim {k}")))?;
         let seq: i64 = row.try_get("seq")?;
         let mut message = message_from_row(row)?;
         if row.try_get::<i64, _>("what")? == 0 {
@@ -271,46 +317,50 @@ async fn claim(
                 MessageStatus::Pending
             };
             message.lease_until = None;
-            message.updated_at = Some(at);
-            settled.push((seq, message.clone()));
+            message.updated_at = Some(stored(claims[k].0.now));
+            settled[k].push((seq, message.clone()));
             if dead {
                 continue;
             }
         }
-        candidates.push((seq, message));
+        candidates[k].push((seq, message));
     }
-    candidates.sort_by(|(a_seq, a), (b_seq, b)| (a.created_at, a_seq).cmp(&(b.created_at, b_seq)));
-    candidates.truncate(max as usize);
-    let lease = claim.lease_until.map(stored);
-    let claimed: Vec<(i64, MessageRecord)> = candidates
-        .into_iter()
-        .map(|(seq, mut m)| {
+    let mut changes: Vec<(i64, MessageRecord)> = Vec::new();
+    let mut events = Vec::new();
+    let mut answers = Vec::with_capacity(claims.len());
+    for (((claim, event), settled), mut candidates) in claims.iter().zip(settled).zip(candidates) {
+        candidates
+            .sort_by(|(a_seq, a), (b_seq, b)| (a.created_at, a_seq).cmp(&(b.created_at, b_seq)));
+        candidates.truncate(claim.max.max(1) as usize);
+        let at = stored(claim.now);
+        let lease = claim.lease_until.map(stored);
+        for (_, m) in &settled {
+            let name = if m.status == MessageStatus::Dead {
+                "dead"
+            } else {
+                "requeued"
+            };
+            events.push(event(name, m));
+        }
+        let mut claimed = Vec::with_capacity(candidates.len());
+        for (seq, mut m) in candidates {
             m.status = MessageStatus::Processing;
             m.tries = m.tries.saturating_add(1);
             m.processing_at = Some(at);
             m.updated_at = Some(at);
             m.lease_until = lease;
-            (seq, m)
-        })
-        .collect();
-    if settled.is_empty() && claimed.is_empty() {
-        return Ok(Vec::new());
+            events.push(event("pulled", &m));
+            claimed.push((seq, m));
+        }
+        // A requeued message that is claimed at once is written twice, as it was
+        // settled and then claimed: the last write wins.
+        changes.extend(settled);
+        changes.extend(claimed.iter().cloned());
+        answers.push(claimed.into_iter().map(|(_, m)| m).collect());
     }
-    let mut events = Vec::with_capacity(settled.len() + claimed.len());
-    for (_, m) in &settled {
-        let name = if m.status == MessageStatus::Dead {
-            "dead"
-        } else {
-            "requeued"
-        };
-        events.push(event(name, m));
+    if changes.is_empty() {
+        return Ok(answers);
     }
-    for (_, m) in &claimed {
-        events.push(event("pulled", m));
-    }
-    // A requeued message that is claimed at once is written twice, as it was settled
-    // and then claimed: the last write wins.
-    let changes: Vec<&(i64, MessageRecord)> = settled.iter().chain(&claimed).collect();
     let mut sql = String::with_capacity(200 * changes.len());
     for _ in &changes {
         sql.push_str(
@@ -333,7 +383,74 @@ async fn claim(
     }
     let q = bind_events(q, &events, logged);
     run_with_events(conn, q, &events, logged).await?;
-    Ok(claimed.into_iter().map(|(_, m)| m).collect())
+    Ok(answers)
+}
+
+/// One ack: ids of messages in `destination`'s queue.
+pub(super) struct Ack {
+    pub(super) destination: String,
+    pub(super) ids: Vec<String>,
+    pub(super) at: DateTime<Utc>,
+    pub(super) event: MessageEvent,
+}
+
+/// Marks processed the messages named that are being processed, for each ack given,
+/// with their events; answers each ack's messages in the order it named them. A
+/// message named twice is acked by the first ack only. Two trips per
+/// [`ACKS_PER_QUERY`] ids: the updates, then the events.
+pub(super) async fn ack(
+    conn: &mut SqliteConnection,
+    acks: &[Ack],
+) -> StoreResult<Vec<Vec<MessageRecord>>> {
+    let named: Vec<(usize, &str)> = acks
+        .iter()
+        .enumerate()
+        .flat_map(|(k, a)| a.ids.iter().map(move |id| (k, id.as_str())))
+        .collect();
+    let mut answers: Vec<Vec<MessageRecord>> = acks.iter().map(|_| Vec::new()).collect();
+    let mut events = Vec::new();
+    for group in named.chunks(ACKS_PER_QUERY) {
+        let mut sql = String::with_capacity(200 * group.len());
+        for (k, _) in group {
+            // The ack's index rides along to tell the answers apart.
+            sql.push_str(&format!(
+                "UPDATE messages SET status = 'processed', processed_at = ?,
+                    updated_at = ?, lease_until = NULL, due_at = NULL
+                 WHERE id = ? AND destination = ? AND status = 'processing'
+                 RETURNING *, {k} AS k;"
+            ));
+        }
+        let mut q = sqlx::query(&sql);
+        for (k, id) in group {
+            let a = &acks[*k];
+            q = q
+                .bind(ms(a.at))
+                .bind(ms(a.at))
+                .bind(*id)
+                .bind(&a.destination);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            let k: i64 = row.try_get("k")?;
+            let k = usize::try_from(k)
+                .ok()
+                .filter(|&k| k < acks.len())
+                .ok_or_else(|| StoreError::Corrupt(format!("ack query answered for ack {k}")))?;
+            let message = message_from_row(&row)?;
+            events.push((k, (acks[k].event)("acked", &message)));
+            answers[k].push(message);
+        }
+    }
+    // Events grouped by ack, in the order each named its messages.
+    events.sort_by_key(|(k, _)| *k);
+    let events: Vec<NewEvent> = events.into_iter().map(|(_, e)| e).collect();
+    if !events.is_empty() {
+        let mut sql = String::new();
+        event_sql(&mut sql, &events);
+        let logged = Utc::now();
+        let q = bind_events(sqlx::query(&sql), &events, logged);
+        run_with_events(conn, q, &events, logged).await?;
+    }
+    Ok(answers)
 }
 
 impl SqliteStore {
@@ -353,8 +470,7 @@ impl SqliteStore {
         request: Claim,
         event: MessageEvent,
     ) -> StoreResult<Vec<MessageRecord>> {
-        self.write(move |conn| Box::pin(async move { claim(conn, &request, event).await }))
-            .await
+        self.write_queue(QueueWork::Claim(request, event)).await
     }
 
     pub(super) async fn q_has_deliverable(
@@ -383,32 +499,13 @@ impl SqliteStore {
         at: DateTime<Utc>,
         event: MessageEvent,
     ) -> StoreResult<Vec<MessageRecord>> {
-        let destination = destination.to_owned();
-        self.write(move |conn| {
-            Box::pin(async move {
-                let mut acked = Vec::with_capacity(ids.len());
-                for id in &ids {
-                    let row = sqlx::query(
-                        "UPDATE messages SET status = 'processed', processed_at = ?3,
-                            updated_at = ?3, lease_until = NULL, due_at = NULL
-                         WHERE id = ?1 AND destination = ?2 AND status = 'processing'
-                         RETURNING *",
-                    )
-                    .bind(id)
-                    .bind(&destination)
-                    .bind(ms(at))
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                    if let Some(row) = row {
-                        let message = message_from_row(&row)?;
-                        insert_event(conn, &event("acked", &message)).await?;
-                        acked.push(message);
-                    }
-                }
-                Ok(acked)
-            })
-        })
-        .await
+        let ack = Ack {
+            destination: destination.to_owned(),
+            ids,
+            at,
+            event,
+        };
+        self.write_queue(QueueWork::Ack(ack)).await
     }
 
     pub(super) async fn q_update_payload(
