@@ -187,10 +187,11 @@ impl SqliteStore {
 
     /// Like [`SqliteStore::write`], for a queue write the writer runs together with the
     /// others of its kind in the group (see [`QueueOp`]).
-    async fn write_queue(&self, work: QueueWork) -> StoreResult<Vec<MessageRecord>> {
+    async fn write_queue(&self, work: QueueWork) -> StoreResult<QueueAnswer> {
         let (reply, answer) = oneshot::channel();
         let op = QueueOp {
             batch: match work {
+                QueueWork::Push(messages, event) => QueueBatch::Pushes(vec![(messages, event)]),
                 QueueWork::Claim(claim, event) => QueueBatch::Claims(vec![(claim, event)]),
                 QueueWork::Ack(ack) => QueueBatch::Acks(vec![ack]),
             },
@@ -237,28 +238,38 @@ fn deliver<T>(committed: Result<(), String>, result: Option<StoreResult<T>>) -> 
 
 /// A queue write the writer may run together with the others of its kind.
 enum QueueWork {
+    Push(Vec<MessageRecord>, MessageEvent),
     Claim(Claim, MessageEvent),
     Ack(queues::Ack),
 }
 
+/// What a queue write answers: a push its events, a claim or an ack its messages.
+enum QueueAnswer {
+    Events(Vec<Event>),
+    Messages(Vec<MessageRecord>),
+}
+
 enum QueueBatch {
+    Pushes(Vec<(Vec<MessageRecord>, MessageEvent)>),
     Claims(Vec<(Claim, MessageEvent)>),
     Acks(Vec<queues::Ack>),
 }
 
-/// All claims, or all acks, of a group as one write: their statements go to the
-/// driver's thread together (two trips for all of them instead of two or more each,
-/// plus a savepoint each). They fail only when the database does, and then together.
+/// All pushes, all claims or all acks of a group as one write: their statements go to
+/// the driver's thread together (a trip or two for all of them instead of several
+/// each, plus a savepoint each). Claims and acks fail only when the database does, and
+/// then together; a push that fails (an id taken) fails alone (see `queues::push`).
 struct QueueOp {
     batch: QueueBatch,
-    results: Vec<Option<StoreResult<Vec<MessageRecord>>>>,
-    replies: Vec<oneshot::Sender<StoreResult<Vec<MessageRecord>>>>,
+    results: Vec<Option<StoreResult<QueueAnswer>>>,
+    replies: Vec<oneshot::Sender<StoreResult<QueueAnswer>>>,
 }
 
 impl QueueOp {
     /// Takes `other`'s writes if they are of this kind; gives it back if not.
     fn absorb(&mut self, mut other: Box<QueueOp>) -> Option<Box<QueueOp>> {
         match (&mut self.batch, &mut other.batch) {
+            (QueueBatch::Pushes(mine), QueueBatch::Pushes(theirs)) => mine.append(theirs),
             (QueueBatch::Claims(mine), QueueBatch::Claims(theirs)) => mine.append(theirs),
             (QueueBatch::Acks(mine), QueueBatch::Acks(theirs)) => mine.append(theirs),
             _ => return Some(other),
@@ -275,14 +286,27 @@ impl Op for QueueOp {
         conn: &'c mut SqliteConnection,
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'c>> {
         Box::pin(async move {
-            let answers = match &self.batch {
-                QueueBatch::Claims(claims) => queues::claim(conn, claims).await,
-                QueueBatch::Acks(acks) => queues::ack(conn, acks).await,
+            let answers: StoreResult<Vec<StoreResult<QueueAnswer>>> = match &self.batch {
+                QueueBatch::Pushes(pushes) => queues::push(conn, pushes).await.map(|all| {
+                    all.into_iter()
+                        .map(|r| r.map(QueueAnswer::Events))
+                        .collect()
+                }),
+                QueueBatch::Claims(claims) => queues::claim(conn, claims).await.map(|all| {
+                    all.into_iter()
+                        .map(|m| Ok(QueueAnswer::Messages(m)))
+                        .collect()
+                }),
+                QueueBatch::Acks(acks) => queues::ack(conn, acks).await.map(|all| {
+                    all.into_iter()
+                        .map(|m| Ok(QueueAnswer::Messages(m)))
+                        .collect()
+                }),
             };
             match answers {
                 Ok(answers) => {
                     for (slot, answer) in self.results.iter_mut().zip(answers) {
-                        *slot = Some(Ok(answer));
+                        *slot = Some(answer);
                     }
                     true
                 }
@@ -314,7 +338,8 @@ impl Op for QueueOp {
     }
 }
 
-/// Folds the group's claims into one write and its acks into another.
+/// Folds the group's pushes into one write, its claims into another and its acks into a
+/// third.
 fn coalesce(batch: &mut Vec<Box<dyn Op>>) {
     let mut queue_ops: Vec<Box<QueueOp>> = Vec::new();
     let mut others: Vec<Box<dyn Op>> = Vec::with_capacity(batch.len());

@@ -9,9 +9,11 @@
 use chrono::{DateTime, Utc};
 use opsbox_api::{Event, MessageStatus, PayloadKind, QueueStats};
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqliteRow};
-use sqlx::{QueryBuilder, Row};
+use sqlx::{Executor, QueryBuilder, Row};
 
-use super::{insert_event, record_event, QueueWork, SqliteStore};
+use super::{
+    events_mark, insert_event, record_event, undo_events, QueueAnswer, QueueWork, SqliteStore,
+};
 use crate::store::{
     Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector, NewEvent, StoreError,
     StoreResult,
@@ -181,11 +183,11 @@ async fn run_with_events(
 /// Stores messages and their `pushed` events, a trip per [`PUSH_ROWS`] messages.
 async fn insert_messages(
     conn: &mut SqliteConnection,
-    messages: &[MessageRecord],
-    event: MessageEvent,
+    messages: &[&MessageRecord],
+    kinds: &[MessageEvent],
 ) -> StoreResult<Vec<Event>> {
     let mut out = Vec::with_capacity(messages.len());
-    for group in messages.chunks(PUSH_ROWS) {
+    for (group, kinds) in messages.chunks(PUSH_ROWS).zip(kinds.chunks(PUSH_ROWS)) {
         let mut sql = String::with_capacity(400 * group.len());
         for _ in group {
             sql.push_str(
@@ -195,7 +197,11 @@ async fn insert_messages(
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);",
             );
         }
-        let events: Vec<NewEvent> = group.iter().map(|m| event("pushed", m)).collect();
+        let events: Vec<NewEvent> = group
+            .iter()
+            .zip(kinds)
+            .map(|(m, event)| event("pushed", m))
+            .collect();
         event_sql(&mut sql, &events);
         let at = Utc::now();
         let mut q = sqlx::query(&sql);
@@ -222,6 +228,58 @@ async fn insert_messages(
         out.extend(run_with_events(conn, q, &events, at).await?);
     }
     Ok(out)
+}
+
+/// Stores the messages of each push given, with their events: all in one go, or, if
+/// that fails (an id taken, say), each push on its own, so that only the failing ones
+/// fail. The outer error is the database's; the inner ones are each push's.
+pub(super) async fn push(
+    conn: &mut SqliteConnection,
+    pushes: &[(Vec<MessageRecord>, MessageEvent)],
+) -> StoreResult<Vec<StoreResult<Vec<Event>>>> {
+    let mark = events_mark();
+    conn.execute("SAVEPOINT pushes").await?;
+    let all: Vec<&MessageRecord> = pushes.iter().flat_map(|(m, _)| m).collect();
+    let kinds: Vec<MessageEvent> = pushes
+        .iter()
+        .flat_map(|(m, event)| m.iter().map(move |_| *event))
+        .collect();
+    let first = insert_messages(conn, &all, &kinds).await;
+    let results = match first {
+        Ok(mut events) => {
+            let mut results = Vec::with_capacity(pushes.len());
+            for (messages, _) in pushes {
+                let rest = events.split_off(messages.len().min(events.len()));
+                results.push(Ok(std::mem::replace(&mut events, rest)));
+            }
+            results
+        }
+        Err(error) => {
+            undo_events(mark);
+            conn.execute("ROLLBACK TO pushes").await?;
+            if pushes.len() == 1 {
+                vec![Err(error)]
+            } else {
+                let mut results = Vec::with_capacity(pushes.len());
+                for (messages, event) in pushes {
+                    let mark = events_mark();
+                    conn.execute("SAVEPOINT one").await?;
+                    let one: Vec<&MessageRecord> = messages.iter().collect();
+                    let kinds = vec![*event; one.len()];
+                    let result = insert_messages(conn, &one, &kinds).await;
+                    if result.is_err() {
+                        undo_events(mark);
+                        conn.execute("ROLLBACK TO one").await?;
+                    }
+                    conn.execute("RELEASE one").await?;
+                    results.push(result);
+                }
+                results
+            }
+        }
+    };
+    conn.execute("RELEASE pushes").await?;
+    Ok(results)
 }
 
 /// Claims per candidate query (three compound terms each; SQLite allows 500).
@@ -453,16 +511,23 @@ pub(super) async fn ack(
     Ok(answers)
 }
 
+fn messages(answer: QueueAnswer) -> StoreResult<Vec<MessageRecord>> {
+    match answer {
+        QueueAnswer::Messages(messages) => Ok(messages),
+        QueueAnswer::Events(_) => Err(StoreError::Corrupt("a claim or ack answered events".into())),
+    }
+}
+
 impl SqliteStore {
     pub(super) async fn q_insert(
         &self,
         messages: Vec<MessageRecord>,
         event: MessageEvent,
     ) -> StoreResult<Vec<Event>> {
-        self.write(move |conn| {
-            Box::pin(async move { insert_messages(conn, &messages, event).await })
-        })
-        .await
+        match self.write_queue(QueueWork::Push(messages, event)).await? {
+            QueueAnswer::Events(events) => Ok(events),
+            QueueAnswer::Messages(_) => Err(StoreError::Corrupt("a push answered messages".into())),
+        }
     }
 
     pub(super) async fn q_claim(
@@ -470,7 +535,7 @@ impl SqliteStore {
         request: Claim,
         event: MessageEvent,
     ) -> StoreResult<Vec<MessageRecord>> {
-        self.write_queue(QueueWork::Claim(request, event)).await
+        messages(self.write_queue(QueueWork::Claim(request, event)).await?)
     }
 
     pub(super) async fn q_has_deliverable(
@@ -505,7 +570,7 @@ impl SqliteStore {
             at,
             event,
         };
-        self.write_queue(QueueWork::Ack(ack)).await
+        messages(self.write_queue(QueueWork::Ack(ack)).await?)
     }
 
     pub(super) async fn q_update_payload(
