@@ -16,6 +16,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use opsbox_api::{Event, JobState, LogChunk, Role, Stream};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -226,7 +228,10 @@ trait Op: Send {
 fn deliver<T>(committed: Result<(), String>, result: Option<StoreResult<T>>) -> StoreResult<T> {
     match (committed, result) {
         (Ok(()), Some(result)) => result,
-        (Ok(()), None) => Err(StoreError::Closed),
+        // It panicked before it had a result (logged by the writer).
+        (Ok(()), None) => Err(StoreError::Corrupt(
+            "the write stopped half-way (a bug in the store) and was rolled back".into(),
+        )),
         (Err(message), Some(Err(own))) => Err(StoreError::Corrupt(format!(
             "{own}; and the commit failed: {message}"
         ))),
@@ -486,6 +491,18 @@ async fn writer_loop(
         .await;
 }
 
+/// Applies one write; a write that panics fails alone (its caller hears of it), and
+/// the writer, which every other write needs, goes on.
+async fn apply(op: &mut dyn Op, conn: &mut SqliteConnection) -> bool {
+    match AssertUnwindSafe(op.apply(conn)).catch_unwind().await {
+        Ok(ok) => ok,
+        Err(_) => {
+            tracing::error!("a store write panicked; rolled back");
+            false
+        }
+    }
+}
+
 /// One transaction for the whole group. Each write runs in its own savepoint, so a
 /// failing one is undone alone; a group of one needs no savepoint (its failure rolls
 /// the transaction back), which saves two statements when the server is not busy.
@@ -500,7 +517,7 @@ async fn commit_group(
             .await
             .map_err(text)?;
         let before = events_mark();
-        if !op.apply(conn).await {
+        if !apply(op.as_mut(), conn).await {
             undo_events(before);
             // The write failed and delivers its own error; nothing else to keep.
             sqlx::query("ROLLBACK")
@@ -519,7 +536,7 @@ async fn commit_group(
         let last = batch.len() - 1;
         for (i, op) in batch.iter_mut().enumerate() {
             let before = events_mark();
-            let ok = op.apply(conn).await;
+            let ok = apply(op.as_mut(), conn).await;
             if !ok {
                 undo_events(before);
             }
@@ -1329,5 +1346,29 @@ impl SqliteStore {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_that_panics_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).await.unwrap();
+        fn boom(_: &mut SqliteConnection) -> BoxFut<'_, ()> {
+            Box::pin(async { panic!("a bug in a write") })
+        }
+        let (failed, fine) = tokio::join!(
+            store.write(boom),
+            store.append_event(NewEvent::new("t.one", "s", serde_json::json!({})))
+        );
+        assert!(matches!(failed, Err(StoreError::Corrupt(_))), "{failed:?}");
+        fine.unwrap();
+        store
+            .append_event(NewEvent::new("t.two", "s", serde_json::json!({})))
+            .await
+            .unwrap();
     }
 }

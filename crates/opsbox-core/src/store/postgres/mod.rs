@@ -1709,3 +1709,35 @@ impl PgStore {
         &self.pool
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PostgreSQL only: runs when `OPSBOX_TEST_STORE` names a database (test.sh does).
+    #[tokio::test]
+    async fn a_write_that_panics_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = crate::store::test_store(dir.path()) else {
+            eprintln!("not run here: OPSBOX_TEST_STORE is not set (test.sh sets it)");
+            return;
+        };
+        let store = PgStore::open(&url, "test").await.unwrap();
+        fn boom<'c>(
+            _: &'c mut PgConnection,
+            _: &'c mut Vec<NewEvent>,
+        ) -> BoxFuture<'c, StoreResult<()>> {
+            Box::pin(async { panic!("a bug in a write") })
+        }
+        let (failed, fine) = tokio::join!(
+            store.write(boom),
+            store.append_event(NewEvent::new("t.one", "s", serde_json::json!({})))
+        );
+        assert!(matches!(failed, Err(StoreError::Corrupt(_))), "{failed:?}");
+        fine.unwrap();
+        store
+            .append_event(NewEvent::new("t.two", "s", serde_json::json!({})))
+            .await
+            .unwrap();
+    }
+}

@@ -21,10 +21,12 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use opsbox_api::Event;
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Executor;
@@ -207,7 +209,18 @@ impl Writer {
                     Work::Op(op) => {
                         point.before(&mut tx).await?;
                         let mut events = Vec::new();
-                        outcomes[i] = Some(match op(&mut tx, &mut events).await {
+                        // A write that panics fails alone; the writer, which every
+                        // other write needs, goes on.
+                        let run = AssertUnwindSafe(op(&mut tx, &mut events)).catch_unwind();
+                        let result = run.await.unwrap_or_else(|_| {
+                            tracing::error!("a store write panicked; rolled back");
+                            Err(StoreError::Corrupt(
+                                "the write stopped half-way (a bug in the store) and was \
+                                 rolled back"
+                                    .into(),
+                            ))
+                        });
+                        outcomes[i] = Some(match result {
                             Ok(value) => {
                                 point.kept();
                                 Outcome::Done(value, take_events(&mut pending, events))
