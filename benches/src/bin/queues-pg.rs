@@ -24,11 +24,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
 use clap::Parser;
-use serde_json::{json, Value};
 
 #[path = "../children.rs"]
 mod children;
+#[path = "../queue_client.rs"]
+mod queue_client;
 use children::{free_port, program_path, ChildGuard};
+use queue_client::QueueClient as Client;
 
 const TARGET_TWO_SERVERS: f64 = 1.6;
 const TARGET_VS_PGBENCH: f64 = 0.7;
@@ -63,63 +65,6 @@ struct Args {
     /// Keep the temp dir (server data and logs) and print its path.
     #[arg(long)]
     keep: bool,
-}
-
-/// One client's connection to one server: push → pull → ack on its own queue.
-struct Client {
-    http: reqwest::Client,
-    push: String,
-    pull: String,
-    ack: String,
-    n: u64,
-}
-
-impl Client {
-    fn new(base: &str, node: &str) -> anyhow::Result<Self> {
-        Ok(Client {
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .http1_only()
-                .timeout(Duration::from_secs(30))
-                .build()?,
-            push: format!("{base}/v1/queues/{node}/messages"),
-            pull: format!("{base}/v1/queues/{node}/pull"),
-            ack: format!("{base}/v1/queues/{node}/ack"),
-            n: 0,
-        })
-    }
-
-    async fn post(&self, url: &str, body: &Value, status: u16) -> anyhow::Result<Value> {
-        let response = self.http.post(url).json(body).send().await?;
-        let got = response.status().as_u16();
-        let text = response.text().await?;
-        ensure!(got == status, "{url} answered {got}, not {status}: {text}");
-        Ok(serde_json::from_str(&text)?)
-    }
-
-    async fn cycle(&mut self) -> anyhow::Result<()> {
-        self.n += 1;
-        let pushed = self
-            .post(
-                &self.push,
-                &json!({"messages": [{"payload": {"n": self.n}}]}),
-                201,
-            )
-            .await?;
-        let id = pushed["messages"][0]["id"]
-            .as_str()
-            .ok_or_else(|| anyhow!("push answered no message id: {pushed}"))?
-            .to_owned();
-        let pulled = self.post(&self.pull, &json!({"max": 1}), 200).await?;
-        let got = pulled["messages"][0]["id"].as_str();
-        ensure!(got == Some(&id), "pushed {id}, pulled {pulled}");
-        let acked = self.post(&self.ack, &json!({"ids": [id]}), 200).await?;
-        ensure!(
-            acked["acked"].as_array().map(Vec::len) == Some(1),
-            "ack of {id} answered {acked}"
-        );
-        Ok(())
-    }
 }
 
 #[derive(Default)]

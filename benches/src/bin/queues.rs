@@ -23,6 +23,10 @@
 //!
 //! `cargo build --release -p opsbox -p opsbox-bench && target/release/queues`
 
+#[path = "../queue_client.rs"]
+mod queue_client;
+use queue_client::QueueClient as Opsbox;
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
@@ -241,62 +245,6 @@ fn window(args: &Args) -> Window {
 
 // ---------------------------------------------------------------------------------
 // opsbox: native queue API over HTTP/1.1 keep-alive, one connection per client.
-
-struct Opsbox {
-    http: reqwest::Client,
-    push: String,
-    pull: String,
-    ack: String,
-    n: u64,
-}
-
-impl Opsbox {
-    fn new(base: &str, node: &str) -> anyhow::Result<Self> {
-        Ok(Opsbox {
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .http1_only()
-                .timeout(Duration::from_secs(30))
-                .build()?,
-            push: format!("{base}/v1/queues/{node}/messages"),
-            pull: format!("{base}/v1/queues/{node}/pull"),
-            ack: format!("{base}/v1/queues/{node}/ack"),
-            n: 0,
-        })
-    }
-
-    async fn post(&self, url: &str, body: &Value, status: u16) -> anyhow::Result<Value> {
-        let response = self.http.post(url).json(body).send().await?;
-        let got = response.status().as_u16();
-        let text = response.text().await?;
-        ensure!(got == status, "{url} answered {got}, not {status}: {text}");
-        Ok(serde_json::from_str(&text)?)
-    }
-
-    async fn cycle(&mut self) -> anyhow::Result<()> {
-        self.n += 1;
-        let pushed = self
-            .post(
-                &self.push,
-                &json!({"messages": [{"payload": {"n": self.n}}]}),
-                201,
-            )
-            .await?;
-        let id = pushed["messages"][0]["id"]
-            .as_str()
-            .ok_or_else(|| anyhow!("push answered no message id: {pushed}"))?
-            .to_owned();
-        let pulled = self.post(&self.pull, &json!({"max": 1}), 200).await?;
-        let got = pulled["messages"][0]["id"].as_str();
-        ensure!(got == Some(&id), "pushed {id}, pulled {pulled}");
-        let acked = self.post(&self.ack, &json!({"ids": [id]}), 200).await?;
-        ensure!(
-            acked["acked"].as_array().map(Vec::len) == Some(1),
-            "ack of {id} answered {acked}"
-        );
-        Ok(())
-    }
-}
 
 async fn opsbox_row(args: &Args, base: &str, pid: u32, clients: usize) -> anyhow::Result<Tally> {
     let window = window(args);

@@ -654,7 +654,11 @@ fn downcast<T: 'static>(value: Box<dyn Any + Send>) -> StoreResult<T> {
 /// Inserts messages, in one statement of arrays (one prepared statement whatever the
 /// count, unlike a multi-row `VALUES`).
 async fn insert_rows(conn: &mut PgConnection, messages: &[&MessageRecord]) -> StoreResult<()> {
+    // One array per column.
     let col = |f: fn(&MessageRecord) -> Option<i64>| -> Vec<Option<i64>> {
+        messages.iter().map(|m| f(m)).collect()
+    };
+    let text = |f: for<'m> fn(&'m MessageRecord) -> &'m str| -> Vec<&str> {
         messages.iter().map(|m| f(m)).collect()
     };
     let tries = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
@@ -666,32 +670,12 @@ async fn insert_rows(conn: &mut PgConnection, messages: &[&MessageRecord]) -> St
             $6::text[], $7::bytea[], $8::int4[], $9::int4[], $10::int8[], $11::int8[],
             $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[])",
     )
-    .bind(messages.iter().map(|m| m.id.as_str()).collect::<Vec<_>>())
-    .bind(
-        messages
-            .iter()
-            .map(|m| m.source.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        messages
-            .iter()
-            .map(|m| m.destination.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        messages
-            .iter()
-            .map(|m| m.status.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(messages.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>())
-    .bind(
-        messages
-            .iter()
-            .map(|m| m.payload_type.as_str())
-            .collect::<Vec<_>>(),
-    )
+    .bind(text(|m| &m.id))
+    .bind(text(|m| &m.source))
+    .bind(text(|m| &m.destination))
+    .bind(text(|m| m.status.as_str()))
+    .bind(text(|m| m.kind.as_str()))
+    .bind(text(|m| &m.payload_type))
     .bind(
         messages
             .iter()
