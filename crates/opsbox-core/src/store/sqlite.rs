@@ -437,13 +437,21 @@ fn undo_events((newest, len): (u64, usize)) {
     });
 }
 
-/// Notes an event inserted in the current group.
-fn record_event(event: &Event) {
+/// The event inserted at `rev`, noted in the current group.
+fn record_event(rev: i64, at: DateTime<Utc>, event: NewEvent) -> Event {
+    let event = Event {
+        rev: rev as u64,
+        at,
+        kind: event.kind,
+        subject: event.subject,
+        data: event.data,
+    };
     let _ = GROUP.try_with(|g| {
         let mut g = g.borrow_mut();
         g.newest = g.newest.max(event.rev);
         g.events.push(event.clone());
     });
+    event
 }
 
 async fn writer_loop(
@@ -584,15 +592,7 @@ async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreRes
     .bind(event.data.to_string())
     .fetch_one(conn)
     .await?;
-    let event = Event {
-        rev: rev as u64,
-        at,
-        kind: event.kind.clone(),
-        subject: event.subject.clone(),
-        data: event.data.clone(),
-    };
-    record_event(&event);
-    Ok(event)
+    Ok(record_event(rev, at, event.clone()))
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -717,15 +717,7 @@ async fn write_job_batch(
     }
     let mut written = Vec::with_capacity(events.len());
     for (event, rev) in events.into_iter().zip(revs) {
-        let event = Event {
-            rev: *rev as u64,
-            at,
-            kind: event.kind,
-            subject: event.subject,
-            data: event.data,
-        };
-        record_event(&event);
-        written.push(event);
+        written.push(record_event(*rev, at, event));
     }
     Ok(written)
 }

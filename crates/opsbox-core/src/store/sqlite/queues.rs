@@ -166,16 +166,7 @@ async fn run_with_events(
     }
     let mut out = Vec::with_capacity(events.len());
     for (row, event) in rows.iter().zip(events) {
-        let rev: i64 = row.try_get(0)?;
-        let event = Event {
-            rev: rev as u64,
-            at,
-            kind: event.kind.clone(),
-            subject: event.subject.clone(),
-            data: event.data.clone(),
-        };
-        record_event(&event);
-        out.push(event);
+        out.push(record_event(row.try_get(0)?, at, event.clone()));
     }
     Ok(out)
 }
