@@ -189,7 +189,7 @@ impl Writer {
         Box::pin(async move {
             // Generic plans: a batch's statements are the same few each time, and
             // planning them anew (PostgreSQL's default for the first runs, and for
-            // array parameters) cost more than running them (queues-pg: 3.5k→4.2k/s).
+            // array parameters) cost more than running them (queues-pg: 3.5k→3.9k/s).
             let mut tx = self
                 .pool
                 .begin_with("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
