@@ -110,6 +110,48 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// One row of a store's queue-stats query: how many messages of `node`'s queue are in
+/// `status`, and when the oldest of them was created.
+pub(crate) struct StatusCount {
+    pub node: String,
+    pub status: String,
+    pub n: u64,
+    pub oldest: Option<DateTime<Utc>>,
+}
+
+/// Per-queue stats from status counts ordered by queue (the same for every store).
+pub(crate) fn fold_queue_stats(counts: Vec<StatusCount>) -> StoreResult<Vec<QueueStats>> {
+    let mut stats: Vec<QueueStats> = Vec::new();
+    for count in counts {
+        if stats.last().is_none_or(|s| s.node != count.node) {
+            stats.push(QueueStats {
+                node: count.node.clone(),
+                ..QueueStats::default()
+            });
+        }
+        let Some(entry) = stats.last_mut() else {
+            continue;
+        };
+        match MessageStatus::parse(&count.status) {
+            Some(MessageStatus::Pending) => {
+                entry.pending = count.n;
+                entry.oldest_pending = count.oldest;
+            }
+            Some(MessageStatus::Scheduled) => entry.scheduled = count.n,
+            Some(MessageStatus::Processing) => entry.processing = count.n,
+            Some(MessageStatus::Processed) => entry.processed = count.n,
+            Some(MessageStatus::Dead) => entry.dead = count.n,
+            None => {
+                return Err(StoreError::Corrupt(format!(
+                    "message status {}",
+                    count.status
+                )))
+            }
+        }
+    }
+    Ok(stats)
+}
+
 /// An event to append: the store gives it its revision and time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {

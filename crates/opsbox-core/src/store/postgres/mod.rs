@@ -42,9 +42,10 @@ mod writer;
 use writer::{Op, Work, WriteRequest, Writer};
 
 use super::{
-    Claim, DeleteEvent, EventsSince, JobFilter, JobRecord, LogChunkBytes, MessageEvent,
-    MessageRecord, MessageSelector, ModelData, ModelDoc, ModelWrite, NewEvent, NodeRecord, Signal,
-    Store, StoreError, StoreLock, StoreResult, TaskRecord, TaskWrite, TokenRecord, UserRecord,
+    fold_queue_stats, Claim, DeleteEvent, EventsSince, JobFilter, JobRecord, LogChunkBytes,
+    MessageEvent, MessageRecord, MessageSelector, ModelData, ModelDoc, ModelWrite, NewEvent,
+    NodeRecord, Signal, StatusCount, Store, StoreError, StoreLock, StoreResult, TaskRecord,
+    TaskWrite, TokenRecord, UserRecord,
 };
 
 /// Expired leases settled per claim at most (the rest at the next claim).
@@ -1441,33 +1442,18 @@ impl Store for PgStore {
         .bind(destination)
         .fetch_all(&self.pool)
         .await?;
-        let mut stats: Vec<QueueStats> = Vec::new();
-        for row in &rows {
-            let node: String = row.try_get("destination")?;
-            if stats.last().is_none_or(|s| s.node != node) {
-                stats.push(QueueStats {
-                    node: node.clone(),
-                    ..QueueStats::default()
-                });
-            }
-            let Some(entry) = stats.last_mut() else {
-                continue;
-            };
-            let n = row.try_get::<i64, _>("n")? as u64;
-            let status: String = row.try_get("status")?;
-            match MessageStatus::parse(&status) {
-                Some(MessageStatus::Pending) => {
-                    entry.pending = n;
-                    entry.oldest_pending = time(row.try_get("oldest")?);
-                }
-                Some(MessageStatus::Scheduled) => entry.scheduled = n,
-                Some(MessageStatus::Processing) => entry.processing = n,
-                Some(MessageStatus::Processed) => entry.processed = n,
-                Some(MessageStatus::Dead) => entry.dead = n,
-                None => return Err(StoreError::Corrupt(format!("message status {status}"))),
-            }
-        }
-        Ok(stats)
+        let counts = rows
+            .iter()
+            .map(|row| {
+                Ok(StatusCount {
+                    node: row.try_get("destination")?,
+                    status: row.try_get("status")?,
+                    n: row.try_get::<i64, _>("n")?.max(0) as u64,
+                    oldest: time(row.try_get("oldest")?),
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        fold_queue_stats(counts)
     }
 
     async fn put_node(&self, node: &NodeRecord, event: Option<NewEvent>) -> StoreResult<()> {
