@@ -219,18 +219,18 @@ async fn three_servers_are_one_system() {
         .await
         .unwrap();
     let pid_file = dir.path().join(format!("pid-{}", sleepy.name));
+    // The shell creates the file before it writes the pid: wait for the number.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !pid_file.exists() {
+    let pid: i32 = loop {
+        let written = std::fs::read_to_string(&pid_file).unwrap_or_default();
+        if let Ok(pid) = written.trim().parse() {
+            break pid;
+        }
         assert!(Instant::now() < deadline, "sleepy never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
     let killed = b.client.kill(&sleepy.name).await.unwrap();
     assert_eq!(killed.state, JobState::Killed, "{killed:?}");
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
         assert!(
