@@ -95,6 +95,13 @@ pub enum StoreError {
     /// The database failed; the change was not made.
     #[error("store failure: {0}")]
     Database(#[from] sqlx::Error),
+    /// The embedded store's writer connection failed; the change was not made.
+    #[error("store failure: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database failed in a way no driver error describes (a commit shared with
+    /// other writes, say); the change was not made.
+    #[error("store failure: {0}")]
+    Failed(String),
     #[error("store migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
     /// A stored value could not be decoded (a bug or a hand-edited database).

@@ -1,31 +1,26 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
-//! Writes go through one writer task that owns the only write connection and commits
-//! whatever writes are waiting as one transaction (group commit): under load, many
-//! requests share one fsync instead of paying one each, and SQLite never sees two writers
-//! fighting over its lock. Each write runs inside its own savepoint, so one failing write
-//! (a name conflict, say) does not undo the others of its group. Reads use a separate
-//! pool and never wait for the writer.
+//! Writes go through one writer thread that owns the only write connection and commits
+//! whatever writes are waiting as one transaction (group commit, see `writer`): under
+//! load, many requests share one fsync instead of paying one each, and SQLite never sees
+//! two writers fighting over its lock. Each write runs inside its own savepoint, so one
+//! failing write (a name conflict, say) does not undo the others of its group. Reads use
+//! a separate pool and never wait for the writer.
 //!
 //! The writer also keeps the newest committed events in memory (the tail): a watcher
 //! woken by a commit reads what it missed from there instead of from the database, so a
 //! thousand watchers cost one insert and a thousand clones, not a thousand queries.
-//! Every event insert goes through `insert_event` (or `record_event`) so the tail
+//! Every event insert goes through `Tx::insert_event` (or `Tx::record`) so the tail
 //! sees it; events another process writes are found by the gap they leave.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use futures::FutureExt;
+use chrono::{DateTime, SecondsFormat, Utc};
 use opsbox_api::{Event, JobState, LogChunk, Role, Stream};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -40,25 +35,22 @@ use super::{
     StoreResult, TaskRecord, TaskWrite, TokenRecord, UserRecord,
 };
 use opsbox_api::{PayloadKind, QueueStats};
+use writer::{Op, QueueAnswer, QueueOp, QueueWork, Tx, TypedOp};
 
 mod model;
 mod nodes;
 mod queues;
-
-/// Most writes committed in one transaction.
-const MAX_GROUP: usize = 512;
+mod writer;
 
 /// Committed events kept in memory for watchers (see the module docs).
 const TAIL_EVENTS: usize = 2048;
-
-type BoxFut<'c, T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'c>>;
 
 /// The SQLite [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     /// Read-only connections; WAL lets them read while the writer commits.
     read: SqlitePool,
-    /// Queue of the writer task.
+    /// Queue of the writer thread.
     writes: mpsc::Sender<Box<dyn Op>>,
     /// Bumped by the writer after each commit with the newest revision.
     changes: watch::Receiver<u64>,
@@ -138,10 +130,19 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let mut writer = SqliteConnection::connect_with(&options).await?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&mut writer)
-            .await?;
+        let revision = {
+            let mut setup = SqliteConnection::connect_with(&options).await?;
+            sqlx::migrate!("./migrations/sqlite")
+                .run(&mut setup)
+                .await?;
+            let revision = read_revision(&mut setup).await?;
+            setup.close().await?;
+            revision
+        };
+        let path = path.to_owned();
+        let conn = tokio::task::spawn_blocking(move || writer_connection(&path))
+            .await
+            .map_err(|e| StoreError::Failed(format!("opening the writer connection: {e}")))??;
         let read = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -150,14 +151,13 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
-        let revision = read_revision(&mut writer).await?;
         let (changes_tx, changes) = watch::channel(revision);
         let (writes, queue) = mpsc::channel(4096);
         let tail = Arc::new(Mutex::new(Tail {
             from: revision,
             events: VecDeque::new(),
         }));
-        tokio::spawn(writer_loop(writer, queue, changes_tx, tail.clone()));
+        writer::start(conn, queue, changes_tx, tail.clone())?;
         Ok(SqliteStore {
             read,
             writes,
@@ -172,7 +172,7 @@ impl SqliteStore {
     async fn write<T, F>(&self, work: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFut<'c, T> + Send + 'static,
+        F: FnOnce(&mut Tx) -> StoreResult<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let op = TypedOp {
@@ -191,554 +191,134 @@ impl SqliteStore {
     /// others of its kind in the group (see [`QueueOp`]).
     async fn write_queue(&self, work: QueueWork) -> StoreResult<QueueAnswer> {
         let (reply, answer) = oneshot::channel();
-        let op = QueueOp {
-            batch: match work {
-                QueueWork::Push(messages, event) => QueueBatch::Pushes(vec![(messages, event)]),
-                QueueWork::Claim(claim, event) => QueueBatch::Claims(vec![(claim, event)]),
-                QueueWork::Ack(ack) => QueueBatch::Acks(vec![ack]),
-            },
-            results: vec![None],
-            replies: vec![reply],
-        };
         self.writes
-            .send(Box::new(op))
+            .send(Box::new(QueueOp::new(work, reply)))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// The writer: group commit with one savepoint per write.
-// ---------------------------------------------------------------------------------------
-
-trait Op: Send {
-    /// Applies the write; false when it failed (its savepoint is then rolled back).
-    fn apply<'c>(
-        &'c mut self,
-        conn: &'c mut SqliteConnection,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'c>>;
-    /// Delivers the result once the transaction is committed (or failed to commit).
-    fn finish(self: Box<Self>, committed: Result<(), String>);
-    /// A queue write that can join the others of its kind, or the op itself.
-    fn into_queue(self: Box<Self>) -> Result<Box<QueueOp>, Box<dyn Op>>;
-}
-
-/// What a write answers once its transaction committed, or failed to.
-fn deliver<T>(committed: Result<(), String>, result: Option<StoreResult<T>>) -> StoreResult<T> {
-    match (committed, result) {
-        (Ok(()), Some(result)) => result,
-        // It panicked before it had a result (logged by the writer).
-        (Ok(()), None) => Err(StoreError::Corrupt(
-            "the write stopped half-way (a bug in the store) and was rolled back".into(),
-        )),
-        (Err(message), Some(Err(own))) => Err(StoreError::Corrupt(format!(
-            "{own}; and the commit failed: {message}"
-        ))),
-        (Err(message), _) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
-            "commit failed: {message}"
-        )))),
-    }
-}
-
-/// A queue write the writer may run together with the others of its kind.
-enum QueueWork {
-    Push(Vec<MessageRecord>, MessageEvent),
-    Claim(Claim, MessageEvent),
-    Ack(queues::Ack),
-}
-
-/// What a queue write answers: a push its events, a claim or an ack its messages.
-enum QueueAnswer {
-    Events(Vec<Event>),
-    Messages(Vec<MessageRecord>),
-}
-
-enum QueueBatch {
-    Pushes(Vec<(Vec<MessageRecord>, MessageEvent)>),
-    Claims(Vec<(Claim, MessageEvent)>),
-    Acks(Vec<queues::Ack>),
-}
-
-/// All pushes, all claims or all acks of a group as one write: their statements go to
-/// the driver's thread together (a trip or two for all of them instead of several
-/// each, plus a savepoint each). Claims and acks fail only when the database does, and
-/// then together; a push that fails (an id taken) fails alone (see `queues::push`).
-struct QueueOp {
-    batch: QueueBatch,
-    results: Vec<Option<StoreResult<QueueAnswer>>>,
-    replies: Vec<oneshot::Sender<StoreResult<QueueAnswer>>>,
-}
-
-impl QueueOp {
-    /// Takes `other`'s writes if they are of this kind; gives it back if not.
-    fn absorb(&mut self, mut other: Box<QueueOp>) -> Option<Box<QueueOp>> {
-        match (&mut self.batch, &mut other.batch) {
-            (QueueBatch::Pushes(mine), QueueBatch::Pushes(theirs)) => mine.append(theirs),
-            (QueueBatch::Claims(mine), QueueBatch::Claims(theirs)) => mine.append(theirs),
-            (QueueBatch::Acks(mine), QueueBatch::Acks(theirs)) => mine.append(theirs),
-            _ => return Some(other),
-        }
-        self.results.append(&mut other.results);
-        self.replies.append(&mut other.replies);
-        None
-    }
-}
-
-impl Op for QueueOp {
-    fn apply<'c>(
-        &'c mut self,
-        conn: &'c mut SqliteConnection,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'c>> {
-        Box::pin(async move {
-            let answers: StoreResult<Vec<StoreResult<QueueAnswer>>> = match &self.batch {
-                QueueBatch::Pushes(pushes) => queues::push(conn, pushes).await.map(|all| {
-                    all.into_iter()
-                        .map(|r| r.map(QueueAnswer::Events))
-                        .collect()
-                }),
-                QueueBatch::Claims(claims) => queues::claim(conn, claims).await.map(|all| {
-                    all.into_iter()
-                        .map(|m| Ok(QueueAnswer::Messages(m)))
-                        .collect()
-                }),
-                QueueBatch::Acks(acks) => queues::ack(conn, acks).await.map(|all| {
-                    all.into_iter()
-                        .map(|m| Ok(QueueAnswer::Messages(m)))
-                        .collect()
-                }),
-            };
-            match answers {
-                Ok(answers) => {
-                    for (slot, answer) in self.results.iter_mut().zip(answers) {
-                        *slot = Some(answer);
-                    }
-                    true
-                }
-                Err(error) => {
-                    let reason = error.to_string();
-                    let mut first = Some(error);
-                    for slot in &mut self.results {
-                        *slot = Some(Err(first.take().unwrap_or_else(|| {
-                            StoreError::Database(sqlx::Error::Protocol(format!(
-                                "the write shared with others failed: {reason}"
-                            )))
-                        })));
-                    }
-                    false
-                }
-            }
-        })
-    }
-
-    fn finish(mut self: Box<Self>, committed: Result<(), String>) {
-        let results = std::mem::take(&mut self.results);
-        for (result, reply) in results.into_iter().zip(self.replies.drain(..)) {
-            let _ = reply.send(deliver(committed.clone(), result));
-        }
-    }
-
-    fn into_queue(self: Box<Self>) -> Result<Box<QueueOp>, Box<dyn Op>> {
-        Ok(self)
-    }
-}
-
-/// Folds the group's pushes into one write, its claims into another and its acks into a
-/// third.
-fn coalesce(batch: &mut Vec<Box<dyn Op>>) {
-    let mut queue_ops: Vec<Box<QueueOp>> = Vec::new();
-    let mut others: Vec<Box<dyn Op>> = Vec::with_capacity(batch.len());
-    for op in batch.drain(..) {
-        match op.into_queue() {
-            Ok(op) => {
-                let mut left = Some(op);
-                for group in &mut queue_ops {
-                    if let Some(op) = left.take() {
-                        left = group.absorb(op);
-                    }
-                }
-                // One that no group took starts its own.
-                queue_ops.extend(left);
-            }
-            Err(op) => others.push(op),
-        }
-    }
-    batch.extend(others);
-    batch.extend(queue_ops.into_iter().map(|op| op as Box<dyn Op>));
-}
-
-struct TypedOp<T, F> {
-    work: Option<F>,
-    result: Option<StoreResult<T>>,
-    reply: Option<oneshot::Sender<StoreResult<T>>>,
-}
-
-impl<T, F> Op for TypedOp<T, F>
-where
-    T: Send + 'static,
-    F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFut<'c, T> + Send + 'static,
-{
-    fn apply<'c>(
-        &'c mut self,
-        conn: &'c mut SqliteConnection,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'c>> {
-        Box::pin(async move {
-            let Some(work) = self.work.take() else {
-                return true;
-            };
-            let result = work(conn).await;
-            let ok = result.is_ok();
-            self.result = Some(result);
-            ok
-        })
-    }
-
-    fn finish(mut self: Box<Self>, committed: Result<(), String>) {
-        let result = deliver(committed, self.result.take());
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(result);
-        }
-    }
-
-    fn into_queue(self: Box<Self>) -> Result<Box<QueueOp>, Box<dyn Op>> {
-        Err(self)
-    }
-}
-
-/// What the event inserts of the current group produced: the newest revision (the
-/// writer announces it after the commit without asking the database again) and the
-/// events themselves (published to the tail after the commit).
-#[derive(Default)]
-struct GroupEvents {
-    newest: u64,
-    events: Vec<Event>,
-}
-
-tokio::task_local! {
-    static GROUP: RefCell<GroupEvents>;
-}
-
-/// Where the group stands before a write: pass it to [`undo_events`] if the write fails.
-fn events_mark() -> (u64, usize) {
-    GROUP
-        .try_with(|g| {
-            let g = g.borrow();
-            (g.newest, g.events.len())
-        })
-        .unwrap_or((0, 0))
-}
-
-/// Forgets the events of a write that was rolled back.
-fn undo_events((newest, len): (u64, usize)) {
-    let _ = GROUP.try_with(|g| {
-        let mut g = g.borrow_mut();
-        g.newest = newest;
-        g.events.truncate(len);
-    });
-}
-
-/// The event inserted at `rev`, noted in the current group.
-fn record_event(rev: i64, at: DateTime<Utc>, event: NewEvent) -> Event {
-    let event = Event {
-        rev: rev as u64,
-        at,
-        kind: event.kind,
-        subject: event.subject,
-        data: event.data,
-    };
-    let _ = GROUP.try_with(|g| {
-        let mut g = g.borrow_mut();
-        g.newest = g.newest.max(event.rev);
-        g.events.push(event.clone());
-    });
-    event
-}
-
-async fn writer_loop(
-    mut conn: SqliteConnection,
-    mut queue: mpsc::Receiver<Box<dyn Op>>,
-    changes: watch::Sender<u64>,
-    tail: Arc<Mutex<Tail>>,
-) {
-    let mut revision = *changes.borrow();
-    let start = GroupEvents {
-        newest: revision,
-        events: Vec::new(),
-    };
-    GROUP
-        .scope(RefCell::new(start), async move {
-            let mut batch: Vec<Box<dyn Op>> = Vec::with_capacity(MAX_GROUP);
-            while let Some(first) = queue.recv().await {
-                batch.push(first);
-                while batch.len() < MAX_GROUP {
-                    match queue.try_recv() {
-                        Ok(op) => batch.push(op),
-                        Err(_) => break,
-                    }
-                }
-                coalesce(&mut batch);
-                let committed = commit_group(&mut conn, &mut batch).await;
-                let group = GROUP.with(|g| std::mem::take(&mut *g.borrow_mut()));
-                if committed.is_ok() {
-                    revision = revision.max(group.newest);
-                    if !group.events.is_empty() {
-                        lock(&tail).push(group.events);
-                    }
-                    // Sent even when no event was added (output appends): followers of
-                    // logs wake on every commit.
-                    changes.send_replace(revision);
-                } else {
-                    tracing::error!(error = ?committed, "store commit failed");
-                }
-                GROUP.with(|g| g.borrow_mut().newest = revision);
-                for op in batch.drain(..) {
-                    op.finish(committed.clone());
-                }
-            }
-        })
-        .await;
-}
-
-/// Applies one write; a write that panics fails alone (its caller hears of it), and
-/// the writer, which every other write needs, goes on.
-async fn apply(op: &mut dyn Op, conn: &mut SqliteConnection) -> bool {
-    match AssertUnwindSafe(op.apply(conn)).catch_unwind().await {
-        Ok(ok) => ok,
-        Err(_) => {
-            tracing::error!("a store write panicked; rolled back");
-            false
-        }
-    }
-}
-
-/// One transaction for the whole group. Each write runs in its own savepoint, so a
-/// failing one is undone alone; a group of one needs no savepoint (its failure rolls
-/// the transaction back), which saves two statements when the server is not busy.
-async fn commit_group(
-    conn: &mut SqliteConnection,
-    batch: &mut [Box<dyn Op>],
-) -> Result<(), String> {
-    let text = |e: sqlx::Error| e.to_string();
-    if let [op] = batch {
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut *conn)
-            .await
-            .map_err(text)?;
-        let before = events_mark();
-        if !apply(op.as_mut(), conn).await {
-            undo_events(before);
-            // The write failed and delivers its own error; nothing else to keep.
-            sqlx::query("ROLLBACK")
-                .execute(&mut *conn)
-                .await
-                .map_err(text)?;
-            return Ok(());
-        }
-    } else {
-        // Savepoint bookkeeping rides along with the statement before or after it, so a
-        // write costs one extra trip to the driver's thread, not two.
-        sqlx::query("BEGIN IMMEDIATE; SAVEPOINT op")
-            .execute(&mut *conn)
-            .await
-            .map_err(text)?;
-        let last = batch.len() - 1;
-        for (i, op) in batch.iter_mut().enumerate() {
-            let before = events_mark();
-            let ok = apply(op.as_mut(), conn).await;
-            if !ok {
-                undo_events(before);
-            }
-            let next = match (ok, i == last) {
-                (true, false) => "RELEASE op; SAVEPOINT op",
-                (true, true) => "RELEASE op",
-                (false, false) => "ROLLBACK TO op; RELEASE op; SAVEPOINT op",
-                (false, true) => "ROLLBACK TO op; RELEASE op",
-            };
-            if let Err(e) = sqlx::query(next).execute(&mut *conn).await {
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                return Err(e.to_string());
-            }
-        }
-    }
-    if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(e.to_string());
-    }
-    Ok(())
+/// The writer's connection, with the settings of the read pool's (the journal mode is
+/// the file's, set when migrating).
+fn writer_connection(path: &Path) -> StoreResult<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    // FULL: a write acknowledged to a client survives power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Every statement of the writer is one of a few dozen texts.
+    conn.set_prepared_statement_cache_capacity(128);
+    Ok(conn)
 }
 
 async fn read_revision(conn: &mut SqliteConnection) -> StoreResult<u64> {
-    let rev: i64 = sqlx::query_scalar(
-        "SELECT MAX(COALESCE((SELECT MAX(rev) FROM events), 0),
-                    (SELECT value FROM meta WHERE key = 'compacted_through'))",
-    )
-    .fetch_one(conn)
-    .await?;
+    let rev: i64 = sqlx::query_scalar(REVISION).fetch_one(conn).await?;
     Ok(rev as u64)
+}
+
+/// The newest revision, counting compacted ones.
+const REVISION: &str = "SELECT MAX(COALESCE((SELECT MAX(rev) FROM events), 0),
+                   (SELECT value FROM meta WHERE key = 'compacted_through'))";
+
+/// A time as the jobs, users and tokens tables store it: the text sqlx writes for a
+/// `DateTime<Utc>` (RFC 3339, as many fraction digits as needed), so that rows written
+/// by the writer and by earlier releases read back the same way.
+fn time_text(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::AutoSi, false)
+}
+
+fn is_unique_violation(error: &rusqlite::Error) -> bool {
+    matches!(
+        error,
+        rusqlite::Error::SqliteFailure(e, _)
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    )
+}
+
+/// `error`, as a conflict over `what` when it is a unique violation.
+fn conflict(error: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError {
+    if is_unique_violation(&error) {
+        StoreError::Conflict(what())
+    } else {
+        error.into()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // Statements used inside write transactions
 // ---------------------------------------------------------------------------------------
 
-async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreResult<Event> {
-    let at = Utc::now();
-    let rev: i64 = sqlx::query_scalar(
-        "INSERT INTO events (at, kind, subject, data) VALUES (?, ?, ?, ?) RETURNING rev",
-    )
-    .bind(at)
-    .bind(&event.kind)
-    .bind(&event.subject)
-    .bind(event.data.to_string())
-    .fetch_one(conn)
-    .await?;
-    Ok(record_event(rev, at, event.clone()))
-}
-
 fn json<T: serde::Serialize>(value: &T) -> String {
     // Serialising plain maps and vectors of strings cannot fail.
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
 }
 
-/// Most output rows written in the same statement batch as their job's row.
-const INLINE_OUTPUT_ROWS: usize = 500;
-
-/// Writes a job's row, output chunks and events as ONE multi-statement query: sqlx's
-/// SQLite driver hands every query to a worker thread and back, and on a small machine
-/// that hand-off costs more than the statements, so the hot path of every run makes one
-/// trip instead of one per statement. Anonymous `?` parameters are bound in order across
-/// the statements.
-async fn write_job_batch(
-    conn: &mut SqliteConnection,
+/// Writes a job's row (a new one, or over the existing one), its output chunks and its
+/// events.
+fn write_job(
+    tx: &mut Tx,
     job: &JobRecord,
     insert: bool,
-    mut output: Vec<LogChunkBytes>,
+    output: &[LogChunkBytes],
     events: Vec<NewEvent>,
 ) -> StoreResult<Vec<Event>> {
-    if output.len() > INLINE_OUTPUT_ROWS {
-        insert_output(conn, &job.name, &output).await?;
-        output.clear();
-    }
-    let mut sql = String::with_capacity(512);
-    if insert {
-        sql.push_str(
-            "INSERT INTO jobs (name, script, state, params, node, submitted_by, created_at, \
-             started_at, finished_at, exit_code, signal, reason, return_values, results, spec, \
-             pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);",
-        );
+    let values = (
+        &job.script,
+        job.state.as_str(),
+        json(&job.params),
+        &job.node,
+        &job.submitted_by,
+        time_text(job.created_at),
+        job.started_at.map(time_text),
+        job.finished_at.map(time_text),
+        job.exit_code,
+        job.signal,
+        &job.reason,
+        json(&job.return_values),
+        json(&job.results),
+        job.spec.to_string(),
+        job.pid.map(i64::from),
+        &job.name,
+    );
+    let changed = if insert {
+        tx.conn
+            .prepare_cached(
+                "INSERT INTO jobs (script, state, params, node, submitted_by, created_at, \
+                 started_at, finished_at, exit_code, signal, reason, return_values, results, \
+                 spec, pid, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )?
+            .execute(values)
+            .map_err(|e| conflict(e, || format!("job {}", job.name)))?
     } else {
-        // The RETURNING row tells a matched update from a job that was cleaned meanwhile.
-        sql.push_str(
-            "UPDATE jobs SET (script, state, params, node, submitted_by, created_at, \
-             started_at, finished_at, exit_code, signal, reason, return_values, results, spec, \
-             pid) = (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) WHERE name = ? RETURNING -1;",
-        );
-    }
-    if !output.is_empty() {
-        sql.push_str("INSERT INTO job_output (job, seq, stream, data) VALUES ");
-        for i in 0..output.len() {
-            sql.push_str(if i == 0 {
-                "(?, ?, ?, ?)"
-            } else {
-                ", (?, ?, ?, ?)"
-            });
-        }
-        sql.push(';');
-    }
-    for _ in &events {
-        sql.push_str(
-            "INSERT INTO events (at, kind, subject, data) VALUES (?, ?, ?, ?) RETURNING rev;",
-        );
-    }
-    let mut query = sqlx::query(&sql);
-    if insert {
-        query = query.bind(job.name.clone());
-    }
-    query = query
-        .bind(job.script.clone())
-        .bind(job.state.as_str())
-        .bind(json(&job.params))
-        .bind(job.node.clone())
-        .bind(job.submitted_by.clone())
-        .bind(job.created_at)
-        .bind(job.started_at)
-        .bind(job.finished_at)
-        .bind(job.exit_code)
-        .bind(job.signal)
-        .bind(job.reason.clone())
-        .bind(json(&job.return_values))
-        .bind(json(&job.results))
-        .bind(job.spec.to_string())
-        .bind(job.pid.map(i64::from));
-    if !insert {
-        query = query.bind(job.name.clone());
-    }
-    for chunk in &output {
-        query = query
-            .bind(job.name.clone())
-            .bind(chunk.seq as i64)
-            .bind(stream_code(chunk.stream))
-            .bind(chunk.data.clone());
-    }
-    let at = Utc::now();
-    for event in &events {
-        query = query
-            .bind(at)
-            .bind(event.kind.clone())
-            .bind(event.subject.clone())
-            .bind(event.data.to_string());
-    }
-    let rows = match query.fetch_all(&mut *conn).await {
-        Ok(rows) => rows,
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            return Err(StoreError::Conflict(format!("job {}", job.name)));
-        }
-        Err(e) => return Err(e.into()),
+        tx.conn
+            .prepare_cached(
+                "UPDATE jobs SET (script, state, params, node, submitted_by, created_at, \
+                 started_at, finished_at, exit_code, signal, reason, return_values, results, \
+                 spec, pid) = (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) WHERE name = ?",
+            )?
+            .execute(values)?
     };
-    let revs: Vec<i64> = rows
-        .iter()
-        .map(|row| row.try_get::<i64, _>(0))
-        .collect::<Result<_, _>>()?;
-    let revs = if insert {
-        &revs[..]
-    } else {
-        match revs.split_first() {
-            Some((-1, rest)) => rest,
-            _ => return Err(StoreError::NotFound(format!("job {}", job.name))),
-        }
-    };
-    if revs.len() != events.len() {
-        return Err(StoreError::Corrupt(format!(
-            "writing job {} gave {} revisions for {} events",
-            job.name,
-            revs.len(),
-            events.len()
-        )));
+    if changed == 0 {
+        // Cleaned meanwhile.
+        return Err(StoreError::NotFound(format!("job {}", job.name)));
     }
-    let mut written = Vec::with_capacity(events.len());
-    for (event, rev) in events.into_iter().zip(revs) {
-        written.push(record_event(*rev, at, event));
-    }
-    Ok(written)
+    insert_output(tx, &job.name, output)?;
+    events.iter().map(|e| tx.insert_event(e)).collect()
 }
 
-/// Output chunks go in as one multi-row INSERT: one statement however many chunks.
-async fn insert_output(
-    conn: &mut SqliteConnection,
-    job: &str,
-    chunks: &[LogChunkBytes],
-) -> StoreResult<()> {
-    // SQLite allows 32766 bound parameters; 4 per row.
-    for group in chunks.chunks(1000) {
-        let mut builder: sqlx::QueryBuilder<sqlx::Sqlite> =
-            sqlx::QueryBuilder::new("INSERT INTO job_output (job, seq, stream, data) ");
-        builder.push_values(group, |mut row, chunk| {
-            row.push_bind(job)
-                .push_bind(chunk.seq as i64)
-                .push_bind(stream_code(chunk.stream))
-                .push_bind(chunk.data.as_slice());
-        });
-        builder.build().execute(&mut *conn).await?;
+fn insert_output(tx: &Tx, job: &str, chunks: &[LogChunkBytes]) -> StoreResult<()> {
+    let mut insert = tx
+        .conn
+        .prepare_cached("INSERT INTO job_output (job, seq, stream, data) VALUES (?, ?, ?, ?)")?;
+    for chunk in chunks {
+        insert.execute((
+            job,
+            chunk.seq as i64,
+            stream_code(chunk.stream),
+            &chunk.data,
+        ))?;
     }
     Ok(())
 }
@@ -751,27 +331,68 @@ fn decode<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> StoreResult
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
-fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
-    let state: String = row.try_get("state")?;
-    let name: String = row.try_get("name")?;
+/// A row of either driver, the writer's (rusqlite) or the read pool's (sqlx), so that
+/// one decoder serves both.
+trait Columns {
+    fn col<T: Column>(&self, name: &str) -> StoreResult<T>;
+}
+
+/// A value both drivers can read.
+trait Column:
+    rusqlite::types::FromSql + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>
+{
+}
+
+impl<T> Column for T where
+    T: rusqlite::types::FromSql + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>
+{
+}
+
+impl Columns for SqliteRow {
+    fn col<T: Column>(&self, name: &str) -> StoreResult<T> {
+        Ok(self.try_get(name)?)
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn col<T: Column>(&self, name: &str) -> StoreResult<T> {
+        Ok(self.get(name)?)
+    }
+}
+
+/// A time stored by [`time_text`].
+fn parse_time(text: &str, what: &str) -> StoreResult<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Corrupt(format!("{what}: time {text:?}: {e}")))
+}
+
+fn job_from_row(row: &impl Columns) -> StoreResult<JobRecord> {
+    let state: String = row.col("state")?;
+    let name: String = row.col("name")?;
+    let time = |column: &str| -> StoreResult<Option<DateTime<Utc>>> {
+        row.col::<Option<String>>(column)?
+            .map(|text| parse_time(&text, &name))
+            .transpose()
+    };
     Ok(JobRecord {
         state: JobState::parse(&state)
             .ok_or_else(|| StoreError::Corrupt(format!("job {name}: state {state}")))?,
-        script: row.try_get("script")?,
-        params: decode(&row.try_get::<String, _>("params")?, "params")?,
-        node: row.try_get("node")?,
-        submitted_by: row.try_get("submitted_by")?,
-        created_at: row.try_get("created_at")?,
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-        exit_code: row.try_get("exit_code")?,
-        signal: row.try_get("signal")?,
-        reason: row.try_get("reason")?,
-        return_values: decode(&row.try_get::<String, _>("return_values")?, "return_values")?,
-        results: decode(&row.try_get::<String, _>("results")?, "results")?,
-        spec: decode(&row.try_get::<String, _>("spec")?, "spec")?,
+        script: row.col("script")?,
+        params: decode(&row.col::<String>("params")?, "params")?,
+        node: row.col("node")?,
+        submitted_by: row.col("submitted_by")?,
+        created_at: parse_time(&row.col::<String>("created_at")?, &name)?,
+        started_at: time("started_at")?,
+        finished_at: time("finished_at")?,
+        exit_code: row.col("exit_code")?,
+        signal: row.col("signal")?,
+        reason: row.col("reason")?,
+        return_values: decode(&row.col::<String>("return_values")?, "return_values")?,
+        results: decode(&row.col::<String>("results")?, "results")?,
+        spec: decode(&row.col::<String>("spec")?, "spec")?,
         pid: row
-            .try_get::<Option<i64>, _>("pid")?
+            .col::<Option<i64>>("pid")?
             .and_then(|p| u32::try_from(p).ok()),
         server: None,
         name,
@@ -877,35 +498,28 @@ impl Store for SqliteStore {
     }
 
     async fn append_event(&self, event: NewEvent) -> StoreResult<Event> {
-        self.write(move |conn| Box::pin(async move { insert_event(conn, &event).await }))
-            .await
+        self.write(move |tx| tx.insert_event(&event)).await
     }
 
     async fn compact_events(&self, keep: u64) -> StoreResult<u64> {
         let (dropped, cut) = self
-            .write(move |conn| {
-                Box::pin(async move {
-                    let newest = read_revision(conn).await? as i64;
-                    // Saturating: a huge `keep` ("keep everything") must not wrap to a
-                    // negative number, which cut past the newest revision and dropped the
-                    // whole log.
-                    let cut = newest.saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX));
-                    if cut <= 0 {
-                        return Ok((0, 0));
-                    }
-                    let dropped = sqlx::query("DELETE FROM events WHERE rev <= ?")
-                        .bind(cut)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected();
-                    sqlx::query(
-                        "UPDATE meta SET value = MAX(value, ?) WHERE key = 'compacted_through'",
-                    )
-                    .bind(cut)
-                    .execute(&mut *conn)
-                    .await?;
-                    Ok((dropped, cut as u64))
-                })
+            .write(move |tx| {
+                let newest: i64 = tx.conn.query_row(REVISION, (), |row| row.get(0))?;
+                // Saturating: a huge `keep` ("keep everything") must not wrap to a
+                // negative number, which cut past the newest revision and dropped the
+                // whole log.
+                let cut = newest.saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX));
+                if cut <= 0 {
+                    return Ok((0, 0));
+                }
+                let dropped = tx
+                    .conn
+                    .execute("DELETE FROM events WHERE rev <= ?", [cut])?;
+                tx.conn.execute(
+                    "UPDATE meta SET value = MAX(value, ?) WHERE key = 'compacted_through'",
+                    [cut],
+                )?;
+                Ok((dropped as u64, cut as u64))
             })
             .await?;
         lock(&self.tail).compacted(cut);
@@ -914,23 +528,18 @@ impl Store for SqliteStore {
 
     async fn insert_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event> {
         let job = job.clone();
-        self.write(move |conn| {
-            Box::pin(async move {
-                let mut events = write_job_batch(conn, &job, true, Vec::new(), vec![event]).await?;
-                events.pop().ok_or(StoreError::Closed)
-            })
+        self.write(move |tx| {
+            let mut events = write_job(tx, &job, true, &[], vec![event])?;
+            events.pop().ok_or(StoreError::Closed)
         })
         .await
     }
 
     async fn update_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event> {
         let job = job.clone();
-        self.write(move |conn| {
-            Box::pin(async move {
-                let mut events =
-                    write_job_batch(conn, &job, false, Vec::new(), vec![event]).await?;
-                events.pop().ok_or(StoreError::Closed)
-            })
+        self.write(move |tx| {
+            let mut events = write_job(tx, &job, false, &[], vec![event])?;
+            events.pop().ok_or(StoreError::Closed)
         })
         .await
     }
@@ -942,10 +551,8 @@ impl Store for SqliteStore {
         events: Vec<NewEvent>,
     ) -> StoreResult<Vec<Event>> {
         let job = job.clone();
-        self.write(move |conn| {
-            Box::pin(async move { write_job_batch(conn, &job, false, output, events).await })
-        })
-        .await
+        self.write(move |tx| write_job(tx, &job, false, &output, events))
+            .await
     }
 
     async fn get_job(&self, name: &str) -> StoreResult<Option<JobRecord>> {
@@ -972,26 +579,19 @@ impl Store for SqliteStore {
 
     async fn delete_job(&self, name: &str, event: NewEvent) -> StoreResult<Event> {
         let name = name.to_owned();
-        self.write(move |conn| {
-            Box::pin(async move {
-                let gone = sqlx::query("DELETE FROM jobs WHERE name = ?")
-                    .bind(&name)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                if gone == 0 {
-                    return Err(StoreError::NotFound(format!("job {name}")));
-                }
-                sqlx::query("DELETE FROM tasks WHERE job = ?")
-                    .bind(&name)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query("DELETE FROM job_output WHERE job = ?")
-                    .bind(&name)
-                    .execute(&mut *conn)
-                    .await?;
-                insert_event(conn, &event).await
-            })
+        self.write(move |tx| {
+            if tx
+                .conn
+                .execute("DELETE FROM jobs WHERE name = ?", [&name])?
+                == 0
+            {
+                return Err(StoreError::NotFound(format!("job {name}")));
+            }
+            tx.conn
+                .execute("DELETE FROM tasks WHERE job = ?", [&name])?;
+            tx.conn
+                .execute("DELETE FROM job_output WHERE job = ?", [&name])?;
+            tx.insert_event(&event)
         })
         .await
     }
@@ -1003,26 +603,21 @@ impl Store for SqliteStore {
         event: for<'r> fn(&'r JobRecord) -> NewEvent,
     ) -> StoreResult<Vec<Event>> {
         let reason = reason.to_owned();
-        self.write(move |conn| {
-            Box::pin(async move {
-                let rows = sqlx::query(
+        self.write(move |tx| {
+            let jobs = tx
+                .conn
+                .prepare(
                     // Fan-out jobs are not lost with the server: their tasks are in the
                     // store and the nodes service carries on with them.
                     "UPDATE jobs SET state = 'lost', reason = ?, finished_at = ?
                      WHERE state IN ('queued', 'running')
                        AND json_extract(spec, '$.fanout') IS NULL RETURNING *",
-                )
-                .bind(&reason)
-                .bind(at)
-                .fetch_all(&mut *conn)
-                .await?;
-                let mut events = Vec::with_capacity(rows.len());
-                for row in &rows {
-                    let job = job_from_row(row)?;
-                    events.push(insert_event(conn, &event(&job)).await?);
-                }
-                Ok(events)
-            })
+                )?
+                .query_and_then((&reason, time_text(at)), |row| job_from_row(row))?
+                .collect::<StoreResult<Vec<_>>>()?;
+            jobs.iter()
+                .map(|job| tx.insert_event(&event(job)))
+                .collect()
         })
         .await
     }
@@ -1032,8 +627,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let job = job.to_owned();
-        self.write(move |conn| Box::pin(async move { insert_output(conn, &job, &chunks).await }))
-            .await
+        self.write(move |tx| insert_output(tx, &job, &chunks)).await
     }
 
     async fn output_since(&self, job: &str, after: u64, limit: u32) -> StoreResult<Vec<LogChunk>> {
@@ -1110,28 +704,22 @@ impl Store for SqliteStore {
 
     async fn insert_token(&self, token: &TokenRecord, event: NewEvent) -> StoreResult<Event> {
         let token = token.clone();
-        self.write(move |conn| {
-            Box::pin(async move {
-                sqlx::query(
+        self.write(move |tx| {
+            tx.conn
+                .execute(
                     "INSERT INTO tokens (id, secret_hash, role, nodes, description, created_at)
                      VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        &token.id,
+                        &token.secret_hash,
+                        token.role.as_str(),
+                        json(&token.nodes),
+                        &token.description,
+                        time_text(token.created_at),
+                    ),
                 )
-                .bind(&token.id)
-                .bind(&token.secret_hash)
-                .bind(token.role.as_str())
-                .bind(json(&token.nodes))
-                .bind(&token.description)
-                .bind(token.created_at)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| match e {
-                    sqlx::Error::Database(d) if d.is_unique_violation() => {
-                        StoreError::Conflict(format!("token {}", token.id))
-                    }
-                    e => e.into(),
-                })?;
-                insert_event(conn, &event).await
-            })
+                .map_err(|e| conflict(e, || format!("token {}", token.id)))?;
+            tx.insert_event(&event)
         })
         .await
     }
@@ -1287,30 +875,26 @@ impl SqliteStore {
         replace: bool,
     ) -> StoreResult<Event> {
         let user = user.clone();
-        self.write(move |conn| {
-            Box::pin(async move {
-                let sql = if replace {
-                    "INSERT INTO users (name, password_hash, role, created_at) VALUES (?, ?, ?, ?)
-                     ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,
-                        role = excluded.role"
-                } else {
-                    "INSERT INTO users (name, password_hash, role, created_at) VALUES (?, ?, ?, ?)"
-                };
-                sqlx::query(sql)
-                    .bind(&user.name)
-                    .bind(&user.password_hash)
-                    .bind(user.role.as_str())
-                    .bind(user.created_at)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| match e {
-                        sqlx::Error::Database(d) if d.is_unique_violation() => {
-                            StoreError::Conflict(format!("user {}", user.name))
-                        }
-                        e => e.into(),
-                    })?;
-                insert_event(conn, &event).await
-            })
+        self.write(move |tx| {
+            let sql = if replace {
+                "INSERT INTO users (name, password_hash, role, created_at) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,
+                    role = excluded.role"
+            } else {
+                "INSERT INTO users (name, password_hash, role, created_at) VALUES (?, ?, ?, ?)"
+            };
+            tx.conn
+                .execute(
+                    sql,
+                    (
+                        &user.name,
+                        &user.password_hash,
+                        user.role.as_str(),
+                        time_text(user.created_at),
+                    ),
+                )
+                .map_err(|e| conflict(e, || format!("user {}", user.name)))?;
+            tx.insert_event(&event)
         })
         .await
     }
@@ -1323,19 +907,12 @@ impl SqliteStore {
         event: NewEvent,
     ) -> StoreResult<Event> {
         let value = value.to_owned();
-        self.write(move |conn| {
-            Box::pin(async move {
-                let sql = format!("DELETE FROM {table} WHERE {key} = ?");
-                let gone = sqlx::query(&sql)
-                    .bind(&value)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                if gone == 0 {
-                    return Err(StoreError::NotFound(value));
-                }
-                insert_event(conn, &event).await
-            })
+        self.write(move |tx| {
+            let sql = format!("DELETE FROM {table} WHERE {key} = ?");
+            if tx.conn.execute(&sql, [&value])? == 0 {
+                return Err(StoreError::NotFound(value));
+            }
+            tx.insert_event(&event)
         })
         .await
     }
@@ -1349,8 +926,8 @@ mod tests {
     async fn a_write_that_panics_fails_alone_and_the_writer_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db")).await.unwrap();
-        fn boom(_: &mut SqliteConnection) -> BoxFut<'_, ()> {
-            Box::pin(async { panic!("a bug in a write") })
+        fn boom(_: &mut Tx) -> StoreResult<()> {
+            panic!("a bug in a write")
         }
         let (failed, fine) = tokio::join!(
             store.write(boom),

@@ -4,7 +4,7 @@
 use opsbox_api::Event;
 use sqlx::{Connection, Row};
 
-use super::{insert_event, read_revision, SqliteStore};
+use super::{read_revision, SqliteStore};
 use crate::store::{ModelData, ModelDoc, ModelWrite, StoreError, StoreResult};
 
 impl SqliteStore {
@@ -41,42 +41,29 @@ impl SqliteStore {
     }
 
     pub(super) async fn m_write(&self, write: ModelWrite) -> StoreResult<Vec<Event>> {
-        self.write(move |conn| {
-            Box::pin(async move {
-                for doc in &write.put {
-                    sqlx::query(
+        self.write(move |tx| {
+            for doc in &write.put {
+                tx.conn
+                    .prepare_cached(
                         "INSERT INTO model (kind, id, data) VALUES (?, ?, ?)
                          ON CONFLICT (kind, id) DO UPDATE SET data = excluded.data",
-                    )
-                    .bind(&doc.kind)
-                    .bind(&doc.id)
-                    .bind(doc.data.to_string())
-                    .execute(&mut *conn)
-                    .await?;
-                }
-                for (kind, id) in &write.remove {
-                    sqlx::query("DELETE FROM model WHERE kind = ? AND id = ?")
-                        .bind(kind)
-                        .bind(id)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                for (name, next) in &write.sequences {
-                    sqlx::query(
+                    )?
+                    .execute((&doc.kind, &doc.id, doc.data.to_string()))?;
+            }
+            for (kind, id) in &write.remove {
+                tx.conn
+                    .prepare_cached("DELETE FROM model WHERE kind = ? AND id = ?")?
+                    .execute((kind, id))?;
+            }
+            for (name, next) in &write.sequences {
+                tx.conn
+                    .prepare_cached(
                         "INSERT INTO model_sequences (name, next) VALUES (?, ?)
                          ON CONFLICT (name) DO UPDATE SET next = excluded.next",
-                    )
-                    .bind(name)
-                    .bind(*next as i64)
-                    .execute(&mut *conn)
-                    .await?;
-                }
-                let mut events = Vec::with_capacity(write.events.len());
-                for event in &write.events {
-                    events.push(insert_event(conn, event).await?);
-                }
-                Ok(events)
-            })
+                    )?
+                    .execute((name, *next as i64))?;
+            }
+            write.events.iter().map(|e| tx.insert_event(e)).collect()
         })
         .await
     }

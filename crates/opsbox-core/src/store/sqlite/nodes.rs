@@ -3,10 +3,9 @@
 //! tasks by state through an index.
 
 use opsbox_api::{Event, TaskState};
-use sqlx::sqlite::SqliteConnection;
 use sqlx::Row;
 
-use super::{insert_event, insert_output, write_job_batch, SqliteStore};
+use super::{insert_output, write_job, SqliteStore, Tx};
 use crate::store::{NodeRecord, StoreError, StoreResult, TaskRecord, TaskWrite};
 
 fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
@@ -17,20 +16,21 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> StoreRes
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
-async fn put_task(conn: &mut SqliteConnection, task: &TaskRecord) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO tasks (job, id, seq, state, node, data) VALUES (?, ?, ?, ?, ?, ?)
-         ON CONFLICT (job, id) DO UPDATE SET state = excluded.state, node = excluded.node,
-            data = excluded.data",
-    )
-    .bind(&task.task.job)
-    .bind(&task.task.id)
-    .bind(task.seq)
-    .bind(task.task.state.as_str())
-    .bind(&task.task.node)
-    .bind(to_json(task)?)
-    .execute(conn)
-    .await?;
+fn put_task(tx: &Tx, task: &TaskRecord) -> StoreResult<()> {
+    tx.conn
+        .prepare_cached(
+            "INSERT INTO tasks (job, id, seq, state, node, data) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (job, id) DO UPDATE SET state = excluded.state, node = excluded.node,
+                data = excluded.data",
+        )?
+        .execute((
+            &task.task.job,
+            &task.task.id,
+            task.seq,
+            task.task.state.as_str(),
+            &task.task.node,
+            to_json(task)?,
+        ))?;
     Ok(())
 }
 
@@ -42,21 +42,17 @@ impl SqliteStore {
     ) -> StoreResult<()> {
         let id = node.id.clone();
         let data = to_json(node)?;
-        self.write(move |conn| {
-            Box::pin(async move {
-                sqlx::query(
+        self.write(move |tx| {
+            tx.conn
+                .prepare_cached(
                     "INSERT INTO nodes (id, data) VALUES (?, ?)
                      ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-                )
-                .bind(&id)
-                .bind(&data)
-                .execute(&mut *conn)
-                .await?;
-                if let Some(event) = event {
-                    insert_event(conn, &event).await?;
-                }
-                Ok(())
-            })
+                )?
+                .execute((&id, &data))?;
+            if let Some(event) = event {
+                tx.insert_event(&event)?;
+            }
+            Ok(())
         })
         .await
     }
@@ -71,28 +67,25 @@ impl SqliteStore {
     }
 
     pub(super) async fn n_write_tasks(&self, write: TaskWrite) -> StoreResult<Vec<Event>> {
-        self.write(move |conn| {
-            Box::pin(async move {
-                let mut events = Vec::new();
-                let mut pending = write.events;
-                let mut output = write.output;
-                if let Some(job) = &write.job {
-                    // The job's output, row and events in one statement batch.
-                    events = write_job_batch(conn, job, write.insert_job, output, pending).await?;
-                    pending = Vec::new();
-                    output = Vec::new();
-                }
-                if let (false, Some(task)) = (output.is_empty(), write.tasks.first()) {
-                    insert_output(conn, &task.task.job, &output).await?;
-                }
-                for task in &write.tasks {
-                    put_task(conn, task).await?;
-                }
-                for event in &pending {
-                    events.push(insert_event(conn, event).await?);
-                }
-                Ok(events)
-            })
+        self.write(move |tx| {
+            let mut events = Vec::new();
+            let mut pending = write.events;
+            let mut output = write.output;
+            if let Some(job) = &write.job {
+                events = write_job(tx, job, write.insert_job, &output, pending)?;
+                pending = Vec::new();
+                output = Vec::new();
+            }
+            if let (false, Some(task)) = (output.is_empty(), write.tasks.first()) {
+                insert_output(tx, &task.task.job, &output)?;
+            }
+            for task in &write.tasks {
+                put_task(tx, task)?;
+            }
+            for event in &pending {
+                events.push(tx.insert_event(event)?);
+            }
+            Ok(events)
         })
         .await
     }
@@ -152,14 +145,9 @@ impl SqliteStore {
 
     pub(super) async fn n_delete_tasks(&self, job: &str) -> StoreResult<()> {
         let job = job.to_owned();
-        self.write(move |conn| {
-            Box::pin(async move {
-                sqlx::query("DELETE FROM tasks WHERE job = ?")
-                    .bind(&job)
-                    .execute(&mut *conn)
-                    .await?;
-                Ok(())
-            })
+        self.write(move |tx| {
+            tx.conn.execute("DELETE FROM tasks WHERE job = ?", [&job])?;
+            Ok(())
         })
         .await
     }

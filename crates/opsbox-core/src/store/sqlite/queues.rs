@@ -1,6 +1,7 @@
 //! The SQLite side of the queues: the statements behind the queue methods of
 //! [`Store`](crate::store::Store). Every change goes through the group-commit writer
-//! with its events; reads use the read pool.
+//! with its events (the writer runs a group's pushes, claims and acks together, see
+//! `writer::QueueOp`); reads use the read pool.
 //!
 //! Times are stored as milliseconds since the epoch. `due_at` says when the claim
 //! query may take a message (see the migration), so one index over
@@ -8,12 +9,11 @@
 
 use chrono::{DateTime, Utc};
 use opsbox_api::{Event, MessageStatus, PayloadKind, QueueStats};
-use sqlx::sqlite::{Sqlite, SqliteConnection, SqliteRow};
-use sqlx::{Executor, QueryBuilder, Row};
+use rusqlite::types::Value;
+use rusqlite::{params_from_iter, OptionalExtension};
+use sqlx::Row;
 
-use super::{
-    events_mark, insert_event, record_event, undo_events, QueueAnswer, QueueWork, SqliteStore,
-};
+use super::{conflict, Columns, QueueAnswer, QueueWork, SqliteStore, Tx};
 use crate::store::{
     fold_queue_stats, Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector, NewEvent,
     StatusCount, StoreError, StoreResult,
@@ -32,72 +32,63 @@ fn time(value: Option<i64>) -> Option<DateTime<Utc>> {
     value.and_then(DateTime::from_timestamp_millis)
 }
 
-fn message_from_row(row: &SqliteRow) -> StoreResult<MessageRecord> {
-    let id: String = row.try_get("id")?;
-    let status: String = row.try_get("status")?;
-    let kind: String = row.try_get("kind")?;
-    let created: i64 = row.try_get("created_at")?;
+fn message_from_row(row: &impl Columns) -> StoreResult<MessageRecord> {
+    let id: String = row.col("id")?;
+    let status: String = row.col("status")?;
+    let kind: String = row.col("kind")?;
+    let created: i64 = row.col("created_at")?;
     Ok(MessageRecord {
         status: MessageStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("message {id}: status {status}")))?,
         kind: PayloadKind::parse(&kind)
             .ok_or_else(|| StoreError::Corrupt(format!("message {id}: kind {kind}")))?,
-        source: row.try_get("source")?,
-        destination: row.try_get("destination")?,
-        payload_type: row.try_get("payload_type")?,
-        payload: row.try_get("payload")?,
-        tries: row
-            .try_get::<i64, _>("tries")?
-            .try_into()
-            .unwrap_or(u32::MAX),
+        source: row.col("source")?,
+        destination: row.col("destination")?,
+        payload_type: row.col("payload_type")?,
+        payload: row.col("payload")?,
+        tries: row.col::<i64>("tries")?.try_into().unwrap_or(u32::MAX),
         max_tries: row
-            .try_get::<Option<i64>, _>("max_tries")?
+            .col::<Option<i64>>("max_tries")?
             .map(|n| n.try_into().unwrap_or(u32::MAX)),
         created_at: DateTime::from_timestamp_millis(created)
             .ok_or_else(|| StoreError::Corrupt(format!("message {id}: created_at")))?,
-        updated_at: time(row.try_get("updated_at")?),
-        scheduled_at: time(row.try_get("scheduled_at")?),
-        processing_at: time(row.try_get("processing_at")?),
-        processed_at: time(row.try_get("processed_at")?),
-        lease_until: time(row.try_get("lease_until")?),
+        updated_at: time(row.col("updated_at")?),
+        scheduled_at: time(row.col("scheduled_at")?),
+        processing_at: time(row.col("processing_at")?),
+        processed_at: time(row.col("processed_at")?),
+        lease_until: time(row.col("lease_until")?),
         id,
     })
 }
 
-/// Appends `WHERE …` for a selector (always at least `WHERE 1`).
-fn push_selector(query: &mut QueryBuilder<'_, Sqlite>, selector: &MessageSelector) {
-    query.push(" WHERE 1");
+/// ` WHERE …` for a selector (always at least ` WHERE 1`), with its parameters in order.
+fn selector_sql(selector: &MessageSelector) -> (String, Vec<String>) {
+    let mut sql = String::from(" WHERE 1");
+    let mut values = Vec::new();
     if let Some(id) = &selector.id {
-        query.push(" AND id = ").push_bind(id.clone());
+        sql.push_str(" AND id = ?");
+        values.push(id.clone());
     }
     if let Some(source) = &selector.source {
-        query.push(" AND source = ").push_bind(source.clone());
+        sql.push_str(" AND source = ?");
+        values.push(source.clone());
     }
     if let Some(destination) = &selector.destination {
-        query
-            .push(" AND destination = ")
-            .push_bind(destination.clone());
+        sql.push_str(" AND destination = ?");
+        values.push(destination.clone());
     }
     if let Some(party) = &selector.party {
-        query
-            .push(" AND (source = ")
-            .push_bind(party.clone())
-            .push(" OR destination = ")
-            .push_bind(party.clone())
-            .push(")");
+        sql.push_str(" AND (source = ? OR destination = ?)");
+        values.push(party.clone());
+        values.push(party.clone());
     }
     if !selector.statuses.is_empty() {
-        query.push(" AND status IN (");
-        let mut list = query.separated(", ");
-        for status in &selector.statuses {
-            list.push_bind(status.as_str());
-        }
-        query.push(")");
+        let marks = vec!["?"; selector.statuses.len()].join(", ");
+        sql.push_str(&format!(" AND status IN ({marks})"));
+        values.extend(selector.statuses.iter().map(|s| s.as_str().to_owned()));
     }
+    (sql, values)
 }
-
-/// Messages per trip to the driver's thread when pushing.
-const PUSH_ROWS: usize = 100;
 
 fn due_at(m: &MessageRecord) -> Option<i64> {
     match m.status {
@@ -113,130 +104,64 @@ fn stored(at: DateTime<Utc>) -> DateTime<Utc> {
     time(Some(ms(at))).unwrap_or(at)
 }
 
-// A queue write runs its statements and its event inserts as ONE query: sqlx's SQLite
-// driver hands every query to its worker thread and back, and that hand-off costs more
-// than the statements (see `write_job_batch`).
-
-type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
-
-/// Appends one event insert per event to `sql`; they return their revisions.
-fn event_sql(sql: &mut String, events: &[NewEvent]) {
-    for _ in events {
-        sql.push_str(
-            "INSERT INTO events (at, kind, subject, data) VALUES (?, ?, ?, ?) RETURNING rev;",
-        );
-    }
-}
-
-fn bind_events<'q>(
-    mut q: SqliteQuery<'q>,
-    events: &[NewEvent],
-    at: DateTime<Utc>,
-) -> SqliteQuery<'q> {
-    for event in events {
-        q = q
-            .bind(at)
-            .bind(event.kind.clone())
-            .bind(event.subject.clone())
-            .bind(event.data.to_string());
-    }
-    q
-}
-
-/// Runs the query; the only rows are the events' revisions. Returns the events, noted
-/// for the group's tail.
-async fn run_with_events(
-    conn: &mut SqliteConnection,
-    q: SqliteQuery<'_>,
-    events: &[NewEvent],
-    at: DateTime<Utc>,
-) -> StoreResult<Vec<Event>> {
-    let rows = q.fetch_all(&mut *conn).await.map_err(|e| match e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => {
-            StoreError::Conflict("message id".into())
-        }
-        e => e.into(),
-    })?;
-    if rows.len() != events.len() {
-        return Err(StoreError::Corrupt(format!(
-            "{} revisions for {} events",
-            rows.len(),
-            events.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(events.len());
-    for (row, event) in rows.iter().zip(events) {
-        out.push(record_event(row.try_get(0)?, at, event.clone()));
-    }
-    Ok(out)
-}
-
-/// Stores messages and their `pushed` events, a trip per [`PUSH_ROWS`] messages.
-async fn insert_messages(
-    conn: &mut SqliteConnection,
+/// Stores messages, then their `pushed` events.
+fn insert_messages(
+    tx: &mut Tx,
     messages: &[&MessageRecord],
     kinds: &[MessageEvent],
 ) -> StoreResult<Vec<Event>> {
-    let mut out = Vec::with_capacity(messages.len());
-    for (group, kinds) in messages.chunks(PUSH_ROWS).zip(kinds.chunks(PUSH_ROWS)) {
-        let mut sql = String::with_capacity(400 * group.len());
-        for _ in group {
-            sql.push_str(
-                "INSERT INTO messages (id, source, destination, status, kind, payload_type,
-                    payload, tries, max_tries, created_at, updated_at, scheduled_at,
-                    processing_at, processed_at, lease_until, due_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);",
-            );
+    {
+        let mut insert = tx.conn.prepare_cached(
+            "INSERT INTO messages (id, source, destination, status, kind, payload_type,
+                payload, tries, max_tries, created_at, updated_at, scheduled_at,
+                processing_at, processed_at, lease_until, due_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        for m in messages {
+            insert
+                .execute((
+                    &m.id,
+                    &m.source,
+                    &m.destination,
+                    m.status.as_str(),
+                    m.kind.as_str(),
+                    &m.payload_type,
+                    &m.payload,
+                    i64::from(m.tries),
+                    m.max_tries.map(i64::from),
+                    ms(m.created_at),
+                    m.updated_at.map(ms),
+                    m.scheduled_at.map(ms),
+                    m.processing_at.map(ms),
+                    m.processed_at.map(ms),
+                    m.lease_until.map(ms),
+                    due_at(m),
+                ))
+                .map_err(|e| conflict(e, || "message id".into()))?;
         }
-        let events: Vec<NewEvent> = group
-            .iter()
-            .zip(kinds)
-            .map(|(m, event)| event("pushed", m))
-            .collect();
-        event_sql(&mut sql, &events);
-        let at = Utc::now();
-        let mut q = sqlx::query(&sql);
-        for m in group {
-            q = q
-                .bind(&m.id)
-                .bind(&m.source)
-                .bind(&m.destination)
-                .bind(m.status.as_str())
-                .bind(m.kind.as_str())
-                .bind(&m.payload_type)
-                .bind(&m.payload)
-                .bind(i64::from(m.tries))
-                .bind(m.max_tries.map(i64::from))
-                .bind(ms(m.created_at))
-                .bind(m.updated_at.map(ms))
-                .bind(m.scheduled_at.map(ms))
-                .bind(m.processing_at.map(ms))
-                .bind(m.processed_at.map(ms))
-                .bind(m.lease_until.map(ms))
-                .bind(due_at(m));
-        }
-        let q = bind_events(q, &events, at);
-        out.extend(run_with_events(conn, q, &events, at).await?);
     }
-    Ok(out)
+    messages
+        .iter()
+        .zip(kinds)
+        .map(|(m, event)| tx.insert_event(&event("pushed", m)))
+        .collect()
 }
 
 /// Stores the messages of each push given, with their events: all in one go, or, if
 /// that fails (an id taken, say), each push on its own, so that only the failing ones
 /// fail. The outer error is the database's; the inner ones are each push's.
-pub(super) async fn push(
-    conn: &mut SqliteConnection,
+pub(super) fn push(
+    tx: &mut Tx,
     pushes: &[(Vec<MessageRecord>, MessageEvent)],
 ) -> StoreResult<Vec<StoreResult<Vec<Event>>>> {
-    let mark = events_mark();
-    conn.execute("SAVEPOINT pushes").await?;
+    let mark = tx.mark();
+    tx.run("SAVEPOINT pushes")?;
     let all: Vec<&MessageRecord> = pushes.iter().flat_map(|(m, _)| m).collect();
     let kinds: Vec<MessageEvent> = pushes
         .iter()
         .flat_map(|(m, event)| m.iter().map(move |_| *event))
         .collect();
-    let first = insert_messages(conn, &all, &kinds).await;
-    let results = match first {
+    let results = match insert_messages(tx, &all, &kinds) {
         Ok(mut events) => {
             let mut results = Vec::with_capacity(pushes.len());
             for (messages, _) in pushes {
@@ -246,119 +171,83 @@ pub(super) async fn push(
             results
         }
         Err(error) => {
-            undo_events(mark);
-            conn.execute("ROLLBACK TO pushes").await?;
+            tx.undo(mark);
+            tx.run("ROLLBACK TO pushes")?;
             if pushes.len() == 1 {
                 vec![Err(error)]
             } else {
                 let mut results = Vec::with_capacity(pushes.len());
                 for (messages, event) in pushes {
-                    let mark = events_mark();
-                    conn.execute("SAVEPOINT one").await?;
+                    let mark = tx.mark();
+                    tx.run("SAVEPOINT one")?;
                     let one: Vec<&MessageRecord> = messages.iter().collect();
-                    let kinds = vec![*event; one.len()];
-                    let result = insert_messages(conn, &one, &kinds).await;
+                    let result = insert_messages(tx, &one, &vec![*event; one.len()]);
                     if result.is_err() {
-                        undo_events(mark);
-                        conn.execute("ROLLBACK TO one").await?;
+                        tx.undo(mark);
+                        tx.run("ROLLBACK TO one")?;
                     }
-                    conn.execute("RELEASE one").await?;
+                    tx.run("RELEASE one")?;
                     results.push(result);
                 }
                 results
             }
         }
     };
-    conn.execute("RELEASE pushes").await?;
+    tx.run("RELEASE pushes")?;
     Ok(results)
 }
 
-/// Claims per candidate query (three compound terms each; SQLite allows 500).
-const CLAIMS_PER_QUERY: usize = 100;
-/// Acked ids per trip.
-const ACKS_PER_QUERY: usize = 200;
-
-/// Settles expired leases, then claims, for each claim given; runs inside the writer's
-/// transaction and answers each claim's messages in order. Two trips to the driver per
-/// round: one query reads every candidate of every claim, one writes all the changes
-/// and their events. Claims on a queue already claimed from go in a later round.
+/// Settles expired leases, then claims, for each claim given in turn (a claim on a
+/// queue sees what the claims before it took); runs inside the writer's transaction and
+/// answers each claim's messages in order.
 ///
 /// An expired lease goes dead when out of tries, else back to pending, where it is a
 /// candidate at its place by creation time. A claim's events: `dead` or `requeued` for
 /// each expired message, then `pulled` for each claimed one.
-pub(super) async fn claim(
-    conn: &mut SqliteConnection,
+pub(super) fn claim(
+    tx: &mut Tx,
     claims: &[(Claim, MessageEvent)],
 ) -> StoreResult<Vec<Vec<MessageRecord>>> {
-    let mut answers: Vec<Option<Vec<MessageRecord>>> = claims.iter().map(|_| None).collect();
-    let mut left: Vec<usize> = (0..claims.len()).collect();
-    while !left.is_empty() {
-        let mut seen = std::collections::HashSet::new();
-        let (now, later): (Vec<usize>, Vec<usize>) = left
-            .into_iter()
-            .partition(|&i| seen.insert(claims[i].0.destination.as_str()));
-        left = later;
-        for round in now.chunks(CLAIMS_PER_QUERY) {
-            let picked: Vec<&(Claim, MessageEvent)> = round.iter().map(|&i| &claims[i]).collect();
-            for (&i, claimed) in round.iter().zip(claim_round(conn, &picked).await?) {
-                answers[i] = Some(claimed);
-            }
-        }
-    }
-    Ok(answers.into_iter().map(Option::unwrap_or_default).collect())
+    claims
+        .iter()
+        .map(|(claim, event)| claim_one(tx, claim, *event))
+        .collect()
 }
 
-/// One round of [`claim`]: the claims' queues all differ.
-async fn claim_round(
-    conn: &mut SqliteConnection,
-    claims: &[&(Claim, MessageEvent)],
-) -> StoreResult<Vec<Vec<MessageRecord>>> {
-    let mut sql = String::with_capacity(600 * claims.len());
-    for k in 0..claims.len() {
-        if k > 0 {
-            sql.push_str(" UNION ALL ");
-        }
-        sql.push_str(&format!(
-            "SELECT * FROM (SELECT *, {k} AS k, 0 AS what FROM messages
-                            WHERE destination = ? AND status = 'processing' AND due_at <= ?
-                            ORDER BY due_at LIMIT ?)
+fn claim_one(tx: &mut Tx, claim: &Claim, event: MessageEvent) -> StoreResult<Vec<MessageRecord>> {
+    let max = i64::from(claim.max.max(1));
+    let now = ms(claim.now);
+    // Expired leases (what = 0), then the oldest pending and due scheduled messages: the
+    // candidates are sorted by creation below, so each part reads only as many as a
+    // claim could take.
+    let rows: Vec<(bool, i64, MessageRecord)> = tx
+        .conn
+        .prepare_cached(
+            "SELECT * FROM (SELECT *, 0 AS what FROM messages
+                            WHERE destination = ?1 AND status = 'processing' AND due_at <= ?2
+                            ORDER BY due_at LIMIT ?3)
              UNION ALL
-             SELECT * FROM (SELECT *, {k} AS k, 1 AS what FROM messages
-                            WHERE destination = ? AND status = 'pending'
-                            ORDER BY due_at, seq LIMIT ?)
+             SELECT * FROM (SELECT *, 1 AS what FROM messages
+                            WHERE destination = ?1 AND status = 'pending'
+                            ORDER BY due_at, seq LIMIT ?4)
              UNION ALL
-             SELECT * FROM (SELECT *, {k} AS k, 2 AS what FROM messages
-                            WHERE destination = ? AND status = 'scheduled' AND due_at <= ?
-                            ORDER BY created_at, seq LIMIT ?)"
-        ));
-    }
-    let mut q = sqlx::query(&sql);
-    for (claim, _) in claims {
-        let max = i64::from(claim.max.max(1));
-        q = q
-            .bind(&claim.destination)
-            .bind(ms(claim.now))
-            .bind(SETTLE_BATCH)
-            .bind(&claim.destination)
-            .bind(max)
-            .bind(&claim.destination)
-            .bind(ms(claim.now))
-            .bind(max);
-    }
-    let rows = q.fetch_all(&mut *conn).await?;
-    // Per claim: (seq, the record as it will be), in the order the changes are made.
-    let mut settled: Vec<Vec<(i64, MessageRecord)>> = claims.iter().map(|_| Vec::new()).collect();
-    let mut candidates: Vec<Vec<(i64, MessageRecord)>> =
-        claims.iter().map(|_| Vec::new()).collect();
-    for row in &rows {
-        let k: i64 = row.try_get("k")?;
-        let k = usize::try_from(k)
-            .ok()
-            .filter(|&k| k < claims.len())
-            .ok_or_else(|| StoreError::Corrupt(format!("claim query answered for claim {k}")))?;
-        let seq: i64 = row.try_get("seq")?;
-        let mut message = message_from_row(row)?;
-        if row.try_get::<i64, _>("what")? == 0 {
+             SELECT * FROM (SELECT *, 2 AS what FROM messages
+                            WHERE destination = ?1 AND status = 'scheduled' AND due_at <= ?2
+                            ORDER BY created_at, seq LIMIT ?4)",
+        )?
+        .query_and_then((&claim.destination, now, SETTLE_BATCH, max), |row| {
+            Ok::<_, StoreError>((
+                row.get::<_, i64>("what")? == 0,
+                row.get("seq")?,
+                message_from_row(row)?,
+            ))
+        })?
+        .collect::<StoreResult<_>>()?;
+    // (seq, the record as it will be), in the order the changes are made.
+    let mut settled: Vec<(i64, MessageRecord)> = Vec::new();
+    let mut candidates: Vec<(i64, MessageRecord)> = Vec::new();
+    for (expired, seq, mut message) in rows {
+        if expired {
             let dead = message.max_tries.is_some_and(|max| message.tries >= max);
             message.status = if dead {
                 MessageStatus::Dead
@@ -366,73 +255,62 @@ async fn claim_round(
                 MessageStatus::Pending
             };
             message.lease_until = None;
-            message.updated_at = Some(stored(claims[k].0.now));
-            settled[k].push((seq, message.clone()));
+            message.updated_at = Some(stored(claim.now));
+            settled.push((seq, message.clone()));
             if dead {
                 continue;
             }
         }
-        candidates[k].push((seq, message));
+        candidates.push((seq, message));
     }
-    let mut changes: Vec<(i64, MessageRecord)> = Vec::new();
-    let mut events = Vec::new();
-    let mut answers = Vec::with_capacity(claims.len());
-    for (((claim, event), settled), mut candidates) in claims.iter().zip(settled).zip(candidates) {
-        candidates
-            .sort_by(|(a_seq, a), (b_seq, b)| (a.created_at, a_seq).cmp(&(b.created_at, b_seq)));
-        candidates.truncate(claim.max.max(1) as usize);
-        let at = stored(claim.now);
-        let lease = claim.lease_until.map(stored);
-        for (_, m) in &settled {
+    candidates.sort_by(|(a_seq, a), (b_seq, b)| (a.created_at, a_seq).cmp(&(b.created_at, b_seq)));
+    candidates.truncate(claim.max.max(1) as usize);
+    let at = stored(claim.now);
+    let lease = claim.lease_until.map(stored);
+    let mut events: Vec<NewEvent> = settled
+        .iter()
+        .map(|(_, m)| {
             let name = if m.status == MessageStatus::Dead {
                 "dead"
             } else {
                 "requeued"
             };
-            events.push(event(name, m));
-        }
-        let mut claimed = Vec::with_capacity(candidates.len());
-        for (seq, mut m) in candidates {
-            m.status = MessageStatus::Processing;
-            m.tries = m.tries.saturating_add(1);
-            m.processing_at = Some(at);
-            m.updated_at = Some(at);
-            m.lease_until = lease;
-            events.push(event("pulled", &m));
-            claimed.push((seq, m));
-        }
-        // A requeued message that is claimed at once is written twice, as it was
-        // settled and then claimed: the last write wins.
-        changes.extend(settled);
-        changes.extend(claimed.iter().cloned());
-        answers.push(claimed.into_iter().map(|(_, m)| m).collect());
+            event(name, m)
+        })
+        .collect();
+    let mut claimed = Vec::with_capacity(candidates.len());
+    for (seq, mut m) in candidates {
+        m.status = MessageStatus::Processing;
+        m.tries = m.tries.saturating_add(1);
+        m.processing_at = Some(at);
+        m.updated_at = Some(at);
+        m.lease_until = lease;
+        events.push(event("pulled", &m));
+        claimed.push((seq, m));
     }
-    if changes.is_empty() {
-        return Ok(answers);
-    }
-    let mut sql = String::with_capacity(200 * changes.len());
-    for _ in &changes {
-        sql.push_str(
+    {
+        let mut update = tx.conn.prepare_cached(
             "UPDATE messages SET status = ?, tries = ?, updated_at = ?, processing_at = ?,
-                lease_until = ?, due_at = ? WHERE seq = ?;",
-        );
+                lease_until = ?, due_at = ? WHERE seq = ?",
+        )?;
+        // A requeued message that is claimed at once is written twice, as it was settled
+        // and then claimed: the last write wins.
+        for (seq, m) in settled.iter().chain(&claimed) {
+            update.execute((
+                m.status.as_str(),
+                i64::from(m.tries),
+                m.updated_at.map(ms),
+                m.processing_at.map(ms),
+                m.lease_until.map(ms),
+                due_at(m),
+                seq,
+            ))?;
+        }
     }
-    event_sql(&mut sql, &events);
-    let logged = Utc::now();
-    let mut q = sqlx::query(&sql);
-    for (seq, m) in &changes {
-        q = q
-            .bind(m.status.as_str())
-            .bind(i64::from(m.tries))
-            .bind(m.updated_at.map(ms))
-            .bind(m.processing_at.map(ms))
-            .bind(m.lease_until.map(ms))
-            .bind(due_at(m))
-            .bind(*seq);
+    for e in &events {
+        tx.insert_event(e)?;
     }
-    let q = bind_events(q, &events, logged);
-    run_with_events(conn, q, &events, logged).await?;
-    Ok(answers)
+    Ok(claimed.into_iter().map(|(_, m)| m).collect())
 }
 
 /// One ack: ids of messages in `destination`'s queue.
@@ -443,61 +321,36 @@ pub(super) struct Ack {
     pub(super) event: MessageEvent,
 }
 
-/// Marks processed the messages named that are being processed, for each ack given,
-/// with their events; answers each ack's messages in the order it named them. A
-/// message named twice is acked by the first ack only. Two trips per
-/// [`ACKS_PER_QUERY`] ids: the updates, then the events.
-pub(super) async fn ack(
-    conn: &mut SqliteConnection,
-    acks: &[Ack],
-) -> StoreResult<Vec<Vec<MessageRecord>>> {
-    let named: Vec<(usize, &str)> = acks
-        .iter()
-        .enumerate()
-        .flat_map(|(k, a)| a.ids.iter().map(move |id| (k, id.as_str())))
-        .collect();
-    let mut answers: Vec<Vec<MessageRecord>> = acks.iter().map(|_| Vec::new()).collect();
-    let mut events = Vec::new();
-    for group in named.chunks(ACKS_PER_QUERY) {
-        let mut sql = String::with_capacity(200 * group.len());
-        for (k, _) in group {
-            // The ack's index rides along to tell the answers apart.
-            sql.push_str(&format!(
-                "UPDATE messages SET status = 'processed', processed_at = ?,
-                    updated_at = ?, lease_until = NULL, due_at = NULL
-                 WHERE id = ? AND destination = ? AND status = 'processing'
-                 RETURNING *, {k} AS k;"
-            ));
+/// Marks processed the messages named that are being processed, for each ack given in
+/// turn, with their events; answers each ack's messages in the order it named them. A
+/// message named twice is acked by the first ack only.
+pub(super) fn ack(tx: &mut Tx, acks: &[Ack]) -> StoreResult<Vec<Vec<MessageRecord>>> {
+    let mut answers = Vec::with_capacity(acks.len());
+    for a in acks {
+        let acked = {
+            let mut update = tx.conn.prepare_cached(
+                "UPDATE messages SET status = 'processed', processed_at = ?1,
+                    updated_at = ?1, lease_until = NULL, due_at = NULL
+                 WHERE id = ?2 AND destination = ?3 AND status = 'processing'
+                 RETURNING *",
+            )?;
+            let mut acked = Vec::with_capacity(a.ids.len());
+            for id in &a.ids {
+                let found = update
+                    .query_row((ms(a.at), id, &a.destination), |row| {
+                        Ok(message_from_row(row))
+                    })
+                    .optional()?;
+                if let Some(message) = found {
+                    acked.push(message?);
+                }
+            }
+            acked
+        };
+        for message in &acked {
+            tx.insert_event(&(a.event)("acked", message))?;
         }
-        let mut q = sqlx::query(&sql);
-        for (k, id) in group {
-            let a = &acks[*k];
-            q = q
-                .bind(ms(a.at))
-                .bind(ms(a.at))
-                .bind(*id)
-                .bind(&a.destination);
-        }
-        for row in q.fetch_all(&mut *conn).await? {
-            let k: i64 = row.try_get("k")?;
-            let k = usize::try_from(k)
-                .ok()
-                .filter(|&k| k < acks.len())
-                .ok_or_else(|| StoreError::Corrupt(format!("ack query answered for ack {k}")))?;
-            let message = message_from_row(&row)?;
-            events.push((k, (acks[k].event)("acked", &message)));
-            answers[k].push(message);
-        }
-    }
-    // Events grouped by ack, in the order each named its messages.
-    events.sort_by_key(|(k, _)| *k);
-    let events: Vec<NewEvent> = events.into_iter().map(|(_, e)| e).collect();
-    if !events.is_empty() {
-        let mut sql = String::new();
-        event_sql(&mut sql, &events);
-        let logged = Utc::now();
-        let q = bind_events(sqlx::query(&sql), &events, logged);
-        run_with_events(conn, q, &events, logged).await?;
+        answers.push(acked);
     }
     Ok(answers)
 }
@@ -572,26 +425,26 @@ impl SqliteStore {
         at: DateTime<Utc>,
         event: MessageEvent,
     ) -> StoreResult<Vec<MessageRecord>> {
-        self.write(move |conn| {
-            Box::pin(async move {
-                let mut query = QueryBuilder::<Sqlite>::new("UPDATE messages SET kind = ");
-                query
-                    .push_bind(kind.as_str())
-                    .push(", payload = ")
-                    .push_bind(payload)
-                    .push(", updated_at = ")
-                    .push_bind(ms(at));
-                push_selector(&mut query, &selector);
-                query.push(" RETURNING *");
-                let rows = query.build().fetch_all(&mut *conn).await?;
-                let mut updated = Vec::with_capacity(rows.len());
-                for row in &rows {
-                    let message = message_from_row(row)?;
-                    insert_event(conn, &event("updated", &message)).await?;
-                    updated.push(message);
-                }
-                Ok(updated)
-            })
+        self.write(move |tx| {
+            let (filter, values) = selector_sql(&selector);
+            let sql = format!(
+                "UPDATE messages SET kind = ?, payload = ?, updated_at = ?{filter} RETURNING *"
+            );
+            let mut params = vec![
+                Value::Text(kind.as_str().to_owned()),
+                Value::Blob(payload),
+                Value::Integer(ms(at)),
+            ];
+            params.extend(values.into_iter().map(Value::Text));
+            let updated = tx
+                .conn
+                .prepare(&sql)?
+                .query_and_then(params_from_iter(params), |row| message_from_row(row))?
+                .collect::<StoreResult<Vec<_>>>()?;
+            for message in &updated {
+                tx.insert_event(&event("updated", message))?;
+            }
+            Ok(updated)
         })
         .await
     }
@@ -601,29 +454,26 @@ impl SqliteStore {
         selector: MessageSelector,
         event: DeleteEvent,
     ) -> StoreResult<u64> {
-        self.write(move |conn| {
-            Box::pin(async move {
-                let mut query = QueryBuilder::<Sqlite>::new("DELETE FROM messages");
-                push_selector(&mut query, &selector);
-                query.push(" RETURNING id");
-                let mut ids = Vec::new();
-                let mut count = 0u64;
-                {
-                    use futures::TryStreamExt;
-                    let built = query.build();
-                    let mut rows = built.fetch(&mut *conn);
-                    while let Some(row) = rows.try_next().await? {
-                        count += 1;
-                        if ids.len() < EVENT_IDS {
-                            ids.push(row.try_get::<String, _>("id")?);
-                        }
+        self.write(move |tx| {
+            let (filter, values) = selector_sql(&selector);
+            let mut ids = Vec::new();
+            let mut count = 0u64;
+            {
+                let mut delete = tx
+                    .conn
+                    .prepare(&format!("DELETE FROM messages{filter} RETURNING id"))?;
+                let mut rows = delete.query(params_from_iter(values))?;
+                while let Some(row) = rows.next()? {
+                    count += 1;
+                    if ids.len() < EVENT_IDS {
+                        ids.push(row.get::<_, String>("id")?);
                     }
                 }
-                if count > 0 {
-                    insert_event(conn, &event(&ids, count)).await?;
-                }
-                Ok(count)
-            })
+            }
+            if count > 0 {
+                tx.insert_event(&event(&ids, count))?;
+            }
+            Ok(count)
         })
         .await
     }
@@ -640,12 +490,16 @@ impl SqliteStore {
         &self,
         selector: &MessageSelector,
     ) -> StoreResult<Vec<MessageRecord>> {
-        let mut query = QueryBuilder::<Sqlite>::new("SELECT * FROM messages");
-        push_selector(&mut query, selector);
-        query
-            .push(" ORDER BY created_at, seq LIMIT ")
-            .push_bind(selector.limit.map(i64::from).unwrap_or(-1));
-        let rows = query.build().fetch_all(&self.read).await?;
+        let (filter, values) = selector_sql(selector);
+        let sql = format!("SELECT * FROM messages{filter} ORDER BY created_at, seq LIMIT ?");
+        let mut query = sqlx::query(&sql);
+        for value in values {
+            query = query.bind(value);
+        }
+        let rows = query
+            .bind(selector.limit.map(i64::from).unwrap_or(-1))
+            .fetch_all(&self.read)
+            .await?;
         rows.iter().map(message_from_row).collect()
     }
 
