@@ -1091,34 +1091,57 @@ async fn flush(store: &dyn Store, job: &str, pending: &mut Vec<LogChunkBytes>, b
 
 /// Files under a results directory, sorted, with `/`-separated relative paths.
 fn list_results(dir: &Path) -> Vec<ResultFile> {
-    fn walk(base: &Path, dir: &Path, out: &mut Vec<ResultFile>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                walk(base, &path, out);
-            } else if kind.is_file() {
-                let relative = path.strip_prefix(base).unwrap_or(&path);
-                let parts: Vec<String> = relative
-                    .components()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                    .collect();
-                out.push(ResultFile {
-                    path: parts.join("/"),
-                    size: entry.metadata().map(|m| m.len()).unwrap_or(0),
+    let mut files = Vec::new();
+    walk_results(dir, dir, &mut files);
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files
+}
+
+/// The result files of one task of a fan-out job: `<prefix>.out`, `<prefix>.err` and
+/// everything under `<prefix>/`. Only those are looked at: listing the whole job's
+/// directory at each task's end cost time in proportion to the tasks done so far.
+pub(crate) fn task_results(dir: &Path, prefix: &str) -> Vec<ResultFile> {
+    let mut files = Vec::new();
+    walk_results(dir, &dir.join(prefix), &mut files);
+    for suffix in ["out", "err"] {
+        let name = format!("{prefix}.{suffix}");
+        if let Ok(meta) = std::fs::metadata(dir.join(&name)) {
+            if meta.is_file() {
+                files.push(ResultFile {
+                    path: name,
+                    size: meta.len(),
                 });
             }
         }
     }
-    let mut files = Vec::new();
-    walk(dir, dir, &mut files);
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files
+}
+
+/// Adds the files under `dir` to `out`, named by their path relative to `base`.
+fn walk_results(base: &Path, dir: &Path, out: &mut Vec<ResultFile>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            walk_results(base, &path, out);
+        } else if kind.is_file() {
+            let relative = path.strip_prefix(base).unwrap_or(&path);
+            let parts: Vec<String> = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            out.push(ResultFile {
+                path: parts.join("/"),
+                size: entry.metadata().map(|m| m.len()).unwrap_or(0),
+            });
+        }
+    }
 }
 
 /// The event of a job change: its kind and the whole job.

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use crate::error::{CoreError, CoreResult};
-use crate::jobs::{results_in, to_job, Jobs};
+use crate::jobs::{results_in, task_results, to_job, Jobs};
 use crate::scripts::Scripts;
 use crate::store::{
     JobRecord, LogChunkBytes, NewEvent, NodeRecord, Store, StoreError, StoreLock, TaskRecord,
@@ -1833,13 +1833,7 @@ impl Nodes {
                 tracing::warn!(job, task, error = %e, "cannot store a result file");
             }
         }
-        results_in(&dir)
-            .into_iter()
-            .filter(|f| {
-                f.path.starts_with(&format!("{prefix}/"))
-                    || f.path.starts_with(&format!("{prefix}."))
-            })
-            .collect()
+        task_results(&dir, &prefix)
     }
 }
 

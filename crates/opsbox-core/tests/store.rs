@@ -10,7 +10,8 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use opsbox_api::{JobState, ResultFile, Stream};
 use opsbox_core::store::{
-    EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError,
+    EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError, TaskRecord,
+    TaskWrite,
 };
 
 /// The store of a directory (opened again, it is the same store).
@@ -525,4 +526,76 @@ async fn the_event_tail_and_the_database_agree() {
         panic!("the newest 50 are kept");
     };
     assert_eq!(kept.len(), 50);
+}
+
+fn task(job: &str, index: u32, seq: i64, state: opsbox_api::TaskState) -> TaskRecord {
+    TaskRecord {
+        task: opsbox_api::Task {
+            job: job.into(),
+            id: format!("map:{index}"),
+            phase: "map".into(),
+            index,
+            input: Some(format!("input {index}")),
+            state,
+            node: None,
+            attempts: 0,
+            exit_code: None,
+            reason: None,
+            started_at: None,
+            finished_at: None,
+            results: Vec::new(),
+        },
+        seq,
+        excluded: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn queued_tasks_answers_the_first_queued_of_each_job_in_submission_order() {
+    use opsbox_api::TaskState::{Queued, Running, Succeeded};
+    let (store, _dir) = store().await;
+    // Three jobs, submitted b (seq 100…), a (200…), c (300…): names do not order them.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        // b: its first three are done or running, so its first queued is map:3.
+        let state = match i {
+            0 | 1 => Succeeded,
+            2 => Running,
+            _ => Queued,
+        };
+        tasks.push(task("b@1", i, 100 + i64::from(i), state));
+        tasks.push(task("a@2", i, 200 + i64::from(i), Queued));
+    }
+    tasks.push(task("c@3", 0, 300, Succeeded));
+    for job in ["a@2", "b@1", "c@3"] {
+        store
+            .write_tasks(TaskWrite {
+                job: Some(self::job(job, "s", JobState::Running)),
+                insert_job: true,
+                tasks: tasks
+                    .iter()
+                    .filter(|t| t.task.job == job)
+                    .cloned()
+                    .collect(),
+                events: Vec::new(),
+                output: Vec::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let ids = |tasks: Vec<TaskRecord>| -> Vec<String> {
+        tasks
+            .into_iter()
+            .map(|t| format!("{} {}", t.task.job, t.task.id))
+            .collect()
+    };
+    assert_eq!(
+        ids(store.queued_tasks(2).await.unwrap()),
+        ["b@1 map:3", "b@1 map:4", "a@2 map:0", "a@2 map:1"]
+    );
+    assert_eq!(
+        ids(store.queued_tasks(1).await.unwrap()),
+        ["b@1 map:3", "a@2 map:0"]
+    );
+    assert_eq!(store.queued_tasks(100).await.unwrap().len(), 7 + 10);
 }

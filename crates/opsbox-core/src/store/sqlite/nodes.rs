@@ -119,11 +119,20 @@ impl SqliteStore {
     }
 
     pub(super) async fn n_queued_tasks(&self, per_job: u32) -> StoreResult<Vec<TaskRecord>> {
+        // The jobs with queued tasks, one index seek each (a loose index scan), then
+        // the first `per_job` queued tasks of each: the cost grows with the jobs and
+        // the tasks answered, not with every queued task.
         let rows = sqlx::query(
-            "SELECT data FROM (
-                SELECT data, seq, ROW_NUMBER() OVER (PARTITION BY job ORDER BY seq) AS n
-                FROM tasks WHERE state = 'queued'
-             ) WHERE n <= ? ORDER BY seq",
+            "WITH RECURSIVE jobs(job) AS (
+                SELECT MIN(job) FROM tasks WHERE state = 'queued'
+                UNION ALL
+                SELECT (SELECT MIN(job) FROM tasks WHERE state = 'queued' AND job > jobs.job)
+                FROM jobs WHERE job IS NOT NULL
+             )
+             SELECT t.data FROM jobs JOIN tasks AS t ON t.rowid IN (
+                SELECT rowid FROM tasks WHERE state = 'queued' AND job = jobs.job
+                ORDER BY seq LIMIT ?)
+             ORDER BY t.seq",
         )
         .bind(i64::from(per_job))
         .fetch_all(&self.read)
