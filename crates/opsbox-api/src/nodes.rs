@@ -101,6 +101,27 @@ pub struct Task {
     pub results: Vec<ResultFile>,
 }
 
+impl Task {
+    /// A task of `job` that has not run yet: `<phase>:<index>`, on `input` if any.
+    pub fn queued(job: &str, phase: &str, index: u32, input: Option<String>) -> Task {
+        Task {
+            job: job.to_owned(),
+            id: format!("{phase}:{index}"),
+            phase: phase.to_owned(),
+            index,
+            input,
+            state: TaskState::Queued,
+            node: None,
+            attempts: 0,
+            exit_code: None,
+            reason: None,
+            started_at: None,
+            finished_at: None,
+            results: Vec::new(),
+        }
+    }
+}
+
 /// Task counts of one phase of a fan-out job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PhaseProgress {

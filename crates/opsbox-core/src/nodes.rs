@@ -1045,21 +1045,7 @@ impl Nodes {
             .iter()
             .enumerate()
             .map(|(i, input)| TaskRecord {
-                task: Task {
-                    job: name.clone(),
-                    id: format!("map:{i}"),
-                    phase: "map".into(),
-                    index: i as u32,
-                    input: Some(input.clone()),
-                    state: TaskState::Queued,
-                    node: None,
-                    attempts: 0,
-                    exit_code: None,
-                    reason: None,
-                    started_at: None,
-                    finished_at: None,
-                    results: Vec::new(),
-                },
+                task: Task::queued(&name, "map", i as u32, Some(input.clone())),
                 seq: base + i as i64,
                 excluded: Vec::new(),
             })
@@ -1645,21 +1631,7 @@ impl Nodes {
             .is_some_and(|p| p.queued + p.running + p.done + p.failed > 0);
         if maps_done && fanout.reduce.is_some() && !reduce_started {
             let reduce = TaskRecord {
-                task: Task {
-                    job: job.to_owned(),
-                    id: "reduce:0".into(),
-                    phase: "reduce".into(),
-                    index: 0,
-                    input: None,
-                    state: TaskState::Queued,
-                    node: None,
-                    attempts: 0,
-                    exit_code: None,
-                    reason: None,
-                    started_at: None,
-                    finished_at: None,
-                    results: Vec::new(),
-                },
+                task: Task::queued(job, "reduce", 0, None),
                 seq: changed[0].seq + i64::from(fanout.total) + 1,
                 excluded: Vec::new(),
             };

@@ -529,22 +529,10 @@ async fn the_event_tail_and_the_database_agree() {
 }
 
 fn task(job: &str, index: u32, seq: i64, state: opsbox_api::TaskState) -> TaskRecord {
+    let mut task = opsbox_api::Task::queued(job, "map", index, Some(format!("input {index}")));
+    task.state = state;
     TaskRecord {
-        task: opsbox_api::Task {
-            job: job.into(),
-            id: format!("map:{index}"),
-            phase: "map".into(),
-            index,
-            input: Some(format!("input {index}")),
-            state,
-            node: None,
-            attempts: 0,
-            exit_code: None,
-            reason: None,
-            started_at: None,
-            finished_at: None,
-            results: Vec::new(),
-        },
+        task,
         seq,
         excluded: Vec::new(),
     }
