@@ -1017,3 +1017,59 @@ async fn a_kill_racing_the_start_is_never_lost() {
     }
     assert!(t.core.jobs.active().is_empty());
 }
+
+#[tokio::test]
+async fn waited_runs_show_running_and_queued_while_they_last() {
+    let t = open_with(
+        &[("ok.sh", "", "echo fine"), ("nap.sh", "", "sleep 1")],
+        |c| c.max_concurrent_runs = 1,
+    )
+    .await;
+    // A run that lasts is recorded running while it runs; one that has to wait for a
+    // slot is recorded queued while it waits.
+    let (first, second) = (t.core.jobs.clone(), t.core.jobs.clone());
+    let long = tokio::spawn(async move { first.run("nap", params(&[]), None).await });
+    let running = eventually("the long run recorded running", 10, || async {
+        let list = t
+            .core
+            .jobs
+            .list(&JobFilter {
+                state: Some(JobState::Running),
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap();
+        list.into_iter().next()
+    })
+    .await;
+    let waiting = tokio::spawn(async move { second.run("ok", params(&[]), None).await });
+    let queued = eventually("the waiting run recorded queued", 10, || async {
+        let list = t
+            .core
+            .jobs
+            .list(&JobFilter {
+                state: Some(JobState::Queued),
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap();
+        list.into_iter().next()
+    })
+    .await;
+    assert!(queued.name.starts_with("ok@"));
+    let (long, _) = tokio::time::timeout(LIMIT, long)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let (waited, _) = tokio::time::timeout(LIMIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((long.name, long.state), (running.name, JobState::Succeeded));
+    assert_eq!(
+        (waited.name, waited.state),
+        (queued.name, JobState::Succeeded)
+    );
+}
