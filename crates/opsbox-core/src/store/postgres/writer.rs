@@ -133,9 +133,9 @@ impl Savepoint {
 
 /// A copy of an error for the other writes of a batch that failed as a whole.
 fn shared_failure(reason: &str) -> StoreError {
-    StoreError::Database(sqlx::Error::Protocol(format!(
+    StoreError::Failed(format!(
         "the transaction shared with other writes failed: {reason}"
-    )))
+    ))
 }
 
 impl Writer {
