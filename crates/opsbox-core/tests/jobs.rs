@@ -1027,33 +1027,25 @@ async fn waited_runs_show_running_and_queued_while_they_last() {
     .await;
     // A run that lasts is recorded running while it runs; one that has to wait for a
     // slot is recorded queued while it waits.
+    let first_in = |state: JobState| {
+        let jobs = t.core.jobs.clone();
+        async move {
+            let filter = JobFilter {
+                state: Some(state),
+                ..JobFilter::default()
+            };
+            jobs.list(&filter).await.unwrap().into_iter().next()
+        }
+    };
     let (first, second) = (t.core.jobs.clone(), t.core.jobs.clone());
     let long = tokio::spawn(async move { first.run("nap", params(&[]), None).await });
-    let running = eventually("the long run recorded running", 10, || async {
-        let list = t
-            .core
-            .jobs
-            .list(&JobFilter {
-                state: Some(JobState::Running),
-                ..JobFilter::default()
-            })
-            .await
-            .unwrap();
-        list.into_iter().next()
+    let running = eventually("the long run recorded running", 10, || {
+        first_in(JobState::Running)
     })
     .await;
     let waiting = tokio::spawn(async move { second.run("ok", params(&[]), None).await });
-    let queued = eventually("the waiting run recorded queued", 10, || async {
-        let list = t
-            .core
-            .jobs
-            .list(&JobFilter {
-                state: Some(JobState::Queued),
-                ..JobFilter::default()
-            })
-            .await
-            .unwrap();
-        list.into_iter().next()
+    let queued = eventually("the waiting run recorded queued", 10, || {
+        first_in(JobState::Queued)
     })
     .await;
     assert!(queued.name.starts_with("ok@"));

@@ -126,6 +126,30 @@ pub(crate) struct StatusCount {
     pub oldest: Option<DateTime<Utc>>,
 }
 
+impl StatusCount {
+    /// The row of either store's stats query (`destination, status, n, oldest`, times
+    /// in milliseconds).
+    pub(crate) fn from_row<'r, R>(row: &'r R) -> StoreResult<Self>
+    where
+        R: sqlx::Row,
+        &'static str: sqlx::ColumnIndex<R>,
+        String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        Ok(StatusCount {
+            node: row.try_get("destination")?,
+            status: row.try_get("status")?,
+            n: row.try_get::<i64, _>("n")?.max(0) as u64,
+            oldest: millis(row.try_get("oldest")?),
+        })
+    }
+}
+
+/// A time stored as milliseconds since the epoch (the queue tables of both stores).
+pub(crate) fn millis(value: Option<i64>) -> Option<DateTime<Utc>> {
+    value.and_then(DateTime::from_timestamp_millis)
+}
+
 /// Per-queue stats from status counts ordered by queue (the same for every store).
 pub(crate) fn fold_queue_stats(counts: Vec<StatusCount>) -> StoreResult<Vec<QueueStats>> {
     let mut stats: Vec<QueueStats> = Vec::new();

@@ -38,6 +38,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::{Postgres, QueryBuilder, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use super::millis as time;
+
 mod writer;
 use writer::{Op, Work, WriteRequest, Writer};
 
@@ -482,10 +484,6 @@ fn nanos_col(row: &PgRow, name: &str) -> StoreResult<DateTime<Utc>> {
 
 fn nanos_opt(row: &PgRow, name: &str) -> StoreResult<Option<DateTime<Utc>>> {
     Ok(row.try_get::<Option<i64>, _>(name)?.map(from_nanos))
-}
-
-fn time(value: Option<i64>) -> Option<DateTime<Utc>> {
-    value.and_then(DateTime::from_timestamp_millis)
 }
 
 fn ms(at: DateTime<Utc>) -> i64 {
@@ -1444,14 +1442,7 @@ impl Store for PgStore {
         .await?;
         let counts = rows
             .iter()
-            .map(|row| {
-                Ok(StatusCount {
-                    node: row.try_get("destination")?,
-                    status: row.try_get("status")?,
-                    n: row.try_get::<i64, _>("n")?.max(0) as u64,
-                    oldest: time(row.try_get("oldest")?),
-                })
-            })
+            .map(StatusCount::from_row)
             .collect::<StoreResult<Vec<_>>>()?;
         fold_queue_stats(counts)
     }

@@ -11,9 +11,9 @@ use chrono::{DateTime, Utc};
 use opsbox_api::{Event, MessageStatus, PayloadKind, QueueStats};
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, OptionalExtension};
-use sqlx::Row;
 
 use super::{conflict, Columns, QueueAnswer, QueueWork, SqliteStore, Tx};
+use crate::store::millis as time;
 use crate::store::{
     fold_queue_stats, Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector, NewEvent,
     StatusCount, StoreError, StoreResult,
@@ -26,10 +26,6 @@ const EVENT_IDS: usize = 1000;
 
 fn ms(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
-}
-
-fn time(value: Option<i64>) -> Option<DateTime<Utc>> {
-    value.and_then(DateTime::from_timestamp_millis)
 }
 
 fn message_from_row(row: &impl Columns) -> StoreResult<MessageRecord> {
@@ -514,14 +510,7 @@ impl SqliteStore {
         .await?;
         let counts = rows
             .iter()
-            .map(|row| {
-                Ok(StatusCount {
-                    node: row.try_get("destination")?,
-                    status: row.try_get("status")?,
-                    n: row.try_get::<i64, _>("n")?.max(0) as u64,
-                    oldest: time(row.try_get("oldest")?),
-                })
-            })
+            .map(StatusCount::from_row)
             .collect::<StoreResult<Vec<_>>>()?;
         fold_queue_stats(counts)
     }
