@@ -194,6 +194,19 @@ struct State {
     /// Task output not yet stored, per job: written with the job's next write, or by
     /// the output flusher within [`OUTPUT_EVERY`].
     pending_output: HashMap<String, Vec<(OutStream, Vec<u8>)>>,
+    /// Task ends reported by nodes, settled by the next scheduling round.
+    ends: Vec<PendingEnd>,
+}
+
+/// A task end waiting for the scheduler. Ends are settled in rounds, not one by one as
+/// they arrive: all ends that came in while the previous round was writing, plus the
+/// placements of the slots they freed, become one write per job, and the writes of a
+/// round share one commit. An agent's connection never waits for the store.
+struct PendingEnd {
+    node: String,
+    job: String,
+    task: String,
+    end: TaskEnd,
 }
 
 /// The signal topic of a task kill for the server its node is connected to.
@@ -424,7 +437,7 @@ impl Nodes {
                 kicked.as_mut().enable();
                 {
                     let Some(inner) = weak.upgrade() else { return };
-                    if let Err(e) = (Nodes { inner }).dispatch().await {
+                    if let Err(e) = (Nodes { inner }).round().await {
                         tracing::warn!(error = %e, "scheduling failed; retrying");
                     }
                 }
@@ -624,19 +637,27 @@ impl Nodes {
                 results,
                 killed,
             } => {
-                if let Some(link) = self.lock().links.get_mut(node_id) {
-                    link.running.remove(&key(&job, &task));
+                {
+                    let mut state = self.lock();
+                    if let Some(link) = state.links.get_mut(node_id) {
+                        link.running.remove(&key(&job, &task));
+                    }
+                    state.ends.push(PendingEnd {
+                        node: node_id.to_owned(),
+                        job,
+                        task,
+                        end: TaskEnd {
+                            exit_code,
+                            signal,
+                            reason,
+                            results,
+                            killed,
+                        },
+                    });
                 }
-                // A slot is free: the scheduler can place the next task.
+                // The scheduler settles the end and fills the slot it freed.
                 self.inner.kick.notify_one();
-                let end = TaskEnd {
-                    exit_code,
-                    signal,
-                    reason,
-                    results,
-                    killed,
-                };
-                self.finished(node_id, &job, &task, end).await
+                Ok(())
             }
         }
     }
@@ -1176,13 +1197,13 @@ impl Nodes {
     /// nodes. The job is `killed` at once.
     pub async fn kill(&self, job: &str, by: Option<&str>) -> CoreResult<()> {
         let _ops = self.ops().await?;
-        let Some(mut record) = self.inner.store.get_job(job).await? else {
+        let Some(record) = self.inner.store.get_job(job).await? else {
             return Err(CoreError::UnknownJob(job.to_owned()));
         };
         if record.state.is_terminal() {
             return Ok(());
         }
-        let mut fanout = fanout_of(&record)?;
+        let mut work = JobWork::new(record)?;
         let mut tasks = self.inner.store.job_tasks(job).await?;
         let reason = match by {
             Some(who) => format!("killed by {who}"),
@@ -1209,15 +1230,17 @@ impl Nodes {
                 self.inner.store.signal(TASK_KILL, &ask.to_string()).await?;
             }
         }
-        let changed = self.stop_tasks(&mut tasks, TaskState::Killed, &reason);
+        for stopped in self.stop_tasks(&mut tasks, TaskState::Killed, &reason) {
+            work.change(stopped);
+        }
+        work.fanout.progress = progress(&tasks, work.fanout.reduce.is_some());
+        let record = &mut work.record;
         record.state = JobState::Killed;
         record.reason = Some(reason);
         record.finished_at = Some(Utc::now());
-        fanout.progress = progress(&tasks, fanout.reduce.is_some());
-        set_fanout(&mut record, &fanout);
         record.results = results_in(&self.inner.results_dir.join(job));
-        self.write(record, changed, Vec::new(), "job.finished")
-            .await
+        work.finish();
+        self.commit(work).await
     }
 
     /// Ends every unfinished task of a job with `state`: queued ones at once, running
@@ -1255,31 +1278,20 @@ impl Nodes {
         changed
     }
 
-    /// One transaction: the job's row, the changed tasks, their events and the job's.
-    async fn write(
-        &self,
-        record: JobRecord,
-        tasks: Vec<TaskRecord>,
-        mut events: Vec<NewEvent>,
-        job_kind: &str,
-    ) -> CoreResult<()> {
-        for t in &tasks {
-            events.push(NewEvent::new(
-                &format!("task.{}", t.task.state.as_str()),
-                &t.task.job,
-                serde_json::to_value(&t.task).unwrap_or_default(),
-            ));
-        }
-        events.push(job_event(job_kind, &record));
-        let output = self.take_output(&record.name);
+    /// Writes a job's changes of this round in one transaction: its row, the changed
+    /// tasks with their events, the job's own event and its waiting output.
+    async fn commit(&self, mut work: JobWork) -> CoreResult<()> {
+        set_fanout(&mut work.record, &work.fanout);
+        work.events.push(job_event(work.kind, &work.record));
+        let output = self.take_output(&work.record.name);
         match self
             .inner
             .store
             .write_tasks(TaskWrite {
-                job: Some(record),
+                job: Some(work.record),
                 insert_job: false,
-                tasks,
-                events,
+                tasks: work.tasks,
+                events: work.events,
                 output,
             })
             .await
@@ -1290,13 +1302,90 @@ impl Nodes {
         }
     }
 
+    /// The job's work of this round, read on first use; `None` when the job is gone.
+    async fn work<'a>(
+        &self,
+        works: &'a mut HashMap<String, JobWork>,
+        job: &str,
+    ) -> CoreResult<Option<&'a mut JobWork>> {
+        if !works.contains_key(job) {
+            let Some(record) = self.inner.store.get_job(job).await? else {
+                return Ok(None);
+            };
+            match JobWork::new(record) {
+                Ok(work) => {
+                    works.insert(job.to_owned(), work);
+                }
+                Err(e) => {
+                    tracing::warn!(job, error = %e, "left alone a job without a readable fan-out spec");
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(works.get_mut(job))
+    }
+
     // -----------------------------------------------------------------------------------
     // Scheduling
     // -----------------------------------------------------------------------------------
 
-    /// Places what can be placed of the queued tasks.
-    async fn dispatch(&self) -> CoreResult<()> {
+    /// One scheduling round: settles the task ends that came in since the last one,
+    /// places queued tasks on the free slots, and writes what changed, one write per
+    /// job, all at once (the store's group commit makes them one transaction). While a
+    /// round writes, the next round's ends gather: the busier the nodes, the more each
+    /// commit carries.
+    async fn round(&self) -> CoreResult<()> {
         let _ops = self.ops().await?;
+        let mut works: HashMap<String, JobWork> = HashMap::new();
+        let mut ends = std::mem::take(&mut self.lock().ends).into_iter();
+        let mut failed = None;
+        while let Some(end) = ends.next() {
+            if let Err(e) = self.settle(&mut works, &end).await {
+                // A read failed: this end and the rest wait for the next round.
+                let rest: Vec<PendingEnd> = std::iter::once(end).chain(ends).collect();
+                self.lock().ends.splice(0..0, rest);
+                failed = Some(e);
+                break;
+            }
+        }
+        if failed.is_none() {
+            failed = self.place_queued(&mut works).await.err();
+        }
+        let writes = works
+            .into_values()
+            .filter(|work| work.dirty)
+            .map(|work| self.commit(work));
+        for written in futures::future::join_all(writes).await {
+            written?;
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Applies a task end to its job's work of this round, unless it is about an
+    /// attempt that was already settled (lost, then found).
+    async fn settle(
+        &self,
+        works: &mut HashMap<String, JobWork>,
+        end: &PendingEnd,
+    ) -> CoreResult<()> {
+        let Some(work) = self.work(works, &end.job).await? else {
+            return Ok(());
+        };
+        let task = match work.task(&end.task) {
+            Some(task) => task,
+            None => match self.inner.store.get_task(&end.job, &end.task).await? {
+                Some(task) => task,
+                None => return Ok(()),
+            },
+        };
+        if task.task.state != TaskState::Running || task.task.node.as_deref() != Some(&end.node) {
+            return Ok(());
+        }
+        self.finished(work, &end.node, task, &end.end).await
+    }
+
+    /// Places what can be placed of the queued tasks.
+    async fn place_queued(&self, works: &mut HashMap<String, JobWork>) -> CoreResult<()> {
         let free: u32 = self
             .lock()
             .links
@@ -1306,6 +1395,8 @@ impl Nodes {
         if free == 0 {
             return Ok(());
         }
+        // Tasks queued by this round (a retry, a reduce) are not in the store yet: the
+        // round that follows this one places them.
         let queued = self.inner.store.queued_tasks(free).await?;
         if queued.is_empty() {
             return Ok(());
@@ -1324,47 +1415,32 @@ impl Nodes {
         if let Some(at) = last.and_then(|l| per_job.iter().position(|(job, _)| *job == l)) {
             per_job.rotate_left(at + 1);
         }
-        let mut records: HashMap<String, (JobRecord, Fanout)> = HashMap::new();
         for (job, _) in &per_job {
-            if let Some(record) = self.inner.store.get_job(job).await? {
-                if let Ok(fanout) = fanout_of(&record) {
-                    records.insert(job.clone(), (record, fanout));
-                }
-            }
+            self.work(works, job).await?;
         }
-        // What was started, per job: one write per job and round, not one per task.
-        let mut placed: HashMap<String, Vec<TaskRecord>> = HashMap::new();
         let mut placed_any = true;
         while placed_any {
             placed_any = false;
             for (job, list) in per_job.iter_mut() {
                 let Some(task) = list.front() else { continue };
-                let Some((record, fanout)) = records.get(job) else {
+                let Some(work) = works.get_mut(job) else {
                     list.clear();
                     continue;
                 };
-                if record.state.is_terminal() {
+                if work.record.state.is_terminal() {
                     list.clear();
                     continue;
                 }
-                let Some(node) = self.choose(task, fanout) else {
+                let Some(node) = self.choose(task, &work.fanout) else {
                     // Nothing fits this job's next task now; its others need the same.
                     list.clear();
                     continue;
                 };
                 let task = list.pop_front().expect("front exists");
-                let (record, fanout) = records.get_mut(job).expect("loaded above");
-                if let Some(started) = self.place(record, fanout, task, &node).await? {
-                    placed.entry(job.clone()).or_default().push(started);
+                if self.place(work, task, &node).await? {
                     self.lock().last_served = Some(job.clone());
                 }
                 placed_any = true;
-            }
-        }
-        for (job, tasks) in placed {
-            if let Some((record, _)) = records.remove(&job) {
-                self.write(record, tasks, Vec::new(), "job.progress")
-                    .await?;
             }
         }
         Ok(())
@@ -1399,22 +1475,21 @@ impl Nodes {
         pick(false).or_else(|| if others_exist { None } else { pick(true) })
     }
 
-    /// Sends a task to a node and updates the job for it; returns the task, running, for
-    /// the caller to write (or `None` when it could not be sent).
+    /// Sends a task to a node and records it as running in the job's work; false when
+    /// it could not be sent.
     async fn place(
         &self,
-        record: &mut JobRecord,
-        fanout: &mut Fanout,
+        work: &mut JobWork,
         mut task: TaskRecord,
         node: &str,
-    ) -> CoreResult<Option<TaskRecord>> {
-        let message = match self.run_message(record, fanout, &task) {
+    ) -> CoreResult<bool> {
+        let message = match self.run_message(&work.record, &work.fanout, &task) {
             Ok(message) => message,
             Err(reason) => {
                 // The script vanished (a reload) or its inputs cannot be read: the task
                 // cannot run anywhere, so the job fails.
-                self.fail_job(record, fanout, task, &reason).await?;
-                return Ok(None);
+                self.fail_job(work, task, &reason).await?;
+                return Ok(false);
             }
         };
         let sent = {
@@ -1428,7 +1503,7 @@ impl Nodes {
             }
         };
         if !sent {
-            return Ok(None);
+            return Ok(false);
         }
         task.task.state = TaskState::Running;
         task.task.node = Some(node.to_owned());
@@ -1436,21 +1511,22 @@ impl Nodes {
         task.task.started_at = Some(Utc::now());
         task.task.finished_at = None;
         task.task.exit_code = None;
+        let record = &mut work.record;
         if record.state == JobState::Queued {
             record.state = JobState::Running;
             record.started_at = Some(Utc::now());
         }
-        if fanout.total == 1 && fanout.reduce.is_none() {
+        if work.fanout.total == 1 && work.fanout.reduce.is_none() {
             record.node = Some(node.to_owned());
         }
         shift(
-            &mut fanout.progress,
+            &mut work.fanout.progress,
             &task.task.phase,
             TaskState::Queued,
             TaskState::Running,
         );
-        set_fanout(record, fanout);
-        Ok(Some(task))
+        work.change(task);
+        Ok(true)
     }
 
     /// The `Run` message of a task.
@@ -1563,27 +1639,24 @@ impl Nodes {
         Ok(())
     }
 
-    async fn finished(&self, node: &str, job: &str, task_id: &str, end: TaskEnd) -> CoreResult<()> {
-        let _ops = self.ops().await?;
-        let Some(mut record) = self.inner.store.get_job(job).await? else {
-            return Ok(());
-        };
-        let Some(mut task) = self.inner.store.get_task(job, task_id).await? else {
-            return Ok(());
-        };
-        if task.task.state != TaskState::Running || task.task.node.as_deref() != Some(node) {
-            // A report about an attempt that was already settled (lost, then found).
-            return Ok(());
-        }
+    /// Applies a task's end to its job: a success moves the job on (its reduce task,
+    /// its end), a failure is retried or fails the job.
+    async fn finished(
+        &self,
+        work: &mut JobWork,
+        node: &str,
+        mut task: TaskRecord,
+        end: &TaskEnd,
+    ) -> CoreResult<()> {
+        let job = work.record.name.clone();
+        let task_id = task.task.id.clone();
         let success = end.exit_code == Some(0) && !end.killed && end.signal.is_none();
-        let saved = self.save_results(job, task_id, &end.results);
+        task.task.results = self.save_results(&job, &task_id, &end.results);
         self.count(node, if success { 0 } else { 1 });
-        let mut fanout = fanout_of(&record)?;
         task.task.exit_code = end.exit_code;
         task.task.finished_at = Some(Utc::now());
-        task.task.results = saved;
         task.task.reason = end.reason.clone();
-        if record.state.is_terminal() {
+        if work.record.state.is_terminal() {
             let state = if end.killed {
                 TaskState::Killed
             } else if success {
@@ -1592,16 +1665,14 @@ impl Nodes {
                 TaskState::Failed
             };
             shift(
-                &mut fanout.progress,
+                &mut work.fanout.progress,
                 &task.task.phase,
                 TaskState::Running,
                 state,
             );
             task.task.state = state;
-            set_fanout(&mut record, &fanout);
-            return self
-                .write(record, vec![task], Vec::new(), "job.progress")
-                .await;
+            work.change(task);
+            return Ok(());
         }
         if !success {
             let reason = end
@@ -1613,56 +1684,64 @@ impl Nodes {
                     _ => "failed".into(),
                 });
             let why = format!("{task_id} failed on {node}: {reason}");
-            return self.retry_or_fail(record, fanout, task, node, &why).await;
+            return self.retry_or_fail(work, task, node, &why).await;
         }
         shift(
-            &mut fanout.progress,
+            &mut work.fanout.progress,
             &task.task.phase,
             TaskState::Running,
             TaskState::Succeeded,
         );
         task.task.state = TaskState::Succeeded;
-        let mut changed = vec![task];
+        let seq = task.seq;
+        work.change(task);
+        let fanout = &mut work.fanout;
         let phase = |name: &str| fanout.progress.iter().find(|p| p.phase == name).cloned();
         let maps_done = phase("map").is_some_and(|p| p.done == p.total);
-        let reduce = phase("reduce");
-        let reduce_started = reduce
+        let reduce_started = phase("reduce")
             .as_ref()
             .is_some_and(|p| p.queued + p.running + p.done + p.failed > 0);
         if maps_done && fanout.reduce.is_some() && !reduce_started {
             let reduce = TaskRecord {
-                task: Task::queued(job, "reduce", 0, None),
-                seq: changed[0].seq + i64::from(fanout.total) + 1,
+                task: Task::queued(&job, "reduce", 0, None),
+                seq: seq + i64::from(fanout.total) + 1,
                 excluded: Vec::new(),
             };
             if let Some(p) = fanout.progress.iter_mut().find(|p| p.phase == "reduce") {
                 p.queued += 1;
             }
-            changed.push(reduce);
+            work.change(reduce);
             self.inner.kick.notify_one();
         }
-        let all_done = fanout.progress.iter().all(|p| p.done == p.total);
-        set_fanout(&mut record, &fanout);
-        if all_done {
+        if work.fanout.progress.iter().all(|p| p.done == p.total) {
+            let record = &mut work.record;
             record.state = JobState::Succeeded;
             record.exit_code = Some(0);
             record.finished_at = Some(Utc::now());
-            record.results = results_in(&self.inner.results_dir.join(job));
-            return self
-                .write(record, changed, Vec::new(), "job.finished")
-                .await;
+            record.results = results_in(&self.inner.results_dir.join(&job));
+            work.finish();
         }
-        self.write(record, changed, Vec::new(), "job.progress")
-            .await
+        Ok(())
     }
 
     /// A task's node is gone: the attempt counts as failed and is retried elsewhere.
     async fn lost(&self, job: &str, task_id: &str, node: &str, why: &str) -> CoreResult<()> {
         let _ops = self.ops().await?;
-        if let Some(link) = self.lock().links.get_mut(node) {
-            link.running.remove(&key(job, task_id));
+        {
+            let mut state = self.lock();
+            if let Some(link) = state.links.get_mut(node) {
+                link.running.remove(&key(job, task_id));
+            }
+            // An end the node reported before it went away settles the task instead.
+            if state
+                .ends
+                .iter()
+                .any(|e| e.job == job && e.task == task_id && e.node == node)
+            {
+                return Ok(());
+            }
         }
-        let Some(mut record) = self.inner.store.get_job(job).await? else {
+        let Some(record) = self.inner.store.get_job(job).await? else {
             return Ok(());
         };
         let Some(mut task) = self.inner.store.get_task(job, task_id).await? else {
@@ -1673,35 +1752,34 @@ impl Nodes {
         }
         self.count(node, 2);
         task.task.finished_at = Some(Utc::now());
-        let mut fanout = fanout_of(&record)?;
-        if record.state.is_terminal() {
+        let mut work = JobWork::new(record)?;
+        if work.record.state.is_terminal() {
             shift(
-                &mut fanout.progress,
+                &mut work.fanout.progress,
                 &task.task.phase,
                 TaskState::Running,
                 TaskState::Lost,
             );
             task.task.state = TaskState::Lost;
             task.task.reason = Some(why.to_owned());
-            set_fanout(&mut record, &fanout);
-            return self
-                .write(record, vec![task], Vec::new(), "job.progress")
-                .await;
+            work.change(task);
+        } else {
+            let why = format!("{task_id} lost on {node}: {why}");
+            self.retry_or_fail(&mut work, task, node, &why).await?;
         }
-        let why = format!("{task_id} lost on {node}: {why}");
-        self.retry_or_fail(record, fanout, task, node, &why).await
+        self.commit(work).await
     }
 
     /// After a failed or lost attempt of a running task: queue it again (away from that
     /// node), or, past the job's failure limit, fail the job and stop its other tasks.
     async fn retry_or_fail(
         &self,
-        mut record: JobRecord,
-        mut fanout: Fanout,
+        work: &mut JobWork,
         mut task: TaskRecord,
         node: &str,
         reason: &str,
     ) -> CoreResult<()> {
+        let fanout = &mut work.fanout;
         fanout.failures += 1;
         if fanout.failures > fanout.max_failures {
             shift(
@@ -1710,7 +1788,7 @@ impl Nodes {
                 TaskState::Running,
                 TaskState::Failed,
             );
-            return self.fail_job(&mut record, &mut fanout, task, reason).await;
+            return self.fail_job(work, task, reason).await;
         }
         shift(
             &mut fanout.progress,
@@ -1723,28 +1801,8 @@ impl Nodes {
         if !task.excluded.iter().any(|n| n == node) {
             task.excluded.push(node.to_owned());
         }
-        set_fanout(&mut record, &fanout);
-        let retried = NewEvent::new(
-            "task.retried",
-            &task.task.job,
-            serde_json::to_value(&task.task).unwrap_or_default(),
-        );
         // The task's own event is the "retried" one: written as a queued task.
-        let output = self.take_output(&record.name);
-        self.inner
-            .store
-            .write_tasks(TaskWrite {
-                events: vec![retried, job_event("job.progress", &record)],
-                job: Some(record),
-                insert_job: false,
-                tasks: vec![task],
-                output,
-            })
-            .await
-            .or_else(|e| match e {
-                StoreError::NotFound(_) => Ok(Vec::new()),
-                e => Err(e),
-            })?;
+        work.change_as("task.retried", task);
         self.inner.kick.notify_one();
         Ok(())
     }
@@ -1752,19 +1810,26 @@ impl Nodes {
     /// Fails the job because of `task`, and stops its other tasks.
     async fn fail_job(
         &self,
-        record: &mut JobRecord,
-        fanout: &mut Fanout,
+        work: &mut JobWork,
         mut task: TaskRecord,
         reason: &str,
     ) -> CoreResult<()> {
         task.task.state = TaskState::Failed;
         task.task.reason = Some(reason.to_owned());
-        let mut tasks = self.inner.store.job_tasks(&record.name).await?;
-        if let Some(t) = tasks.iter_mut().find(|t| t.task.id == task.task.id) {
-            *t = task.clone();
+        let mut tasks = self.inner.store.job_tasks(&work.record.name).await?;
+        // The store does not have this round's changes yet.
+        for newer in work.tasks.iter().chain([&task]) {
+            match tasks.iter_mut().find(|t| t.task.id == newer.task.id) {
+                Some(t) => *t = newer.clone(),
+                None => tasks.push(newer.clone()),
+            }
         }
-        let mut changed = self.stop_tasks(&mut tasks, TaskState::Killed, "the job failed");
-        changed.push(task);
+        for stopped in self.stop_tasks(&mut tasks, TaskState::Killed, "the job failed") {
+            work.change(stopped);
+        }
+        work.change(task);
+        let fanout = &mut work.fanout;
+        let record = &mut work.record;
         record.state = JobState::Failed;
         record.reason = Some(if fanout.failures > fanout.max_failures {
             format!(
@@ -1777,9 +1842,8 @@ impl Nodes {
         record.finished_at = Some(Utc::now());
         record.results = results_in(&self.inner.results_dir.join(&record.name));
         fanout.progress = progress(&tasks, fanout.reduce.is_some());
-        set_fanout(record, fanout);
-        self.write(record.clone(), changed, Vec::new(), "job.finished")
-            .await
+        work.finish();
+        Ok(())
     }
 
     /// Writes a task's result files under `<results>/<job>/<phase>-<index>/`.
@@ -1806,6 +1870,61 @@ impl Nodes {
             }
         }
         task_results(&dir, &prefix)
+    }
+}
+
+/// A job being changed under the `ops` lock, by a scheduling round or a single
+/// operation; [`Nodes::commit`] writes it in one transaction.
+struct JobWork {
+    record: JobRecord,
+    fanout: Fanout,
+    /// Changed tasks in the order of their changes (a later copy of a task wins).
+    tasks: Vec<TaskRecord>,
+    /// The tasks' events, in the same order.
+    events: Vec<NewEvent>,
+    /// The job's event: `job.progress`, or `job.finished` once it ended.
+    kind: &'static str,
+    /// Something to write.
+    dirty: bool,
+}
+
+impl JobWork {
+    fn new(record: JobRecord) -> CoreResult<JobWork> {
+        Ok(JobWork {
+            fanout: fanout_of(&record)?,
+            record,
+            tasks: Vec::new(),
+            events: Vec::new(),
+            kind: "job.progress",
+            dirty: false,
+        })
+    }
+
+    /// Records a task's change, with its `task.<state>` event.
+    fn change(&mut self, task: TaskRecord) {
+        let kind = format!("task.{}", task.task.state.as_str());
+        self.change_as(&kind, task);
+    }
+
+    fn change_as(&mut self, kind: &str, task: TaskRecord) {
+        self.events.push(NewEvent::new(
+            kind,
+            &task.task.job,
+            serde_json::to_value(&task.task).unwrap_or_default(),
+        ));
+        self.tasks.push(task);
+        self.dirty = true;
+    }
+
+    /// The task as this work changed it, if it did.
+    fn task(&self, id: &str) -> Option<TaskRecord> {
+        self.tasks.iter().rev().find(|t| t.task.id == id).cloned()
+    }
+
+    /// The job ended.
+    fn finish(&mut self) {
+        self.kind = "job.finished";
+        self.dirty = true;
     }
 }
 
