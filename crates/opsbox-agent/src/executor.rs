@@ -5,9 +5,13 @@
 //! over in-process channels), so a task runs the same way wherever it lands.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
 
 use base64::Engine as _;
 use opsbox_api::{AgentMessage, FileData, ServerMessage};
@@ -23,13 +27,22 @@ fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
+/// Task directories kept for reuse, at most.
+const IDLE_DIRS: usize = 64;
+
 /// Runs the tasks a server sends.
 #[derive(Debug, Clone)]
 pub struct Executor {
     runtime: Runtime,
-    /// Each task gets `<work>/<n>/` with its script, inputs and results, removed after.
+    /// Each task gets a directory `<work>/task-*/` (its working directory, with
+    /// `results/` and `inputs/`); scripts are kept once per content under
+    /// `<work>/programs/`.
     work: PathBuf,
     node_id: String,
+    /// Task directories a task left empty, for the next tasks. Creating and removing
+    /// three directories per task was most of the agent's cost for short tasks (each
+    /// directory is an inode and a block, and freeing a block can mean a discard).
+    idle: Arc<Mutex<Vec<PathBuf>>>,
 }
 
 impl Executor {
@@ -38,7 +51,95 @@ impl Executor {
             runtime,
             work,
             node_id: node_id.to_owned(),
+            idle: Arc::default(),
         }
+    }
+
+    /// An empty task directory with empty `results/` and `inputs/`: a reused one, or
+    /// a new one.
+    fn task_dir(&self) -> Result<PathBuf, String> {
+        if let Some(dir) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(dir);
+        }
+        let create = || {
+            tempfile::Builder::new()
+                .prefix("task-")
+                .tempdir_in(&self.work)
+                .map(|dir| dir.keep())
+        };
+        let dir = match create() {
+            Ok(dir) => dir,
+            Err(e) => {
+                // The work directory may not exist yet (first task) or was removed.
+                std::fs::create_dir_all(&self.work)
+                    .map_err(|e2| format!("cannot create {}: {e2}", self.work.display()))?;
+                create().map_err(|_| format!("cannot create a task directory: {e}"))?
+            }
+        };
+        for sub in ["results", "inputs"] {
+            if let Err(e) = std::fs::create_dir(dir.join(sub)) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(format!("cannot create {}: {e}", dir.join(sub).display()));
+            }
+        }
+        Ok(dir)
+    }
+
+    /// After a task: its directory is kept for the next task when the task left
+    /// nothing in it (the usual case), and removed otherwise.
+    fn release(&self, dir: PathBuf) {
+        let empty = |d: &Path| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_none());
+        let only_subdirs = std::fs::read_dir(&dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .all(|e| e.file_name() == "results" || e.file_name() == "inputs")
+        });
+        if only_subdirs && empty(&dir.join("results")) && empty(&dir.join("inputs")) {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < IDLE_DIRS {
+                idle.push(dir);
+                return;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The script's file, written once per content: tasks of one job (and every run of
+    /// one script) share it. Its name is the script's own, so `$0` reads as before.
+    fn program(&self, script: &str, program: &str) -> Result<PathBuf, String> {
+        let bytes = b64()
+            .decode(program)
+            .map_err(|e| format!("the script of the task is not base64: {e}"))?;
+        let name = Path::new(script)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "script".into());
+        let digest = Sha256::new()
+            .chain_update(name.as_bytes())
+            .chain_update([0])
+            .chain_update(&bytes)
+            .finalize();
+        let dir = self.work.join("programs").join(hex::encode(digest));
+        let path = dir.join(&name);
+        if path.is_file() {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // Written aside and renamed, so a task never runs a half-written script (two
+        // tasks may write the same one at once: either rename wins, same bytes).
+        let mut file = tempfile::Builder::new()
+            .prefix(".new-")
+            .tempfile_in(&dir)
+            .map_err(|e| format!("cannot write the script: {e}"))?;
+        file.write_all(&bytes)
+            .map_err(|e| format!("cannot write the script: {e}"))?;
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("cannot make the script executable: {e}"))?;
+        file.persist(&path)
+            .map_err(|e| format!("cannot write the script: {e}"))?;
+        Ok(path)
     }
 
     /// Task keys (`job/task`) running now, for `Hello` after a reconnect.
@@ -109,30 +210,19 @@ impl Executor {
             results: Vec::new(),
             killed: false,
         };
-        let dir = match tempfile::Builder::new()
-            .prefix("task-")
-            .tempdir_in(&self.work)
-        {
-            Ok(dir) => dir,
-            Err(e) => {
-                // The work directory may not exist yet (first task) or was removed.
-                if let Err(e2) = std::fs::create_dir_all(&self.work) {
-                    return failed(format!("cannot create {}: {e2}", self.work.display()));
-                }
-                match tempfile::Builder::new()
-                    .prefix("task-")
-                    .tempdir_in(&self.work)
-                {
-                    Ok(dir) => dir,
-                    Err(_) => return failed(format!("cannot create a task directory: {e}")),
-                }
-            }
-        };
-        let prepared = prepare_dir(dir.path(), script, program, &inputs);
-        let (program_path, results, inputs_dir) = match prepared {
-            Ok(paths) => paths,
+        let program_path = match self.program(script, program) {
+            Ok(path) => path,
             Err(reason) => return failed(reason),
         };
+        let dir = match self.task_dir() {
+            Ok(dir) => dir,
+            Err(reason) => return failed(reason),
+        };
+        let (results, inputs_dir) = (dir.join("results"), dir.join("inputs"));
+        if let Err(reason) = write_inputs(&inputs_dir, &inputs) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return failed(reason);
+        }
         let mut env: Vec<(String, String)> = env.into_iter().collect();
         env.push(("OPSBOX_RESULTS".into(), results.display().to_string()));
         env.push(("OPSBOX_INPUTS_DIR".into(), inputs_dir.display().to_string()));
@@ -142,7 +232,7 @@ impl Executor {
             program: program_path,
             args: Vec::new(),
             env,
-            cwd: Some(dir.path().to_path_buf()),
+            cwd: Some(dir.clone()),
             timeout: timeout_secs.map(Duration::from_secs),
             combined_output: false,
         };
@@ -164,10 +254,12 @@ impl Executor {
         let outcome = self.runtime.run(spec, pieces_tx).await;
         // Every piece is forwarded before the end is reported.
         let _ = forward.await;
+        let collected = outcome.as_ref().is_ok().then(|| collect_results(&results));
+        self.release(dir);
         match outcome {
             Err(e) => failed(e.to_string()),
             Ok(exit) => {
-                let (files, problem) = collect_results(&results);
+                let (files, problem) = collected.unwrap_or_default();
                 let (reason, killed) = match exit.interrupted {
                     Some(Interruption::Killed) => (Some("killed".to_owned()), true),
                     Some(Interruption::TimedOut(t)) => {
@@ -194,31 +286,8 @@ pub fn key(job: &str, task: &str) -> String {
     format!("{job}/{task}")
 }
 
-/// Writes the script and the inputs; returns the script's path, the results directory
-/// and the inputs directory.
-fn prepare_dir(
-    dir: &Path,
-    script: &str,
-    program: &str,
-    inputs: &[FileData],
-) -> Result<(PathBuf, PathBuf, PathBuf), String> {
-    let bytes = b64()
-        .decode(program)
-        .map_err(|e| format!("the script of the task is not base64: {e}"))?;
-    let name = Path::new(script)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "script".into());
-    let bin = dir.join("bin");
-    let results = dir.join("results");
-    let inputs_dir = dir.join("inputs");
-    for d in [&bin, &results, &inputs_dir] {
-        std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-    }
-    let path = bin.join(name);
-    std::fs::write(&path, &bytes).map_err(|e| format!("cannot write the script: {e}"))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("cannot make the script executable: {e}"))?;
+/// Writes a task's input files (the reduce task's) into its `inputs/`.
+fn write_inputs(inputs_dir: &Path, inputs: &[FileData]) -> Result<(), String> {
     for file in inputs {
         let relative = safe_relative(&file.path)
             .ok_or_else(|| format!("refused input path '{}'", file.path))?;
@@ -233,7 +302,7 @@ fn prepare_dir(
         std::fs::write(&target, data)
             .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
     }
-    Ok((path, results, inputs_dir))
+    Ok(())
 }
 
 /// A path that stays inside the directory it is joined to (no `..`, not absolute).
@@ -299,4 +368,101 @@ fn collect_results(results: &Path) -> (Vec<FileData>, Option<String>) {
         )
     });
     (files, problem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a script as a task; answers its stdout and its `Finished`.
+    async fn run(executor: &Executor, task: &str, script: &str) -> (String, AgentMessage) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        executor.handle(
+            ServerMessage::Run {
+                job: "job@1".into(),
+                task: task.into(),
+                script: "task.sh".into(),
+                program: b64().encode(script),
+                env: BTreeMap::new(),
+                timeout_secs: Some(10),
+                inputs: Vec::new(),
+            },
+            tx,
+        );
+        let mut stdout = Vec::new();
+        loop {
+            match rx.recv().await.expect("the task reports its end") {
+                AgentMessage::Output { data, .. } => stdout.extend(b64().decode(data).unwrap()),
+                finished => return (String::from_utf8(stdout).unwrap(), finished),
+            }
+        }
+    }
+
+    fn executor(work: &Path) -> Executor {
+        Executor::new(
+            Runtime::new(Duration::from_secs(1)),
+            work.to_path_buf(),
+            "n1",
+        )
+    }
+
+    #[tokio::test]
+    async fn a_task_directory_is_reused_only_when_its_task_left_it_empty() {
+        let work = tempfile::tempdir().unwrap();
+        let executor = executor(work.path());
+        let (first, _) = run(&executor, "map:0", "#!/bin/sh\npwd\n").await;
+        let (second, _) = run(&executor, "map:1", "#!/bin/sh\npwd\n").await;
+        assert_eq!(first, second, "an empty directory is used again");
+
+        // A result file: sent with the end, and the directory is not used again.
+        let (third, finished) = run(
+            &executor,
+            "map:2",
+            "#!/bin/sh\npwd\necho 42 > \"$OPSBOX_RESULTS/answer\"\n",
+        )
+        .await;
+        assert_eq!(third, first);
+        let AgentMessage::Finished {
+            results, exit_code, ..
+        } = finished
+        else {
+            panic!("not an end: {finished:?}")
+        };
+        assert_eq!(exit_code, Some(0));
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].path, "answer");
+        assert_eq!(b64().decode(&results[0].data).unwrap(), b"42\n");
+        assert!(
+            !Path::new(third.trim()).exists(),
+            "a used directory is removed"
+        );
+
+        // Something left in the working directory: not used again either.
+        let (fourth, _) = run(&executor, "map:3", "#!/bin/sh\npwd\ntouch junk\n").await;
+        assert_ne!(fourth, first);
+        let (fifth, _) = run(&executor, "map:4", "#!/bin/sh\npwd\n").await;
+        assert_ne!(fifth, fourth);
+        assert!(!Path::new(fourth.trim()).exists());
+    }
+
+    #[tokio::test]
+    async fn a_script_is_written_once_per_content() {
+        let work = tempfile::tempdir().unwrap();
+        let executor = executor(work.path());
+        let programs = || {
+            std::fs::read_dir(work.path().join("programs"))
+                .unwrap()
+                .count()
+        };
+        let (out, _) = run(&executor, "map:0", "#!/bin/sh\necho \"$0\"\n").await;
+        assert!(
+            out.trim().ends_with("/task.sh"),
+            "$0 keeps the script's name: {out}"
+        );
+        run(&executor, "map:1", "#!/bin/sh\necho \"$0\"\n").await;
+        assert_eq!(programs(), 1);
+        let (out, _) = run(&executor, "map:2", "#!/bin/sh\necho other\n").await;
+        assert_eq!(out, "other\n");
+        assert_eq!(programs(), 2);
+    }
 }
