@@ -24,7 +24,10 @@ use clap::{Parser, ValueEnum};
 /// Target ratios from the issue: at least webhook's throughput, at least 80% of raw spawns.
 #[path = "children.rs"]
 mod children;
+#[path = "cpu.rs"]
+mod cpu;
 use children::{free_port, program_path, ChildGuard};
+use cpu::CpuTimes;
 
 const TARGET_VS_WEBHOOK: f64 = 1.0;
 const TARGET_VS_SPAWN: f64 = 0.8;
@@ -112,43 +115,6 @@ struct Stats {
     /// CPU time of the serving process over the window: its own threads, and the
     /// children it reaped (the script runs).
     cpu: Option<CpuTimes>,
-}
-
-/// CPU seconds of one process, from `/proc/PID/stat`.
-#[derive(Debug, Default, Clone, Copy)]
-struct CpuTimes {
-    own: f64,
-    children: f64,
-}
-
-impl CpuTimes {
-    /// Reads utime+stime and cutime+cstime. The kernel reports them in USER_HZ ticks,
-    /// which Linux fixes at 100 per second for this interface.
-    fn read(pid: u32) -> Option<CpuTimes> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The command name may hold spaces and parentheses: fields start after the last ')'.
-        let rest = &stat[stat.rfind(')')? + 1..];
-        let fields: Vec<f64> = rest
-            .split_whitespace()
-            .skip(11)
-            .take(4)
-            .map(|f| f.parse().ok())
-            .collect::<Option<_>>()?;
-        if fields.len() < 4 {
-            return None;
-        }
-        Some(CpuTimes {
-            own: (fields[0] + fields[1]) / 100.0,
-            children: (fields[2] + fields[3]) / 100.0,
-        })
-    }
-
-    fn since(self, before: CpuTimes) -> CpuTimes {
-        CpuTimes {
-            own: self.own - before.own,
-            children: self.children - before.children,
-        }
-    }
 }
 
 impl Stats {

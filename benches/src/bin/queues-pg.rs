@@ -27,6 +27,8 @@ use clap::Parser;
 
 #[path = "../children.rs"]
 mod children;
+#[path = "../cpu.rs"]
+mod cpu;
 #[path = "../queue_client.rs"]
 mod queue_client;
 use children::{free_port, program_path, ChildGuard};
@@ -115,63 +117,6 @@ fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// CPU seconds used so far by the processes whose `/proc/PID/stat` name is `name`
-/// (`None`: those in `pids`). The kernel counts in USER_HZ ticks, 100 on Linux.
-fn cpu_seconds(name: Option<&str>, pids: &[u32]) -> f64 {
-    let mut ticks = 0.0;
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if name.is_none() && !pids.contains(&pid) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // "PID (comm) state ppid …": fields after the comm, utime and stime are 12, 13.
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        if let Some(name) = name {
-            if head.split_once('(').map(|(_, comm)| comm) != Some(name) {
-                continue;
-            }
-        }
-        let fields: Vec<f64> = rest
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        ticks += fields.iter().sum::<f64>();
-    }
-    ticks / 100.0
-}
-
-/// CPU seconds the whole machine has been busy (all CPUs, `/proc/stat`).
-fn machine_busy() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal …: all but idle and iowait.
-    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
-    (ticks.iter().take(8).sum::<f64>() - idle) / 100.0
-}
-
 /// Where the CPU went during a measurement.
 #[derive(Default, Clone, Copy)]
 struct Cpu {
@@ -184,10 +129,10 @@ struct Cpu {
 impl Cpu {
     fn now(servers: &[u32]) -> Self {
         Cpu {
-            opsbox: cpu_seconds(None, servers),
-            postgres: cpu_seconds(Some("postgres"), &[]),
-            bench: cpu_seconds(None, &[std::process::id()]),
-            machine: machine_busy(),
+            opsbox: cpu::of(servers),
+            postgres: cpu::named("postgres"),
+            bench: cpu::of(&[std::process::id()]),
+            machine: cpu::machine_busy(),
         }
     }
 
@@ -296,7 +241,7 @@ fn pgbench_row(args: &Args, root: &std::path::Path) -> anyhow::Result<(f64, f64)
          LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING payload;\n",
     )?;
     let total = (args.warmup + args.duration).ceil();
-    let cpu_before = machine_busy();
+    let cpu_before = cpu::machine_busy();
     let out = Command::new("pgbench")
         .arg("-n")
         .args(["-c", &args.clients.to_string(), "-j", "2"])
@@ -306,7 +251,7 @@ fn pgbench_row(args: &Args, root: &std::path::Path) -> anyhow::Result<(f64, f64)
         .arg(&args.pg)
         .output()
         .context("running pgbench (apt-get install postgresql-contrib)")?;
-    let cpu = machine_busy() - cpu_before;
+    let cpu = cpu::machine_busy() - cpu_before;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
         out.status.success(),

@@ -45,6 +45,8 @@ use tokio::net::TcpStream;
 /// Targets from the issue, at 64 clients: ≥ 5× beanstalkd with fsync, ≥ 1× JetStream.
 #[path = "../children.rs"]
 mod children;
+#[path = "../cpu.rs"]
+mod cpu;
 use children::{free_port, program_path, ChildGuard};
 
 const TARGET_VS_BEANSTALKD: f64 = 5.0;
@@ -92,20 +94,6 @@ struct Args {
 
 // ---------------------------------------------------------------------------------
 // Child processes
-
-/// CPU seconds (user + system) of a process's own threads, from `/proc/PID/stat`
-/// (USER_HZ ticks, 100 per second on Linux).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<f64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    Some(fields.iter().sum::<f64>() / 100.0)
-}
 
 /// The pid of a running process by its command name (for the NATS server, which this
 /// bench does not start).
@@ -219,9 +207,9 @@ async fn measure(
 ) -> anyhow::Result<Tally> {
     let sampler = tokio::spawn(async move {
         tokio::time::sleep_until(window.measure_from.into()).await;
-        let before = server_pid.and_then(cpu_seconds);
+        let before = server_pid.and_then(|pid| cpu::CpuTimes::read(pid).map(|t| t.own));
         tokio::time::sleep_until(window.end.into()).await;
-        let after = server_pid.and_then(cpu_seconds);
+        let after = server_pid.and_then(|pid| cpu::CpuTimes::read(pid).map(|t| t.own));
         before.zip(after).map(|(b, a)| a - b)
     });
     let mut total = Tally::default();
