@@ -202,6 +202,7 @@ struct State {
 /// they arrive: all ends that came in while the previous round was writing, plus the
 /// placements of the slots they freed, become one write per job, and the writes of a
 /// round share one commit. An agent's connection never waits for the store.
+#[derive(Clone)]
 struct PendingEnd {
     node: String,
     job: String,
@@ -1337,26 +1338,35 @@ impl Nodes {
     async fn round(&self) -> CoreResult<()> {
         let _ops = self.ops().await?;
         let mut works: HashMap<String, JobWork> = HashMap::new();
-        let mut ends = std::mem::take(&mut self.lock().ends).into_iter();
-        let mut failed = None;
-        while let Some(end) = ends.next() {
-            if let Err(e) = self.settle(&mut works, &end).await {
-                // A read failed: this end and the rest wait for the next round.
-                let rest: Vec<PendingEnd> = std::iter::once(end).chain(ends).collect();
-                self.lock().ends.splice(0..0, rest);
-                failed = Some(e);
-                break;
+        let ends = std::mem::take(&mut self.lock().ends);
+        for end in &ends {
+            if let Err(e) = self.settle(&mut works, end).await {
+                // A read failed: nothing of this round is written, and all its ends
+                // wait for the next round (settling one again rewrites the same result
+                // files; only the node's outcome counters may count it twice).
+                self.lock().ends.splice(0..0, ends);
+                return Err(e);
             }
         }
-        if failed.is_none() {
-            failed = self.place_queued(&mut works).await.err();
-        }
-        let writes = works
-            .into_values()
-            .filter(|work| work.dirty)
-            .map(|work| self.commit(work));
-        for written in futures::future::join_all(writes).await {
-            written?;
+        // Places sent before a failed read must be written: the nodes run them.
+        let failed = self.place_queued(&mut works).await.err();
+        let writes = works.into_values().filter(|work| work.dirty).map(|work| {
+            let job = work.record.name.clone();
+            async move { (job, self.commit(work).await) }
+        });
+        let mut failed = failed;
+        for (job, written) in futures::future::join_all(writes).await {
+            if let Err(e) = written {
+                // The job's ends are settled again by the next round (its tasks are
+                // still running in the store). Tasks this round sent to nodes are
+                // still queued there: after a failed commit one may run twice, as
+                // when the server dies between a send and its commit.
+                let mut state = self.lock();
+                state
+                    .ends
+                    .extend(ends.iter().filter(|end| end.job == job).cloned());
+                failed.get_or_insert(e);
+            }
         }
         failed.map_or(Ok(()), Err)
     }
@@ -1929,6 +1939,7 @@ impl JobWork {
 }
 
 /// What a node reported about a task's end.
+#[derive(Clone)]
 struct TaskEnd {
     exit_code: Option<i32>,
     signal: Option<i32>,
