@@ -19,6 +19,11 @@
 //! attempt is retried until the job has used up its `max_failures`; then the job fails
 //! and its other tasks are killed.
 //!
+//! The scheduler works in rounds: the task ends that nodes reported since the last
+//! round are settled together with the placements of the slots they freed, and each
+//! job changed in the round is written once (the round's writes share one commit). A
+//! node's connection only queues its ends, so it never waits for the store.
+//!
 //! Every change of a job, a task or a node is an event on the event log. All
 //! read-modify-write of a job and its tasks holds one lock, so a task's end and the
 //! scheduler never overwrite each other's view of a job.
