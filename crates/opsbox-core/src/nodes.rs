@@ -1355,7 +1355,7 @@ impl Nodes {
         }
         // Places sent before a failed read must be written: the nodes run them.
         let failed = self.place_queued(&mut works).await.err();
-        let writes = works.into_values().filter(|work| work.dirty).map(|work| {
+        let writes = works.into_values().filter(JobWork::changed).map(|work| {
             let job = work.record.name.clone();
             async move { (job, self.commit(work).await) }
         });
@@ -1899,8 +1899,6 @@ struct JobWork {
     events: Vec<NewEvent>,
     /// The job's event: `job.progress`, or `job.finished` once it ended.
     kind: &'static str,
-    /// Something to write.
-    dirty: bool,
 }
 
 impl JobWork {
@@ -1911,7 +1909,6 @@ impl JobWork {
             tasks: Vec::new(),
             events: Vec::new(),
             kind: "job.progress",
-            dirty: false,
         })
     }
 
@@ -1928,7 +1925,6 @@ impl JobWork {
             serde_json::to_value(&task.task).unwrap_or_default(),
         ));
         self.tasks.push(task);
-        self.dirty = true;
     }
 
     /// The task as this work changed it, if it did.
@@ -1939,7 +1935,12 @@ impl JobWork {
     /// The job ended.
     fn finish(&mut self) {
         self.kind = "job.finished";
-        self.dirty = true;
+    }
+
+    /// Something to write: every change of the job's record comes with a task's
+    /// change or its end.
+    fn changed(&self) -> bool {
+        !self.tasks.is_empty() || self.kind == "job.finished"
     }
 }
 
