@@ -1,22 +1,32 @@
 //! RPC throughput, side by side: opsbox's JSON-RPC face (`POST /rpc`, WebSocket
 //! `/rpc`) and py-jrpc face (`GET /ping`) against a minimal jsonrpsee 0.26 server that
-//! exposes the same `ping`. Both servers run in this process on the same runtime, on
-//! loopback; the load is generated here too, so figures are comparable with each
-//! other, not absolute.
+//! exposes the same `ping`. Each server is its own process (`opsbox serve`, the binary
+//! users run, and this binary re-run with `--serve-jsonrpsee`), on loopback; the load
+//! is generated in this process, on the same CPUs, so figures are comparable with each
+//! other, not absolute. Each server's CPU per call comes from `/proc/PID/stat`.
 //!
 //! - HTTP keep-alive, 1, 16 and 64 connections, each sending one call at a time;
 //! - WebSocket, one connection, batches of 100 calls, one batch at a time.
 //!
-//! `cargo run --release -p opsbox-bench --bin rpc -- --secs 3`
+//! `cargo build --release -p opsbox -p opsbox-bench && target/release/rpc --secs 3`
 
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
 use futures::{SinkExt, StreamExt};
 use jsonrpsee::server::{RpcModule, Server as JsonrpseeServer};
-use opsbox_server::{Server, ServerConfig};
 use tokio_tungstenite::tungstenite::Message;
+
+#[path = "../children.rs"]
+mod children;
+#[path = "../cpu.rs"]
+mod cpu;
+use children::{free_port, program_path, ChildGuard};
+use cpu::CpuTimes;
 
 const CALL: &str = r#"{"jsonrpc":"2.0","method":"ping","id":1}"#;
 
@@ -97,58 +107,204 @@ async fn ws_batches(url: &str, size: usize, secs: f64) -> anyhow::Result<f64> {
     Ok(calls as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The peer: a minimal jsonrpsee server with `ping`, as its docs show one, until killed.
+async fn serve_jsonrpsee(port: u16) -> anyhow::Result<()> {
+    let server = JsonrpseeServer::builder()
+        .build(format!("127.0.0.1:{port}"))
+        .await?;
+    let mut module = RpcModule::new(());
+    module.register_method("ping", |_, _, _| "pong")?;
+    server.start(module).stopped().await;
+    Ok(())
+}
+
+/// Waits until `child` answers HTTP on `port` (any status).
+async fn wait_ready(child: &mut ChildGuard, port: u16) -> anyhow::Result<()> {
+    let probe = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        child.check_alive()?;
+        match probe.get(format!("http://127.0.0.1:{port}/")).send().await {
+            Ok(_) => return Ok(()),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => bail!("{} not ready in 60 s: {e}", child.name),
+        }
+    }
+}
+
+/// One system's share of a row, summed over its slices.
+#[derive(Clone, Copy, Default)]
+struct Cell {
+    calls: f64,
+    secs: f64,
+    cpu: f64,
+}
+
+impl Cell {
+    fn rate(&self) -> f64 {
+        self.calls / self.secs
+    }
+
+    fn cpu_us(&self) -> f64 {
+        self.cpu * 1e6 / self.calls
+    }
+
+    /// Runs one slice of load (calls/s over `secs`) and reads `pid`'s CPU around it.
+    async fn add(
+        &mut self,
+        pid: u32,
+        secs: f64,
+        load: impl std::future::Future<Output = anyhow::Result<f64>>,
+    ) -> anyhow::Result<()> {
+        let before = CpuTimes::read(pid).context("the server's /proc entry")?;
+        let rate = load.await?;
+        let spent = CpuTimes::read(pid)
+            .context("the server's /proc entry")?
+            .since(before);
+        self.calls += rate * secs;
+        self.secs += secs;
+        self.cpu += spent.own;
+        Ok(())
+    }
+}
+
+fn row(load: &str, ours: Cell, jrpc: Cell, theirs: Cell) {
+    let show = |c: &Cell, f: f64| {
+        if c.calls > 0.0 {
+            format!("{f:.0}")
+        } else {
+            "-".to_owned()
+        }
+    };
+    let cpu = |c: &Cell| {
+        if c.calls > 0.0 {
+            format!("{:.1}", c.cpu_us())
+        } else {
+            "-".to_owned()
+        }
+    };
+    println!(
+        "{load:<34} {:>12} {:>12} {:>12} {:>7.2}x {:>10} / {}",
+        show(&ours, ours.rate()),
+        show(&jrpc, jrpc.rate()),
+        show(&theirs, theirs.rate()),
+        ours.rate() / theirs.rate(),
+        cpu(&ours),
+        cpu(&theirs)
+    );
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let secs: f64 = std::env::args()
-        .skip_while(|a| a != "--secs")
-        .nth(1)
+    let flag = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    if let Some(port) = flag("--serve-jsonrpsee") {
+        return serve_jsonrpsee(port.parse()?).await;
+    }
+    let secs: f64 = flag("--secs")
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(3.0);
+    // Each line's seconds are split into this many slices, the systems taking turns,
+    // so that both see the same phases of a machine whose speed drifts.
+    let rounds: u32 = flag("--rounds")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(6);
+    let slice = secs / f64::from(rounds.max(1));
+    let opsbox_bin =
+        PathBuf::from(flag("--opsbox").unwrap_or_else(|| "target/release/opsbox".into()));
+    // `--connections 1,16` and `--systems opsbox,jrpc,jsonrpsee` run part of the table
+    // (to profile one server at one load); `ws` in `--connections` is the batch row.
+    let connections: Vec<String> = flag("--connections")
+        .unwrap_or_else(|| "1,16,64,ws".into())
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let systems = flag("--systems").unwrap_or_else(|| "opsbox,jrpc,jsonrpsee".into());
+    let runs = |system: &str| systems.split(',').any(|s| s == system);
 
-    let dir = tempfile::tempdir()?;
-    let config = ServerConfig {
-        listen: vec!["127.0.0.1:0".into()],
-        data: dir.path().join("data"),
-        scripts: dir.path().join("scripts"),
-        ..ServerConfig::default()
-    };
-    let opsbox = Server::builder().config(config).bind().await?;
-    let opsbox_addr = opsbox.local_addrs()[0].to_string();
-    tokio::spawn(opsbox.run(std::future::pending()));
+    let dir = tempfile::Builder::new().prefix("opsbox-rpc-").tempdir()?;
+    let opsbox_port = free_port()?;
+    let mut command = Command::new(program_path(&opsbox_bin)?);
+    command
+        .arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{opsbox_port}"))
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("--scripts")
+        .arg(dir.path().join("scripts"));
+    std::fs::create_dir_all(dir.path().join("scripts"))?;
+    let mut opsbox = ChildGuard::start("opsbox", command, dir.path().join("opsbox.log"))?;
+    let peer_port = free_port()?;
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg("--serve-jsonrpsee").arg(peer_port.to_string());
+    let mut peer = ChildGuard::start("jsonrpsee", command, dir.path().join("jsonrpsee.log"))?;
+    wait_ready(&mut opsbox, opsbox_port).await?;
+    wait_ready(&mut peer, peer_port).await?;
+    let (opsbox_pid, peer_pid) = (opsbox.pid(), peer.pid());
 
-    let jsonrpsee = JsonrpseeServer::builder().build("127.0.0.1:0").await?;
-    let jsonrpsee_addr = jsonrpsee.local_addr()?;
-    let mut module = RpcModule::new(());
-    module.register_method("ping", |_, _, _| "pong")?;
-    let _handle = jsonrpsee.start(module);
-
-    let opsbox_rpc = format!("{opsbox_addr}/rpc");
-    let jrpc_ping = format!("{opsbox_addr}/ping");
-    let other = format!("http://{jsonrpsee_addr}");
-    println!("RPC calls/s of `ping`, {secs} s per line, server and load on one machine");
+    let opsbox_rpc = format!("http://127.0.0.1:{opsbox_port}/rpc");
+    let jrpc_ping = format!("http://127.0.0.1:{opsbox_port}/ping");
+    let other = format!("http://127.0.0.1:{peer_port}");
     println!(
-        "{:<34} {:>12} {:>12} {:>12} {:>8}",
-        "load", "opsbox /rpc", "opsbox jrpc", "jsonrpsee", "ratio"
-    );
-    for connections in [1, 16, 64] {
-        let ours = http(&opsbox_rpc, Request::Post, connections, secs).await?;
-        let jrpc = http(&jrpc_ping, Request::Get, connections, secs).await?;
-        let theirs = http(&other, Request::Post, connections, secs).await?;
-        println!(
-            "{:<34} {ours:>12.0} {jrpc:>12.0} {theirs:>12.0} {:>8.2}",
-            format!("HTTP keep-alive, {connections} conn"),
-            ours / theirs
-        );
-    }
-    let ours = ws_batches(&opsbox_rpc.replace("http://", "ws://"), 100, secs).await?;
-    let theirs = ws_batches(&other.replace("http://", "ws://"), 100, secs).await?;
-    println!(
-        "{:<34} {ours:>12.0} {:>12} {theirs:>12.0} {:>8.2}",
-        "WebSocket, batches of 100, 1 conn",
-        "-",
-        ours / theirs
+        "RPC calls/s of `ping`, {secs} s per line; servers and load on the same {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("ratio = opsbox /rpc ÷ jsonrpsee (higher is better for opsbox)");
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>17}",
+        "load", "opsbox /rpc", "opsbox jrpc", "jsonrpsee", "ratio", "CPU µs/call o / j"
+    );
+    for connections in connections.iter().filter_map(|c| c.parse::<usize>().ok()) {
+        let (mut ours, mut jrpc, mut theirs) = (Cell::default(), Cell::default(), Cell::default());
+        for _ in 0..rounds {
+            if runs("opsbox") {
+                let load = http(&opsbox_rpc, Request::Post, connections, slice);
+                ours.add(opsbox_pid, slice, load).await?;
+            }
+            if runs("jrpc") {
+                let load = http(&jrpc_ping, Request::Get, connections, slice);
+                jrpc.add(opsbox_pid, slice, load).await?;
+            }
+            if runs("jsonrpsee") {
+                let load = http(&other, Request::Post, connections, slice);
+                theirs.add(peer_pid, slice, load).await?;
+            }
+        }
+        row(
+            &format!("HTTP keep-alive, {connections} conn"),
+            ours,
+            jrpc,
+            theirs,
+        );
+    }
+    if connections.iter().any(|c| c == "ws") {
+        let (mut ours, mut theirs) = (Cell::default(), Cell::default());
+        let (ours_url, theirs_url) = (
+            opsbox_rpc.replace("http://", "ws://"),
+            other.replace("http://", "ws://"),
+        );
+        for _ in 0..rounds {
+            if runs("opsbox") {
+                let load = ws_batches(&ours_url, 100, slice);
+                ours.add(opsbox_pid, slice, load).await?;
+            }
+            if runs("jsonrpsee") {
+                let load = ws_batches(&theirs_url, 100, slice);
+                theirs.add(peer_pid, slice, load).await?;
+            }
+        }
+        row(
+            "WebSocket, batches of 100, 1 conn",
+            ours,
+            Cell::default(),
+            theirs,
+        );
+    }
+    opsbox.check_alive()?;
+    peer.check_alive()?;
     Ok(())
 }

@@ -95,6 +95,31 @@ async fn spec_test_vectors() {
             r#"[{"jsonrpc":"2.0","method":"ping","id":1},{"jsonrpc":"2.0","method""#,
             r#"{"jsonrpc":"2.0","error":{"code":-32700,"message":"Parse error"},"id":null}"#,
         ),
+        // A method that is not a string, params that are neither array nor object
+        // (null included), an id of the wrong type: Invalid Request, with the id when
+        // it is one.
+        (
+            r#"{"jsonrpc":"2.0","method":1,"id":13}"#,
+            r#"{"jsonrpc":"2.0","error":{"code":-32600,"message":"Invalid Request"},"id":13}"#,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","method":"ping","params":null,"id":14}"#,
+            r#"{"jsonrpc":"2.0","error":{"code":-32600,"message":"Invalid Request"},"id":14}"#,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","method":"ping","id":true}"#,
+            r#"{"jsonrpc":"2.0","error":{"code":-32600,"message":"Invalid Request"},"id":null}"#,
+        ),
+        // Members in any order, unknown members ignored, a repeated member counts
+        // the last time, escapes in names and values read as JSON.
+        (
+            r#"{"id":15,"x":{"deep":[1,{"a":2}]},"method":"no_such","params":[],"jsonrpc":"2.0","method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","result":"pong","id":15}"#,
+        ),
+        (
+            r#"{"jsonrpc":"2\u002e0","\u006dethod":"p\u0069ng","id":16}"#,
+            r#"{"jsonrpc":"2.0","result":"pong","id":16}"#,
+        ),
     ];
     for (request, expected) in vectors {
         let (status, body) = rpc(&server, request).await;

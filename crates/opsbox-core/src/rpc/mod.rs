@@ -76,17 +76,27 @@ pub enum Params {
 
 /// The arguments a handler receives: one value per declared parameter, in declaration
 /// order, defaults filled in (`null` for an optional parameter without default).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Args {
-    names: Arc<[String]>,
+    /// The function whose declared parameters name the values (shared, not copied:
+    /// a call is on the hot path of every face).
+    function: Arc<Function>,
     values: Vec<Value>,
+}
+
+/// Equal when they bind the same values to the same names.
+impl PartialEq for Args {
+    fn eq(&self, other: &Args) -> bool {
+        self.iter().eq(other.iter())
+    }
 }
 
 impl Args {
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.names
+        self.function
+            .params
             .iter()
-            .position(|n| n == name)
+            .position(|p| p.name == name)
             .and_then(|i| self.values.get(i))
     }
 
@@ -95,9 +105,10 @@ impl Args {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.names
+        self.function
+            .params
             .iter()
-            .map(String::as_str)
+            .map(|p| p.name.as_str())
             .zip(self.values.iter())
     }
 }
@@ -286,7 +297,7 @@ impl Function {
     }
 
     /// Binds the wire params to the declared ones.
-    fn bind(&self, name: &str, params: Params) -> Result<Args, RpcError> {
+    fn bind(self: &Arc<Self>, name: &str, params: Params) -> Result<Args, RpcError> {
         let declared = &self.params;
         let mut values: Vec<Option<Value>> = vec![None; declared.len()];
         match params {
@@ -346,7 +357,7 @@ impl Function {
             bound.push(value);
         }
         Ok(Args {
-            names: declared.iter().map(|p| p.name.clone()).collect(),
+            function: self.clone(),
             values: bound,
         })
     }
@@ -401,7 +412,7 @@ pub struct Rpc {
 }
 
 struct Inner {
-    functions: RwLock<BTreeMap<String, Function>>,
+    functions: RwLock<BTreeMap<String, Arc<Function>>>,
     scripts: Arc<Scripts>,
     jobs: Jobs,
 }
@@ -451,12 +462,12 @@ impl Rpc {
             );
             return Registered::Ignored;
         }
-        functions.insert(name.to_owned(), function);
+        functions.insert(name.to_owned(), Arc::new(function));
         Registered::Added
     }
 
     /// The function of a name: a registered one, else a script.
-    pub fn lookup(&self, name: &str) -> Option<Function> {
+    pub fn lookup(&self, name: &str) -> Option<Arc<Function>> {
         if let Some(f) = self
             .inner
             .functions
@@ -467,7 +478,10 @@ impl Rpc {
             return Some(f.clone());
         }
         let script = self.inner.scripts.catalog().get(name)?;
-        Some(builtins::script_function(&script, self.inner.jobs.clone()))
+        Some(Arc::new(builtins::script_function(
+            &script,
+            self.inner.jobs.clone(),
+        )))
     }
 
     /// Every callable name, sorted by code point. Reserved `rpc.*` names are left out,
@@ -550,9 +564,11 @@ mod tests {
 
     #[test]
     fn binding() {
-        let f = Function::sync(|(a, b): (i64, i64)| Ok(a + b))
-            .param("a", RpcType::Integer)
-            .param_default("b", RpcType::Integer, 2);
+        let f = Arc::new(
+            Function::sync(|(a, b): (i64, i64)| Ok(a + b))
+                .param("a", RpcType::Integer)
+                .param_default("b", RpcType::Integer, 2),
+        );
         let args = f.bind("add", Params::Positional(vec![1.into()])).unwrap();
         assert_eq!(args.values(), &[Value::from(1), Value::from(2)]);
         let mut named = serde_json::Map::new();

@@ -47,6 +47,9 @@ pub fn dedicated(state: AppState) -> Router {
     Router::new()
         .fallback(any(on_any))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(limit))
+        .layer(tower_http::map_request_body::MapRequestBodyLayer::new(
+            crate::body::EndsWhenComplete::wrap,
+        ))
         .with_state(state)
 }
 
@@ -221,7 +224,7 @@ async fn post_body(state: AppState, request: Request) -> Response {
     };
     if is_jsonrpc {
         return match caller(&state, &headers).await {
-            Ok(identity) => jsonrpc::answer_http_value(&state, &identity, value).await,
+            Ok(identity) => jsonrpc::answer_http(&state, &identity, &body).await,
             Err(response) => response,
         };
     }

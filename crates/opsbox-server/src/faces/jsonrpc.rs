@@ -32,7 +32,10 @@ use futures::{SinkExt, StreamExt};
 use opsbox_core::identities::Identity;
 use opsbox_core::rpc::{Params, RpcError};
 use opsbox_core::CoreError;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{authenticate, Refusal};
@@ -68,26 +71,156 @@ pub fn routes(_state: AppState) -> Router<AppState> {
     Router::new().route("/rpc", any(rpc_endpoint))
 }
 
-/// One JSON-RPC response object, written with the members in the spec's order.
-fn response(id: &Value, outcome: Result<Value, (i64, String, Option<Value>)>) -> String {
-    let id = serde_json::to_string(id).unwrap_or_else(|_| "null".into());
+/// One JSON-RPC response object, written with the members in the spec's order; `id`
+/// is the request's id as it was written (raw JSON), so it is echoed exactly.
+fn response(id: &str, outcome: Result<Value, (i64, String, Option<Value>)>) -> String {
+    let mut out = String::with_capacity(64);
+    out.push_str(r#"{"jsonrpc":"2.0","#);
     match outcome {
-        Ok(result) => format!(
-            r#"{{"jsonrpc":"2.0","result":{},"id":{id}}}"#,
-            serde_json::to_string(&result).unwrap_or_else(|_| "null".into())
-        ),
+        Ok(result) => {
+            out.push_str(r#""result":"#);
+            out.push_str(&serde_json::to_string(&result).unwrap_or_else(|_| "null".into()));
+        }
         Err((code, message, data)) => {
             let mut error = json!({"code": code, "message": message});
             if let Some(data) = data {
                 error["data"] = data;
             }
-            format!(r#"{{"jsonrpc":"2.0","error":{error},"id":{id}}}"#)
+            out.push_str(r#""error":"#);
+            out.push_str(&error.to_string());
         }
+    }
+    out.push_str(r#","id":"#);
+    out.push_str(id);
+    out.push('}');
+    out
+}
+
+/// The id of an answer to a request whose id could not be read.
+const NULL_ID: &str = "null";
+
+fn error(id: &str, code: i64, message: &str) -> String {
+    response(id, Err((code, message.to_owned(), None)))
+}
+
+/// A body as it arrives: one member, or a batch of them.
+enum Incoming<'a> {
+    One(Member<'a>),
+    Batch(Vec<Member<'a>>),
+}
+
+/// A request object, or something else where one was expected.
+enum Member<'a> {
+    Request(Envelope<'a>),
+    NotObject,
+}
+
+/// The members of a request object that JSON-RPC reads, as raw JSON: a member of the
+/// wrong type is answered as the spec says (with the id, when that is readable) rather
+/// than failing the parse of the whole body, and nothing is copied until it is used.
+/// Other members are ignored; a repeated member counts once, the last time (as a JSON
+/// object parsed into a map would).
+#[derive(Default)]
+struct Envelope<'a> {
+    id: Option<&'a RawValue>,
+    jsonrpc: Option<&'a RawValue>,
+    method: Option<&'a RawValue>,
+    params: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for Incoming<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Incoming<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON-RPC request or batch")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(member) = seq.next_element()? {
+                    members.push(member);
+                }
+                Ok(Incoming::Batch(members))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                MemberVisit.visit_map(map).map(Incoming::One)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Incoming::One(Member::NotObject))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Incoming::One(Member::NotObject))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Incoming::One(Member::NotObject))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Incoming::One(Member::NotObject))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Incoming::One(Member::NotObject))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Incoming::One(Member::NotObject))
+            }
+        }
+        deserializer.deserialize_any(Visit)
     }
 }
 
-fn error(id: &Value, code: i64, message: &str) -> String {
-    response(id, Err((code, message.to_owned(), None)))
+struct MemberVisit;
+
+impl<'de> Visitor<'de> for MemberVisit {
+    type Value = Member<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON-RPC request object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut envelope = Envelope::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let slot = match key.as_ref() {
+                "id" => &mut envelope.id,
+                "jsonrpc" => &mut envelope.jsonrpc,
+                "method" => &mut envelope.method,
+                "params" => &mut envelope.params,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value()?);
+        }
+        Ok(Member::Request(envelope))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Member::NotObject)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Member::NotObject)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Member::NotObject)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Member::NotObject)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Member::NotObject)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Member::NotObject)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Member::NotObject)
+    }
+}
+
+impl<'de> Deserialize<'de> for Member<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(MemberVisit)
+    }
 }
 
 /// The JSON-RPC error of a registry error.
@@ -113,26 +246,19 @@ pub struct Context<'a> {
 
 /// Answers one body (a request or a batch); `None` when nothing is to be sent back.
 pub async fn handle(ctx: &Context<'_>, body: &[u8]) -> Option<String> {
-    let value: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(_) => return Some(error(&Value::Null, code::PARSE_ERROR, "Parse error")),
+    let incoming: Incoming<'_> = match serde_json::from_slice(body) {
+        Ok(incoming) => incoming,
+        Err(_) => return Some(error(NULL_ID, code::PARSE_ERROR, "Parse error")),
     };
-    handle_value(ctx, value).await
-}
-
-/// Answers one parsed body.
-pub async fn handle_value(ctx: &Context<'_>, value: Value) -> Option<String> {
-    match value {
-        Value::Array(members) if members.is_empty() => Some(error(
-            &Value::Null,
-            code::INVALID_REQUEST,
-            "Invalid Request",
-        )),
-        Value::Array(members) => {
+    match incoming {
+        Incoming::Batch(members) if members.is_empty() => {
+            Some(error(NULL_ID, code::INVALID_REQUEST, "Invalid Request"))
+        }
+        Incoming::Batch(members) => {
             let limit = ctx.state.config.rpc.max_batch;
             if members.len() > limit {
                 return Some(response(
-                    &Value::Null,
+                    NULL_ID,
                     Err((
                         code::BATCH_TOO_LARGE,
                         "Batch request too large".into(),
@@ -140,48 +266,62 @@ pub async fn handle_value(ctx: &Context<'_>, value: Value) -> Option<String> {
                     )),
                 ));
             }
-            let answers: Vec<Option<String>> = futures::stream::iter(members)
-                .map(|member| single(ctx, member))
-                .buffered(ctx.state.config.rpc.batch_concurrency.max(1))
-                .collect()
-                .await;
-            let answers: Vec<String> = answers.into_iter().flatten().collect();
+            // At most `batch_concurrency` calls run at once; answers keep the order.
+            let width = ctx.state.config.rpc.batch_concurrency.max(1);
+            let mut members = members.into_iter();
+            let mut running = futures::stream::FuturesOrdered::new();
+            let mut answers = Vec::new();
+            loop {
+                while running.len() < width {
+                    let Some(member) = members.next() else { break };
+                    running.push_back(single(ctx, member));
+                }
+                match running.next().await {
+                    Some(answer) => answers.extend(answer),
+                    None => break,
+                }
+            }
             (!answers.is_empty()).then(|| format!("[{}]", answers.join(",")))
         }
-        other => single(ctx, other).await,
+        Incoming::One(member) => single(ctx, member).await,
     }
 }
 
 /// Answers one request object (or a batch member that is not one).
-async fn single(ctx: &Context<'_>, request: Value) -> Option<String> {
-    let Value::Object(mut request) = request else {
-        return Some(error(
-            &Value::Null,
-            code::INVALID_REQUEST,
-            "Invalid Request",
-        ));
+async fn single(ctx: &Context<'_>, member: Member<'_>) -> Option<String> {
+    let Member::Request(request) = member else {
+        return Some(error(NULL_ID, code::INVALID_REQUEST, "Invalid Request"));
     };
-    let notification = !request.contains_key("id");
-    let id = request.remove("id").unwrap_or(Value::Null);
-    if !matches!(id, Value::Null | Value::String(_) | Value::Number(_)) {
-        return Some(error(
-            &Value::Null,
-            code::INVALID_REQUEST,
-            "Invalid Request",
-        ));
+    let notification = request.id.is_none();
+    let id = request.id.map_or(NULL_ID, RawValue::get);
+    // An id is null, a string or a number.
+    if !matches!(
+        id.as_bytes().first(),
+        Some(b'n' | b'"' | b'-' | b'0'..=b'9')
+    ) {
+        return Some(error(NULL_ID, code::INVALID_REQUEST, "Invalid Request"));
     }
-    let valid_version = request.get("jsonrpc") == Some(&Value::String("2.0".into()));
-    let method = match request.remove("method") {
-        Some(Value::String(m)) if valid_version => m,
-        _ => return Some(error(&id, code::INVALID_REQUEST, "Invalid Request")),
+    let text = |raw: Option<&RawValue>| {
+        raw.and_then(|raw| serde_json::from_str::<Cow<'_, str>>(raw.get()).ok())
     };
-    let params = match request.remove("params") {
+    let valid_version = text(request.jsonrpc).is_some_and(|v| v == "2.0");
+    let method = match text(request.method) {
+        Some(method) if valid_version => method,
+        _ => return Some(error(id, code::INVALID_REQUEST, "Invalid Request")),
+    };
+    let params = match request.params.map(RawValue::get) {
         None => Params::None,
-        Some(Value::Array(a)) => Params::Positional(a),
-        Some(Value::Object(o)) => Params::Named(o),
-        Some(_) => return Some(error(&id, code::INVALID_REQUEST, "Invalid Request")),
+        Some(raw) if raw.starts_with('[') => match serde_json::from_str(raw) {
+            Ok(values) => Params::Positional(values),
+            Err(_) => return Some(error(id, code::INVALID_REQUEST, "Invalid Request")),
+        },
+        Some(raw) if raw.starts_with('{') => match serde_json::from_str(raw) {
+            Ok(members) => Params::Named(members),
+            Err(_) => return Some(error(id, code::INVALID_REQUEST, "Invalid Request")),
+        },
+        Some(_) => return Some(error(id, code::INVALID_REQUEST, "Invalid Request")),
     };
-    let outcome = match method.as_str() {
+    let outcome = match method.as_ref() {
         SUBSCRIBE | UNSUBSCRIBE => match ctx.session {
             None => Err((
                 code::INTERNAL_ERROR,
@@ -199,7 +339,7 @@ async fn single(ctx: &Context<'_>, request: Value) -> Option<String> {
             .await
             .map_err(rpc_error),
     };
-    (!notification).then(|| response(&id, outcome))
+    (!notification).then(|| response(id, outcome))
 }
 
 /// `/rpc`: POST a call; GET with an upgrade for the WebSocket; anything else 405.
@@ -250,7 +390,7 @@ pub fn too_big(limit: usize) -> Response {
         StatusCode::PAYLOAD_TOO_LARGE,
         [(header::CONTENT_TYPE, "application/json")],
         response(
-            &Value::Null,
+            NULL_ID,
             Err((
                 -32007,
                 "Request is too big".into(),
@@ -261,17 +401,6 @@ pub fn too_big(limit: usize) -> Response {
         .into_response()
 }
 
-/// Around the global body limit: a refused `/rpc` body gets its 413 with a JSON-RPC
-/// error (wire reference §12 H5), as jsonrpsee answers it.
-pub async fn json_413(limit: usize, request: Request, next: axum::middleware::Next) -> Response {
-    let rpc = request.uri().path() == "/rpc";
-    let response = next.run(request).await;
-    if rpc && response.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return too_big(limit);
-    }
-    response
-}
-
 /// Answers a POSTed body: 200 with the JSON, or 200 with an empty body.
 pub async fn answer_http(state: &AppState, caller: &Identity, body: &Bytes) -> Response {
     let ctx = Context {
@@ -280,16 +409,6 @@ pub async fn answer_http(state: &AppState, caller: &Identity, body: &Bytes) -> R
         session: None,
     };
     render(handle(&ctx, body).await)
-}
-
-/// Answers an already parsed body (the root dispatch of §10 parsed it to choose).
-pub async fn answer_http_value(state: &AppState, caller: &Identity, value: Value) -> Response {
-    let ctx = Context {
-        state,
-        caller,
-        session: None,
-    };
-    render(handle_value(&ctx, value).await)
 }
 
 fn render(answer: Option<String>) -> Response {
@@ -320,7 +439,7 @@ async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Identity, Respo
                 (header::WWW_AUTHENTICATE, "Basic realm=\"opsbox\""),
             ],
             error(
-                &Value::Null,
+                NULL_ID,
                 code::UNAUTHENTICATED,
                 "Unauthenticated: send HTTP Basic or a Bearer token",
             ),
@@ -329,7 +448,7 @@ async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Identity, Respo
         Err(Refusal::Internal(e)) => Err((
             StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "application/json")],
-            error(&Value::Null, code::INTERNAL_ERROR, &e.to_string()),
+            error(NULL_ID, code::INTERNAL_ERROR, &e.to_string()),
         )
             .into_response()),
     }
