@@ -887,6 +887,31 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_push_naming_an_id_twice_fails_and_stores_nothing() {
+        let (q, store, _dir) = queues().await;
+        let template = q.push(vec![text("a", "b", "t")]).await.unwrap().remove(0);
+        let with_id = |id: &str| MessageRecord {
+            id: id.into(),
+            ..template.clone()
+        };
+        let id = "0123456789abcdef01234567";
+        let twice = store
+            .insert_messages(vec![with_id(id), with_id(id)], message_event)
+            .await;
+        assert!(
+            matches!(twice, Err(crate::store::StoreError::Conflict(_))),
+            "{twice:?}"
+        );
+        let once = store
+            .insert_messages(vec![with_id(id)], message_event)
+            .await;
+        assert!(
+            once.is_ok(),
+            "the failed push left nothing behind: {once:?}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_pushes_and_acks_fail_and_win_alone() {
         let (q, store, _dir) = queues().await;

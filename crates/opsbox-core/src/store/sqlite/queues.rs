@@ -7,6 +7,8 @@
 //! query may take a message (see the migration), so one index over
 //! `(destination, status, due_at)` serves every claim, however many messages wait.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use opsbox_api::{Event, MessageStatus, PayloadKind, QueueStats};
 use rusqlite::types::Value;
@@ -143,53 +145,56 @@ fn insert_messages(
         .collect()
 }
 
-/// Stores the messages of each push given, with their events: all in one go, or, if
-/// that fails (an id taken, say), each push on its own, so that only the failing ones
-/// fail. The outer error is the database's; the inner ones are each push's.
+/// Stores the messages of each push given, with their events, in one go. A push naming
+/// an id that is taken (stored already, by an earlier push of the group, or twice in
+/// itself) fails alone, found before anything is written: the writer is the only one
+/// writing, so what is checked here still holds at the insert, and the group needs no
+/// savepoint (see `QueueOp::own_savepoint`). The outer error is the database's; the
+/// inner ones are each push's.
 pub(super) fn push(
     tx: &mut Tx,
     pushes: &[(Vec<MessageRecord>, MessageEvent)],
 ) -> StoreResult<Vec<StoreResult<Vec<Event>>>> {
-    let mark = tx.mark();
-    tx.run("SAVEPOINT pushes")?;
-    let all: Vec<&MessageRecord> = pushes.iter().flat_map(|(m, _)| m).collect();
-    let kinds: Vec<MessageEvent> = pushes
-        .iter()
-        .flat_map(|(m, event)| m.iter().map(move |_| *event))
-        .collect();
-    let results = match insert_messages(tx, &all, &kinds) {
-        Ok(mut events) => {
-            let mut results = Vec::with_capacity(pushes.len());
-            for (messages, _) in pushes {
-                let rest = events.split_off(messages.len().min(events.len()));
-                results.push(Ok(std::mem::replace(&mut events, rest)));
-            }
-            results
-        }
-        Err(error) => {
-            tx.undo(mark);
-            tx.run("ROLLBACK TO pushes")?;
-            if pushes.len() == 1 {
-                vec![Err(error)]
-            } else {
-                let mut results = Vec::with_capacity(pushes.len());
-                for (messages, event) in pushes {
-                    let mark = tx.mark();
-                    tx.run("SAVEPOINT one")?;
-                    let one: Vec<&MessageRecord> = messages.iter().collect();
-                    let result = insert_messages(tx, &one, &vec![*event; one.len()]);
-                    if result.is_err() {
-                        tx.undo(mark);
-                        tx.run("ROLLBACK TO one")?;
-                    }
-                    tx.run("RELEASE one")?;
-                    results.push(result);
+    let mut claimed: HashSet<&str> = HashSet::new();
+    let mut fits = Vec::with_capacity(pushes.len());
+    {
+        let mut stored = tx
+            .conn
+            .prepare_cached("SELECT 1 FROM messages WHERE id = ?")?;
+        for (messages, _) in pushes {
+            let mut ids: HashSet<&str> = HashSet::with_capacity(messages.len());
+            let mut free = true;
+            for m in messages {
+                if !ids.insert(&m.id)
+                    || claimed.contains(m.id.as_str())
+                    || stored.exists([&m.id])?
+                {
+                    free = false;
+                    break;
                 }
-                results
             }
+            if free {
+                claimed.extend(ids);
+            }
+            fits.push(free);
         }
-    };
-    tx.run("RELEASE pushes")?;
+    }
+    let (all, kinds): (Vec<&MessageRecord>, Vec<MessageEvent>) = pushes
+        .iter()
+        .zip(&fits)
+        .filter(|(_, free)| **free)
+        .flat_map(|((m, event), _)| m.iter().map(move |m| (m, *event)))
+        .unzip();
+    let mut events = insert_messages(tx, &all, &kinds)?;
+    let mut results = Vec::with_capacity(pushes.len());
+    for ((messages, _), free) in pushes.iter().zip(fits) {
+        if free {
+            let rest = events.split_off(messages.len().min(events.len()));
+            results.push(Ok(std::mem::replace(&mut events, rest)));
+        } else {
+            results.push(Err(StoreError::Conflict("message id".into())));
+        }
+    }
     Ok(results)
 }
 
