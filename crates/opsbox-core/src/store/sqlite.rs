@@ -10,7 +10,7 @@
 //! The writer also keeps the newest committed events in memory (the tail): a watcher
 //! woken by a commit reads what it missed from there instead of from the database, so a
 //! thousand watchers cost one insert and a thousand clones, not a thousand queries.
-//! Every event insert goes through `Tx::insert_event` (or `Tx::record`) so the tail
+//! Every event insert goes through `Tx::insert_event` (or `Tx::note_event`) so the tail
 //! sees it; events another process writes are found by the gap they leave.
 
 use std::collections::VecDeque;
@@ -305,7 +305,7 @@ fn write_job(
         return Err(StoreError::NotFound(format!("job {}", job.name)));
     }
     insert_output(tx, &job.name, output)?;
-    events.iter().map(|e| tx.insert_event(e)).collect()
+    events.iter().map(|e| tx.insert_event(e.clone())).collect()
 }
 
 fn insert_output(tx: &Tx, job: &str, chunks: &[LogChunkBytes]) -> StoreResult<()> {
@@ -498,7 +498,7 @@ impl Store for SqliteStore {
     }
 
     async fn append_event(&self, event: NewEvent) -> StoreResult<Event> {
-        self.write(move |tx| tx.insert_event(&event)).await
+        self.write(move |tx| tx.insert_event(event)).await
     }
 
     async fn compact_events(&self, keep: u64) -> StoreResult<u64> {
@@ -591,7 +591,7 @@ impl Store for SqliteStore {
                 .execute("DELETE FROM tasks WHERE job = ?", [&name])?;
             tx.conn
                 .execute("DELETE FROM job_output WHERE job = ?", [&name])?;
-            tx.insert_event(&event)
+            tx.insert_event(event)
         })
         .await
     }
@@ -615,9 +615,7 @@ impl Store for SqliteStore {
                 )?
                 .query_and_then((&reason, time_text(at)), |row| job_from_row(row))?
                 .collect::<StoreResult<Vec<_>>>()?;
-            jobs.iter()
-                .map(|job| tx.insert_event(&event(job)))
-                .collect()
+            jobs.iter().map(|job| tx.insert_event(event(job))).collect()
         })
         .await
     }
@@ -719,7 +717,7 @@ impl Store for SqliteStore {
                     ),
                 )
                 .map_err(|e| conflict(e, || format!("token {}", token.id)))?;
-            tx.insert_event(&event)
+            tx.insert_event(event)
         })
         .await
     }
@@ -894,7 +892,7 @@ impl SqliteStore {
                     ),
                 )
                 .map_err(|e| conflict(e, || format!("user {}", user.name)))?;
-            tx.insert_event(&event)
+            tx.insert_event(event)
         })
         .await
     }
@@ -912,7 +910,7 @@ impl SqliteStore {
             if tx.conn.execute(&sql, [&value])? == 0 {
                 return Err(StoreError::NotFound(value));
             }
-            tx.insert_event(&event)
+            tx.insert_event(event)
         })
         .await
     }

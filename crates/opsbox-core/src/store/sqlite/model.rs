@@ -63,7 +63,11 @@ impl SqliteStore {
                     )?
                     .execute((name, *next as i64))?;
             }
-            write.events.iter().map(|e| tx.insert_event(e)).collect()
+            write
+                .events
+                .iter()
+                .map(|e| tx.insert_event(e.clone()))
+                .collect()
         })
         .await
     }

@@ -50,7 +50,7 @@ impl SqliteStore {
                 )?
                 .execute((&id, &data))?;
             if let Some(event) = event {
-                tx.insert_event(&event)?;
+                tx.note_event(event)?;
             }
             Ok(())
         })
@@ -83,7 +83,7 @@ impl SqliteStore {
                 put_task(tx, task)?;
             }
             for event in &pending {
-                events.push(tx.insert_event(event)?);
+                events.push(tx.insert_event(event.clone())?);
             }
             Ok(events)
         })

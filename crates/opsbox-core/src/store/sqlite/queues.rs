@@ -141,7 +141,7 @@ fn insert_messages(
     messages
         .iter()
         .zip(kinds)
-        .map(|(m, event)| tx.insert_event(&event("pushed", m)))
+        .map(|(m, event)| tx.insert_event(event("pushed", m)))
         .collect()
 }
 
@@ -308,8 +308,8 @@ fn claim_one(tx: &mut Tx, claim: &Claim, event: MessageEvent) -> StoreResult<Vec
             ))?;
         }
     }
-    for e in &events {
-        tx.insert_event(e)?;
+    for e in events {
+        tx.note_event(e)?;
     }
     Ok(claimed.into_iter().map(|(_, m)| m).collect())
 }
@@ -349,7 +349,7 @@ pub(super) fn ack(tx: &mut Tx, acks: &[Ack]) -> StoreResult<Vec<Vec<MessageRecor
             acked
         };
         for message in &acked {
-            tx.insert_event(&(a.event)("acked", message))?;
+            tx.note_event((a.event)("acked", message))?;
         }
         answers.push(acked);
     }
@@ -443,7 +443,7 @@ impl SqliteStore {
                 .query_and_then(params_from_iter(params), |row| message_from_row(row))?
                 .collect::<StoreResult<Vec<_>>>()?;
             for message in &updated {
-                tx.insert_event(&event("updated", message))?;
+                tx.note_event(event("updated", message))?;
             }
             Ok(updated)
         })
@@ -472,7 +472,7 @@ impl SqliteStore {
                 }
             }
             if count > 0 {
-                tx.insert_event(&event(&ids, count))?;
+                tx.note_event(event(&ids, count))?;
             }
             Ok(count)
         })

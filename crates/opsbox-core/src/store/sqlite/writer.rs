@@ -13,7 +13,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use opsbox_api::Event;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -54,23 +54,20 @@ impl Tx {
         self.events.truncate(mark.events);
     }
 
-    /// The event inserted at `rev`, noted in the group.
-    pub(super) fn record(&mut self, rev: i64, at: DateTime<Utc>, event: NewEvent) -> Event {
-        let event = Event {
-            rev: rev as u64,
-            at,
-            kind: event.kind,
-            subject: event.subject,
-            data: event.data,
-        };
-        self.newest = self.newest.max(event.rev);
-        self.events.push(event.clone());
-        event
+    /// Inserts an event and answers it. Every event insert of the writer goes through
+    /// here or [`Tx::note_event`], so that the group's events reach the tail.
+    pub(super) fn insert_event(&mut self, event: NewEvent) -> StoreResult<Event> {
+        self.note_event(event)?;
+        self.events
+            .last()
+            .cloned()
+            .ok_or_else(|| StoreError::Failed("an event noted is missing".into()))
     }
 
-    /// Inserts an event; every event insert of the writer goes through here (or
-    /// [`Tx::record`]) so that the tail sees it.
-    pub(super) fn insert_event(&mut self, event: &NewEvent) -> StoreResult<Event> {
+    /// Inserts an event whose record the caller does not need: the group keeps the only
+    /// copy (an event's data is a JSON tree, and copying it was a good part of a small
+    /// write's cost on the writer thread).
+    pub(super) fn note_event(&mut self, event: NewEvent) -> StoreResult<()> {
         let at = Utc::now();
         let rev: i64 = self
             .conn
@@ -86,7 +83,16 @@ impl Tx {
                 ),
                 |row| row.get(0),
             )?;
-        Ok(self.record(rev, at, event.clone()))
+        let event = Event {
+            rev: rev as u64,
+            at,
+            kind: event.kind,
+            subject: event.subject,
+            data: event.data,
+        };
+        self.newest = self.newest.max(event.rev);
+        self.events.push(event);
+        Ok(())
     }
 }
 
