@@ -128,53 +128,16 @@ struct Envelope<'a> {
     params: Option<&'a RawValue>,
 }
 
-impl<'de> Deserialize<'de> for Incoming<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> Visitor<'de> for Visit {
-            type Value = Incoming<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON-RPC request or batch")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-                while let Some(member) = seq.next_element()? {
-                    members.push(member);
-                }
-                Ok(Incoming::Batch(members))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                MemberVisit.visit_map(map).map(Incoming::One)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Incoming::One(Member::NotObject))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(Incoming::One(Member::NotObject))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Incoming::One(Member::NotObject))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Incoming::One(Member::NotObject))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(Incoming::One(Member::NotObject))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(Incoming::One(Member::NotObject))
-            }
-        }
-        deserializer.deserialize_any(Visit)
-    }
+/// Reads a body (`batch: true`) or a batch member (`false`, where an array is just
+/// something that is not a request object).
+struct Visit {
+    batch: bool,
 }
 
-struct MemberVisit;
-
-impl<'de> Visitor<'de> for MemberVisit {
-    type Value = Member<'de>;
+impl<'de> Visitor<'de> for Visit {
+    type Value = Incoming<'de>;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON-RPC request object")
+        f.write_str("a JSON-RPC request or batch")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut envelope = Envelope::default();
@@ -191,35 +154,51 @@ impl<'de> Visitor<'de> for MemberVisit {
             };
             *slot = Some(map.next_value()?);
         }
-        Ok(Member::Request(envelope))
+        Ok(Incoming::One(Member::Request(envelope)))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Member::NotObject)
+        if !self.batch {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(Incoming::One(Member::NotObject));
+        }
+        let mut members = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(member) = seq.next_element()? {
+            members.push(member);
+        }
+        Ok(Incoming::Batch(members))
     }
     fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Member::NotObject)
+        Ok(Incoming::One(Member::NotObject))
     }
     fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Member::NotObject)
+        Ok(Incoming::One(Member::NotObject))
     }
     fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Member::NotObject)
+        Ok(Incoming::One(Member::NotObject))
     }
     fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Member::NotObject)
+        Ok(Incoming::One(Member::NotObject))
     }
     fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Member::NotObject)
+        Ok(Incoming::One(Member::NotObject))
     }
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Member::NotObject)
+        Ok(Incoming::One(Member::NotObject))
+    }
+}
+
+impl<'de> Deserialize<'de> for Incoming<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Visit { batch: true })
     }
 }
 
 impl<'de> Deserialize<'de> for Member<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(MemberVisit)
+        match deserializer.deserialize_any(Visit { batch: false })? {
+            Incoming::One(member) => Ok(member),
+            Incoming::Batch(_) => Ok(Member::NotObject),
+        }
     }
 }
 
