@@ -322,6 +322,9 @@ def test_actions_run_as_jobs_on_the_units_node(juju):
     env.wait_for_units(timeout=60)
     specs = env.actions.service_actions(['db'])['results'][0]['actions']['ActionSpecs']
     assert specs['backup']['Params']['properties']['label']['type'] == 'string'
+    # Client.CharmInfo describes the same actions.
+    info = env.get_charm('cs:precise/mysql')
+    assert info['Actions']['ActionSpecs']['backup'] == specs['backup']
     queued = env.actions.enqueue_units(['db/0'], 'backup', {'label': 'nightly'})['results'][0]
     tag = queued['action']['tag']
     assert tag.startswith('action-') and queued['action']['receiver'] == 'unit-db/0'

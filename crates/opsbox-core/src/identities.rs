@@ -201,12 +201,23 @@ impl Identities {
             password_hash: hash,
             role: user.role,
             created_at: Utc::now(),
+            source: None,
         };
         self.store_user(record, replace).await
     }
 
     /// Stores a user whose hash was made elsewhere (an imported htpasswd line).
     pub async fn import_user(&self, name: &str, hash: &str, role: Role) -> CoreResult<User> {
+        self.import_user_from(name, hash, role, None).await
+    }
+
+    async fn import_user_from(
+        &self,
+        name: &str,
+        hash: &str,
+        role: Role,
+        source: Option<&str>,
+    ) -> CoreResult<User> {
         if !valid_user_name(name) {
             return Err(CoreError::Invalid(format!(
                 "user name '{name}' is not valid"
@@ -217,12 +228,13 @@ impl Identities {
             password_hash: hash.to_owned(),
             role,
             created_at: Utc::now(),
+            source: source.map(str::to_owned),
         };
         self.store_user(record, true).await
     }
 
     /// Imports every user of an htpasswd file with `role` (existing users get the file's
-    /// hash); returns their names.
+    /// hash), once; returns their names.
     pub async fn import_htpasswd(&self, text: &str, role: Role) -> CoreResult<Vec<String>> {
         let mut names = Vec::new();
         for (user, hash) in parse_htpasswd(text)? {
@@ -230,6 +242,47 @@ impl Identities {
             names.push(user);
         }
         Ok(names)
+    }
+
+    /// Keeps the users of the htpasswd file `source` in step with its `text`, as Pyjojo
+    /// did by reading the file on each request: its users are stored with their hash and
+    /// `role` (a user of the same name made with opsbox becomes the file's), and users
+    /// that came from this file but are no longer in it are removed, so deleting a line
+    /// takes that access away. A file that does not parse changes nothing.
+    pub async fn sync_htpasswd(
+        &self,
+        text: &str,
+        role: Role,
+        source: &str,
+    ) -> CoreResult<HtpasswdSync> {
+        let lines = parse_htpasswd(text)?;
+        let stored: HashMap<String, UserRecord> = self
+            .store
+            .list_users()
+            .await?
+            .into_iter()
+            .map(|u| (u.name.clone(), u))
+            .collect();
+        let mut sync = HtpasswdSync::default();
+        for (user, hash) in &lines {
+            let unchanged = stored.get(user).is_some_and(|u| {
+                u.password_hash == *hash && u.role == role && u.source.as_deref() == Some(source)
+            });
+            if !unchanged {
+                self.import_user_from(user, hash, role, Some(source))
+                    .await?;
+            }
+            sync.users.push(user.clone());
+        }
+        for user in stored.values() {
+            if user.source.as_deref() == Some(source) && !sync.users.contains(&user.name) {
+                match self.remove_user(&user.name).await {
+                    Ok(()) | Err(CoreError::NotFound(_)) => sync.removed.push(user.name.clone()),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(sync)
     }
 
     async fn store_user(&self, record: UserRecord, replace: bool) -> CoreResult<User> {
@@ -408,6 +461,15 @@ fn is_des_crypt(hash: &str) -> bool {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What [`Identities::sync_htpasswd`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HtpasswdSync {
+    /// The file's users.
+    pub users: Vec<String>,
+    /// Users that came from the file and were removed because it no longer lists them.
+    pub removed: Vec<String>,
 }
 
 /// Parses an Apache htpasswd file into (user, hash) pairs; blank lines and `#`

@@ -3,9 +3,11 @@
 //!
 //! Lines break on `\n`, `\r` or `\r\n`; the terminators are dropped, a final one adds no
 //! empty line, inner empty lines stay. A return-value line starts with
-//! `jojo_return_value` at column 0; the rest is split on the first `=` and both sides
-//! trimmed (Pyjojo answered 500 for `a=b=c` and lost values in combined mode: here
-//! `a=b=c` gives `a: "b=c"`, and a line without `=` is just output).
+//! `jojo_return_value` at column 0; as in Pyjojo, every occurrence of that marker is
+//! removed from the line (`k=jojo_return_value` gives `k: ""`), and the rest is split on
+//! the first `=` with both sides trimmed (Pyjojo answered 500 for `a=b=c` and lost values
+//! in combined mode: here `a=b=c` gives `a: "b=c"`, and a line without `=` is just
+//! output).
 
 use std::collections::BTreeMap;
 
@@ -36,7 +38,9 @@ pub fn split_lines(text: &str) -> Vec<String> {
 
 /// The key and value of one return-value line, if it is one.
 pub fn return_value(line: &str) -> Option<(String, String)> {
-    let rest = line.strip_prefix(RETURN_VALUE_PREFIX)?;
+    let rest = line
+        .strip_prefix(RETURN_VALUE_PREFIX)?
+        .replace(RETURN_VALUE_PREFIX, "");
     let (key, value) = rest.split_once('=')?;
     let key = key.trim();
     if key.is_empty() {
@@ -125,10 +129,7 @@ mod tests {
         assert_eq!(values.get("archived").map(String::as_str), Some("3"));
         assert_eq!(values.get("k1").map(String::as_str), Some("v1"));
         assert_eq!(values.get("a").map(String::as_str), Some("b=c"));
-        assert_eq!(
-            values.get("k").map(String::as_str),
-            Some("jojo_return_value")
-        );
+        assert_eq!(values.get("k").map(String::as_str), Some(""));
         assert!(!values.contains_key("x"));
         assert_eq!(values.len(), 4);
     }

@@ -284,3 +284,55 @@ async fn htpasswd_users_authenticate_and_identities_outlive_a_restart() {
         .unwrap();
     assert_eq!(who.role, Role::Operator);
 }
+
+#[tokio::test]
+async fn an_htpasswd_file_kept_in_step_adds_changes_and_removes_its_users() {
+    let t = open(&[]).await;
+    let ids = &t.core.identities;
+    let file = "htpasswd:/etc/opsbox/passfile";
+    ids.add_user(NewUser {
+        name: "own".into(),
+        password: "own-pw".into(),
+        role: Role::Admin,
+    })
+    .await
+    .unwrap();
+    let sync = ids
+        .sync_htpasswd("a:plain-a\nb:plain-b\n", Role::Operator, file)
+        .await
+        .unwrap();
+    assert_eq!(sync.users, ["a", "b"]);
+    assert!(sync.removed.is_empty());
+    assert!(ids.authenticate(&password("b", "plain-b")).await.is_ok());
+
+    // A line removed and a hash changed: b loses access, a's new password works.
+    let sync = ids
+        .sync_htpasswd("a:new-a\n", Role::Operator, file)
+        .await
+        .unwrap();
+    assert_eq!(sync.removed, ["b"]);
+    assert!(ids.authenticate(&password("b", "plain-b")).await.is_err());
+    assert!(ids.authenticate(&password("a", "plain-a")).await.is_err());
+    assert!(ids.authenticate(&password("a", "new-a")).await.is_ok());
+    // Users made with opsbox, or kept by another file, are not the file's to remove.
+    ids.sync_htpasswd("c:plain-c\n", Role::Reader, "htpasswd:/other")
+        .await
+        .unwrap();
+    let sync = ids.sync_htpasswd("", Role::Operator, file).await.unwrap();
+    assert_eq!(sync.removed, ["a"]);
+    let mut left: Vec<String> = ids
+        .users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    left.sort();
+    assert_eq!(left, ["c", "own"]);
+    // A file that does not parse changes nothing.
+    assert!(ids
+        .sync_htpasswd("no colon\n", Role::Operator, "htpasswd:/other")
+        .await
+        .is_err());
+    assert!(ids.authenticate(&password("c", "plain-c")).await.is_ok());
+}

@@ -57,6 +57,27 @@ pub async fn require_caller(
     }
 }
 
+/// Authenticates a request; one that carries no credentials at all gets the
+/// `anonymous` identity with `role` when a face's policy gives one (for clients that
+/// cannot send credentials: py-jrpc's, Disco's). Wrong credentials are still refused.
+pub async fn authenticate_or_anonymous(
+    core: &Core,
+    headers: &HeaderMap,
+    anonymous: Option<Role>,
+) -> Result<Caller, Refusal> {
+    match authenticate(core, headers).await {
+        Err(Refusal::Unauthenticated) => match anonymous {
+            Some(role) if credentials(headers).is_none() => Ok(Caller(Identity {
+                name: ANONYMOUS.into(),
+                role,
+                nodes: Vec::new(),
+            })),
+            _ => Err(Refusal::Unauthenticated),
+        },
+        other => other,
+    }
+}
+
 /// Reads `Authorization: Basic …` or `Authorization: Bearer …`.
 pub fn credentials(headers: &HeaderMap) -> Option<Credentials> {
     let value = headers

@@ -37,6 +37,7 @@ pub struct ServerConfig {
     pub jojo: JojoConfig,
     pub rpc: RpcConfig,
     pub scirocco: SciroccoConfig,
+    pub disco: DiscoConfig,
     pub nodes: NodesSettings,
     /// The store: `None` for the SQLite file in `data`, or a `postgres://` URL that
     /// several servers share (README, "Scaling out").
@@ -137,6 +138,16 @@ impl Default for RpcConfig {
     }
 }
 
+/// Settings of the Disco face (`[disco]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoConfig {
+    /// The role that callers without credentials get on the Disco face (`/disco/...`,
+    /// result files included) once the server requires credentials: Disco's clients
+    /// cannot send any. `None`, the default, refuses them with 401.
+    pub anonymous_role: Option<opsbox_api::Role>,
+}
+
 /// Settings of the Jojo face.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -189,6 +200,7 @@ impl Default for ServerConfig {
             jojo: JojoConfig::default(),
             rpc: RpcConfig::default(),
             scirocco: SciroccoConfig::default(),
+            disco: DiscoConfig::default(),
             nodes: NodesSettings::default(),
             store: None,
             server_id: None,

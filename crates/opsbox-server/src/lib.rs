@@ -118,7 +118,8 @@ fn title_case_headers(
     builder.http1().title_case_headers(true);
 }
 
-/// Imports the users of an htpasswd file (role operator).
+/// Brings the users of an htpasswd file (role operator) in step with it: its users are
+/// imported, and users it no longer lists are removed.
 async fn import_htpasswd(core: &Core, path: &std::path::Path) -> Result<usize, ServerError> {
     let text = std::fs::read_to_string(path).map_err(|source| {
         ServerError::Core(CoreError::Io {
@@ -126,12 +127,16 @@ async fn import_htpasswd(core: &Core, path: &std::path::Path) -> Result<usize, S
             source,
         })
     })?;
-    let names = core
+    // The file's users are marked with its absolute path: removing a line removes only
+    // users that came from this file, never ones made with opsbox.
+    let source = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let source = format!("htpasswd:{}", source.display());
+    let sync = core
         .identities
-        .import_htpasswd(&text, opsbox_api::Role::Operator)
+        .sync_htpasswd(&text, opsbox_api::Role::Operator, &source)
         .await?;
-    tracing::info!(users = names.len(), file = %path.display(), "imported htpasswd users");
-    Ok(names.len())
+    tracing::info!(users = sync.users.len(), removed = ?sync.removed, file = %path.display(), "imported htpasswd users");
+    Ok(sync.users.len())
 }
 
 /// Re-imports the htpasswd file whenever its modification time changes, so edits take

@@ -85,7 +85,11 @@ async fn jobs_are_listed_described_and_their_results_long_polled() {
     assert_eq!(results.len(), 1, "{answer}");
     // E4: a list of replica lists, each an http URL the client can fetch as it is.
     let url = results[0][0].as_str().unwrap();
-    assert!(url.ends_with("/results/reduce-0/total"), "{url}");
+    let job_segment = name.replace('@', "%40").replace(':', "%3A");
+    assert!(
+        url.ends_with(&format!("/disco/results/{job_segment}/reduce-0/total")),
+        "{url}"
+    );
     let total = client()
         .get(url)
         .send()
@@ -95,7 +99,55 @@ async fn jobs_are_listed_described_and_their_results_long_polled() {
         .await
         .unwrap();
     assert_eq!(total.trim(), "5");
+    // Clients read large results in ranges.
+    let r = client()
+        .get(url)
+        .header("Range", "bytes=0-0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(r.text().await.unwrap(), "5");
     assert_eq!(answer[1], json!(["nosuch@1", ["unknown job", []]]));
+
+    // 0.5: the results of each stage; 0.3–0.4: the map stage's, flat.
+    let (status, stage) = get(
+        &server,
+        &format!("/disco/ctrl/get_stageresults?name={name}&stage=map"),
+    )
+    .await;
+    assert_eq!(status, 200, "{stage}");
+    let maps = stage.as_array().unwrap();
+    assert_eq!(maps.len(), 2, "{stage}");
+    assert!(maps.iter().all(|m| m[0]
+        .as_str()
+        .unwrap()
+        .contains(&format!("{job_segment}/map-"))));
+    let (_, stage) = get(
+        &server,
+        &format!("/disco/ctrl/get_stageresults?name={name}&stage=reduce"),
+    )
+    .await;
+    assert_eq!(stage[0][0], results[0][0]);
+    let (status, flat) = get(&server, &format!("/disco/ctrl/get_mapresults?name={name}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(flat[0], maps[0][0]);
+    let (status, _) = get(
+        &server,
+        &format!("/disco/ctrl/get_stageresults?name={name}&stage=shuffle"),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = get(
+        &server,
+        "/disco/ctrl/get_stageresults?name=nosuch@1&stage=map",
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        get(&server, "/disco/ctrl/get_gc_blacklist").await,
+        (200, json!([]))
+    );
 
     // E1 form: GET with the name unescaped in the query.
     let r = client()
@@ -360,4 +412,62 @@ async fn nodes_blacklist_config_and_settings() {
     .await;
     assert_eq!(status, 400);
     server.shutdown().await;
+}
+
+async fn add_admin(server: &TestServer) {
+    let r = client()
+        .post(server.url("/v1/users"))
+        .json(&json!({"name": "admin", "password": "pw", "role": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+}
+
+/// Disco's clients send no credentials: once the server requires them, only the
+/// `[disco] anonymous_role` policy lets such a client in, and only as far as its role.
+#[tokio::test]
+async fn clients_without_credentials_only_by_policy() {
+    let closed = TestServer::start().await;
+    add_admin(&closed).await;
+    let r = client()
+        .get(closed.url("/disco/ctrl/joblist"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body.as_str().unwrap().contains("--disco-anonymous"),
+        "{body}"
+    );
+    let r = client()
+        .get(closed.url("/disco/ctrl/joblist"))
+        .basic_auth("admin", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    closed.shutdown().await;
+
+    let open =
+        TestServer::start_with(|c| c.disco.anonymous_role = Some(opsbox_api::Role::Reader)).await;
+    add_admin(&open).await;
+    assert_eq!(get(&open, "/disco/ctrl/joblist").await, (200, json!([])));
+    assert_eq!(get(&open, "/disco/version").await, (200, json!("0.5.4")));
+    // A reader may look, not kill; wrong credentials are refused, not made anonymous.
+    let (status, _) = post(&open, "/disco/ctrl/kill_job", json!("x@1")).await;
+    assert_eq!(status, 403);
+    let r = client()
+        .get(open.url("/disco/ctrl/joblist"))
+        .basic_auth("admin", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // The policy is the Disco face's only.
+    let r = client().get(open.url("/v1/jobs")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    open.shutdown().await;
 }

@@ -217,6 +217,31 @@ async fn binary_push_echoes_raw_bytes_and_later_reads_give_base64() {
 }
 
 #[tokio::test]
+async fn a_latin1_json_body_is_read_as_expresss_parser_read_it() {
+    // scirocco-pyclient encodes a JSON-looking str as Latin-1: "hé" arrives as 68 E9.
+    let s = server().await;
+    let r = push(
+        &s,
+        false,
+        "af1",
+        "af1",
+        "application/json",
+        b"{\"a\":\"h\xe9\"}".to_vec(),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = req(&s, false, "af1", Method::GET, "/messageQueue")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"a": "h\u{fffd}"}));
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn one_store_two_dialects_each_with_its_own_names() {
     let s = server().await;
     let r = push(

@@ -74,6 +74,15 @@ pub struct ServeArgs {
         value_name = "ROLE"
     )]
     pub jrpc_anonymous: Option<String>,
+    /// Role (reader, operator, admin) of Disco clients (`/disco/...`) that send no
+    /// credentials, once users or tokens exist: Disco's clients cannot send any. Without
+    /// it they get 401.
+    #[arg(
+        long = "disco-anonymous",
+        env = "OPSBOX_DISCO_ANONYMOUS",
+        value_name = "ROLE"
+    )]
+    pub disco_anonymous: Option<String>,
     /// Seconds without a heartbeat after which an agent's tasks are retried elsewhere.
     #[arg(
         long = "heartbeat-timeout",
@@ -149,6 +158,11 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
             Some(opsbox_api::Role::parse(role).with_context(|| {
                 format!("--jrpc-anonymous takes reader, operator or admin, not '{role}'")
             })?);
+    }
+    if let Some(role) = &args.disco_anonymous {
+        config.disco.anonymous_role = Some(opsbox_api::Role::parse(role).with_context(|| {
+            format!("--disco-anonymous takes reader, operator or admin, not '{role}'")
+        })?);
     }
     if let Some(secs) = args.heartbeat_timeout {
         anyhow::ensure!(secs > 0, "--heartbeat-timeout must be at least 1 second");

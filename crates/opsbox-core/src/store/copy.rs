@@ -88,6 +88,7 @@ const TABLES: &[Table] = &[
             ("password_hash", Text),
             ("role", Text),
             ("created_at", Time),
+            ("source", Text),
         ],
         "name",
     ),

@@ -243,6 +243,9 @@ pub struct UserRecord {
     pub password_hash: String,
     pub role: Role,
     pub created_at: DateTime<Utc>,
+    /// The htpasswd file a server keeps this user in step with; `None` for users made
+    /// with opsbox or imported once.
+    pub source: Option<String>,
 }
 
 /// An API token; only a hash of its secret is kept.

@@ -419,6 +419,7 @@ fn user_from_row(row: &SqliteRow) -> StoreResult<UserRecord> {
         password_hash: row.try_get("password_hash")?,
         role: role(&row.try_get::<String, _>("role")?)?,
         created_at: row.try_get("created_at")?,
+        source: row.try_get("source")?,
     })
 }
 
@@ -875,11 +876,13 @@ impl SqliteStore {
         let user = user.clone();
         self.write(move |tx| {
             let sql = if replace {
-                "INSERT INTO users (name, password_hash, role, created_at) VALUES (?, ?, ?, ?)
+                "INSERT INTO users (name, password_hash, role, created_at, source)
+                 VALUES (?, ?, ?, ?, ?)
                  ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,
-                    role = excluded.role"
+                    role = excluded.role, source = excluded.source"
             } else {
-                "INSERT INTO users (name, password_hash, role, created_at) VALUES (?, ?, ?, ?)"
+                "INSERT INTO users (name, password_hash, role, created_at, source)
+                 VALUES (?, ?, ?, ?, ?)"
             };
             tx.conn
                 .execute(
@@ -889,6 +892,7 @@ impl SqliteStore {
                         &user.password_hash,
                         user.role.as_str(),
                         time_text(user.created_at),
+                        &user.source,
                     ),
                 )
                 .map_err(|e| conflict(e, || format!("user {}", user.name)))?;

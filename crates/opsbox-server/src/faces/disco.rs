@@ -1,8 +1,10 @@
 //! The Disco master face (`/disco/...`): the E4 (0.5.x) wire format with the E1 shims of
 //! the wire reference's §8, over the jobs and nodes services. Statuses map from job
 //! states (`queued`/`running` → `active`, `succeeded` → `ready`, anything else →
-//! `dead`); results are the result files of the job's last phase, as `http://` URLs of
-//! the native API, which every client generation fetches as they are.
+//! `dead`); results are the result files of the job's last phase, as `http://` URLs
+//! under `/disco/results/`, which every client generation fetches as they are. Disco's
+//! clients send no credentials: `[disco] anonymous_role` says what such a request may
+//! do once the server requires credentials (none, by default).
 //!
 //! Deviations, each because opsbox has no such thing: jobs are submitted the opsbox
 //! way (a job pack or netstring submission is answered with an error naming it); the
@@ -56,10 +58,45 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/disco/ctrl/get_blacklist", get(get_blacklist))
         .route("/disco/ctrl/get_settings", get(get_settings))
         .route("/disco/ctrl/save_settings", post(save_settings))
-        .layer(axum::middleware::from_fn_with_state(
-            state,
-            crate::auth::require_caller,
-        ))
+        .route("/disco/ctrl/get_mapresults", get(get_mapresults))
+        .route("/disco/ctrl/get_stageresults", get(get_stageresults))
+        .route("/disco/ctrl/get_gc_blacklist", get(get_gc_blacklist))
+        .route("/disco/ctrl/gc_blacklist", post(gc_list))
+        .route("/disco/ctrl/gc_whitelist", post(gc_list))
+        .route("/disco/results/{job}/{*path}", get(result_file))
+        .layer(axum::middleware::from_fn_with_state(state, disco_caller))
+}
+
+/// Authenticates every Disco request. Disco's clients send no credentials, so the
+/// `[disco] anonymous_role` policy decides what a request without any may do; a
+/// refusal is a 401 with a JSON string body, as Disco's errors are.
+async fn disco_caller(
+    State(state): State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let anonymous = state.config.disco.anonymous_role;
+    match crate::auth::authenticate_or_anonymous(&state.core, request.headers(), anonymous).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(crate::auth::Refusal::Unauthenticated) => {
+            let mut response = DiscoError(
+                StatusCode::UNAUTHORIZED,
+                "credentials required: send HTTP Basic or a Bearer token, or start the \
+                 server with --disco-anonymous ROLE for clients that cannot"
+                    .into(),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"opsbox\""),
+            );
+            response
+        }
+        Err(crate::auth::Refusal::Internal(e)) => DiscoError::from(e).into_response(),
+    }
 }
 
 /// A Disco error: status and a JSON string body, as the E3+ master answered.
@@ -149,40 +186,145 @@ fn result_urls(base: &str, job: &Job) -> Vec<String> {
     if job.state != JobState::Succeeded {
         return Vec::new();
     }
+    if job.progress.is_empty() {
+        // A plain run: all its files.
+        return job
+            .results
+            .iter()
+            .map(|f| result_url(base, &job.name, &f.path))
+            .collect();
+    }
     let phase = if job.reduce.is_some() {
-        "reduce-"
+        "reduce"
     } else {
-        "map-"
+        "map"
     };
+    phase_urls(base, job, phase)
+}
+
+/// The result URLs of one phase of a fan-out job: the files its tasks wrote (under
+/// `map-N/`), else the stdout of each of its tasks (`map-N.out`).
+fn phase_urls(base: &str, job: &Job, phase: &str) -> Vec<String> {
+    let prefix = format!("{phase}-");
+    let of_phase = |p: &&str| p.starts_with(&prefix);
     let mut files: Vec<&str> = job
         .results
         .iter()
         .map(|f| f.path.as_str())
-        .filter(|p| p.starts_with(phase) && p.contains('/'))
+        .filter(of_phase)
+        .filter(|p| p.contains('/'))
         .collect();
     if files.is_empty() {
-        // No result files: the stdout of each task of that phase.
         files = job
             .results
             .iter()
             .map(|f| f.path.as_str())
-            .filter(|p| p.starts_with(phase) && p.ends_with(".out"))
+            .filter(of_phase)
+            .filter(|p| p.ends_with(".out"))
             .collect();
-    }
-    if job.progress.is_empty() {
-        // A plain run: all its files.
-        files = job.results.iter().map(|f| f.path.as_str()).collect();
     }
     files
         .into_iter()
-        .map(|p| {
-            format!(
-                "{base}/v1/jobs/{}/results/{}",
-                opsbox_api::paths::encode_segment(&job.name),
-                opsbox_api::paths::encode_path(p)
-            )
-        })
+        .map(|p| result_url(base, &job.name, p))
         .collect()
+}
+
+/// A result file's URL under this face (so that `[disco] anonymous_role` covers it).
+fn result_url(base: &str, job: &str, path: &str) -> String {
+    format!(
+        "{base}/disco/results/{}/{}",
+        opsbox_api::paths::encode_segment(job),
+        opsbox_api::paths::encode_path(path)
+    )
+}
+
+/// `GET /disco/results/{job}/{path}`: a result file, with `Range` support (Disco's
+/// clients read large results in ranges).
+async fn result_file(
+    State(state): State<AppState>,
+    axum::extract::Path((job, path)): axum::extract::Path<(String, String)>,
+    request: axum::extract::Request,
+) -> DiscoResult<Response> {
+    let file = state.core.jobs.result_path(&job, &path).await?;
+    use tower::ServiceExt;
+    let served = tower_http::services::ServeFile::new(file)
+        .oneshot(request)
+        .await
+        .map_err(|e| DiscoError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(served.map(axum::body::Body::new))
+}
+
+/// `get_stageresults?name=&stage=` (0.5): the result URLs of a finished stage, one
+/// replica list each; 404 while the stage runs or when job or stage is unknown.
+async fn get_stageresults(
+    State(state): State<AppState>,
+    Query(query): Query<StageQuery>,
+    headers: HeaderMap,
+) -> DiscoResult<Json<Value>> {
+    let job = known_job(&state, &query.name).await?;
+    let urls = stage_urls(&base(&headers), &job, &query.stage)?;
+    Ok(Json(Value::Array(
+        urls.into_iter().map(|u| json!([u])).collect(),
+    )))
+}
+
+/// `get_mapresults?name=` (0.3–0.4): the map stage's result URLs, flat.
+async fn get_mapresults(
+    State(state): State<AppState>,
+    Query(query): Query<NameQuery>,
+    headers: HeaderMap,
+) -> DiscoResult<Json<Value>> {
+    let job = known_job(&state, name_of(&query)?).await?;
+    Ok(Json(json!(stage_urls(&base(&headers), &job, "map")?)))
+}
+
+async fn known_job(state: &AppState, name: &str) -> DiscoResult<Job> {
+    state.core.jobs.get(name).await.map_err(|e| match e {
+        CoreError::UnknownJob(_) => DiscoError(StatusCode::NOT_FOUND, "unknown job".into()),
+        e => e.into(),
+    })
+}
+
+/// The results of a stage whose tasks have all succeeded.
+fn stage_urls(base: &str, job: &Job, stage: &str) -> DiscoResult<Vec<String>> {
+    let not_ready = || DiscoError(StatusCode::NOT_FOUND, format!("stage {stage} not ready"));
+    if job.progress.is_empty() {
+        // A plain run is one map task.
+        return match (stage, job.state) {
+            ("map", JobState::Succeeded) => Ok(result_urls(base, job)),
+            ("map", _) => Err(not_ready()),
+            _ => Err(DiscoError(
+                StatusCode::NOT_FOUND,
+                format!("unknown stage {stage}"),
+            )),
+        };
+    }
+    let progress = job
+        .progress
+        .iter()
+        .find(|p| p.phase == stage)
+        .ok_or_else(|| DiscoError(StatusCode::NOT_FOUND, format!("unknown stage {stage}")))?;
+    if progress.total == 0 || progress.done < progress.total {
+        return Err(not_ready());
+    }
+    Ok(phase_urls(base, job, stage))
+}
+
+#[derive(Deserialize)]
+struct StageQuery {
+    name: String,
+    stage: String,
+}
+
+/// `get_gc_blacklist` (0.4.2+): the nodes DDFS's garbage collector must skip. opsbox
+/// has no DDFS, hence no collector, and the list is always empty.
+async fn get_gc_blacklist() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// `gc_blacklist` / `gc_whitelist`: refused, with why (nothing to exclude nodes from).
+async fn gc_list() -> DiscoError {
+    bad("opsbox has no DDFS and no garbage collector to exclude nodes from; use blacklist to keep tasks off a node")
 }
 
 async fn version() -> Json<&'static str> {

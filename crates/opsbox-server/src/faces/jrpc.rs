@@ -28,7 +28,7 @@ use opsbox_core::rpc::{Params, RpcError};
 use serde_json::{json, Map, Value};
 
 use super::{jsonrpc, pyjson};
-use crate::auth::{authenticate, Refusal};
+use crate::auth::Refusal;
 use crate::AppState;
 
 /// Routes on the main listener: `POST /` (shared with JSON-RPC, §10) and `GET /{name}`.
@@ -120,23 +120,17 @@ fn success(name: &str, result: Value) -> Response {
 
 /// The caller: credentials if sent, else the anonymous policy (D1).
 async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Identity, Response> {
-    match authenticate(&state.core, headers).await {
+    let anonymous = state.config.rpc.jrpc_anonymous_role;
+    match crate::auth::authenticate_or_anonymous(&state.core, headers, anonymous).await {
         Ok(caller) => Ok(caller.0),
-        Err(Refusal::Unauthenticated) => match state.config.rpc.jrpc_anonymous_role {
-            Some(role) if crate::auth::credentials(headers).is_none() => Ok(Identity {
-                name: crate::auth::ANONYMOUS.into(),
-                role,
-                nodes: Vec::new(),
-            }),
-            _ => {
-                let mut response = failure(StatusCode::UNAUTHORIZED, "Unauthorized");
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    header::HeaderValue::from_static("Basic realm=\"opsbox\""),
-                );
-                Err(response)
-            }
-        },
+        Err(Refusal::Unauthenticated) => {
+            let mut response = failure(StatusCode::UNAUTHORIZED, "Unauthorized");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"opsbox\""),
+            );
+            Err(response)
+        }
         Err(Refusal::Internal(e)) => {
             Err(failure(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))
         }

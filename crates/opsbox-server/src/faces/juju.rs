@@ -1152,7 +1152,7 @@ impl Call<'_> {
                 "Categories": [],
                 "Tags": [],
             },
-            "Actions": { "ActionSpecs": {} },
+            "Actions": action_specs(&charm),
         }))
     }
 
@@ -1392,21 +1392,7 @@ impl Call<'_> {
                     let name = tag.strip_prefix("service-").unwrap_or(&tag).to_owned();
                     results.push(match model.charm_of(&name).await {
                         Ok(charm) => {
-                            let specs: Map<String, Value> = charm
-                                .actions
-                                .iter()
-                                .map(|(name, spec)| {
-                                    (name.clone(), json!({
-                                        "Description": spec.description,
-                                        "Params": {
-                                            "title": name, "type": "object",
-                                            "description": spec.description,
-                                            "properties": spec.params,
-                                        },
-                                    }))
-                                })
-                                .collect();
-                            json!({ "servicetag": tag, "actions": { "ActionSpecs": specs } })
+                            json!({ "servicetag": tag, "actions": action_specs(&charm) })
                         }
                         Err(e) => json!({ "servicetag": tag,
                             "error": { "Message": JujuError::from(e).message, "Code": "not found" } }),
@@ -1880,4 +1866,27 @@ fn full_status(
         "Networks": {},
         "Relations": relations,
     })
+}
+
+/// A charm's actions as Juju's `Actions` value (`CharmInfo`, `ServicesCharmActions`):
+/// each with its description and its params as a JSON schema object.
+fn action_specs(charm: &opsbox_api::model::Charm) -> Value {
+    let specs: Map<String, Value> = charm
+        .actions
+        .iter()
+        .map(|(name, spec)| {
+            (
+                name.clone(),
+                json!({
+                    "Description": spec.description,
+                    "Params": {
+                        "title": name, "type": "object",
+                        "description": spec.description,
+                        "properties": spec.params,
+                    },
+                }),
+            )
+        })
+        .collect();
+    json!({ "ActionSpecs": specs })
 }

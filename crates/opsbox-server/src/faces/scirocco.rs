@@ -425,20 +425,35 @@ async fn read_body(
 /// A body as the payload of its kind; JSON must be an object or an array.
 fn parse_payload(kind: PayloadKind, bytes: Vec<u8>) -> Result<Payload, Response> {
     match kind {
-        PayloadKind::Json => match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(_) | Value::Array(_)) => Payload::json(bytes)
-                .map_err(|e| message_error(StatusCode::BAD_REQUEST, &e.to_string())),
-            Ok(_) => Err(message_error(
-                StatusCode::BAD_REQUEST,
-                "invalid json: only objects and arrays are accepted",
-            )),
-            Err(e) => Err(message_error(
-                StatusCode::BAD_REQUEST,
-                &format!("invalid json: {e}"),
-            )),
+        // Express's body parser decoded JSON as UTF-8 with U+FFFD for invalid bytes, and
+        // scirocco-pyclient sends a JSON-looking `str` encoded as Latin-1: such a body is
+        // stored as that parser read it, not refused.
+        PayloadKind::Json => match String::from_utf8(bytes) {
+            Ok(text) => parse_json(text.into_bytes()),
+            Err(e) => parse_json(
+                String::from_utf8_lossy(e.as_bytes())
+                    .into_owned()
+                    .into_bytes(),
+            ),
         },
         PayloadKind::Text => Ok(Payload::text(String::from_utf8_lossy(&bytes).into_owned())),
         PayloadKind::Binary => Ok(Payload::binary(bytes)),
+    }
+}
+
+fn parse_json(bytes: Vec<u8>) -> Result<Payload, Response> {
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(_) | Value::Array(_)) => {
+            Payload::json(bytes).map_err(|e| message_error(StatusCode::BAD_REQUEST, &e.to_string()))
+        }
+        Ok(_) => Err(message_error(
+            StatusCode::BAD_REQUEST,
+            "invalid json: only objects and arrays are accepted",
+        )),
+        Err(e) => Err(message_error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid json: {e}"),
+        )),
     }
 }
 

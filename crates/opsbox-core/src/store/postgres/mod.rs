@@ -455,6 +455,7 @@ fn user_from_row(row: &PgRow) -> StoreResult<UserRecord> {
         password_hash: row.try_get("password_hash")?,
         role: role(&row.try_get::<String, _>("role")?)?,
         created_at: nanos_col(row, "created_at")?,
+        source: row.try_get("source")?,
     })
 }
 
@@ -1627,19 +1628,20 @@ impl PgStore {
         self.write_event(move |conn, events| {
             Box::pin(async move {
                 let sql = if replace {
-                    "INSERT INTO users (name, password_hash, role, created_at)
-                     VALUES ($1, $2, $3, $4)
+                    "INSERT INTO users (name, password_hash, role, created_at, source)
+                     VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,
-                        role = excluded.role"
+                        role = excluded.role, source = excluded.source"
                 } else {
-                    "INSERT INTO users (name, password_hash, role, created_at)
-                     VALUES ($1, $2, $3, $4)"
+                    "INSERT INTO users (name, password_hash, role, created_at, source)
+                     VALUES ($1, $2, $3, $4, $5)"
                 };
                 sqlx::query(sql)
                     .bind(&user.name)
                     .bind(&user.password_hash)
                     .bind(user.role.as_str())
                     .bind(nanos(user.created_at))
+                    .bind(&user.source)
                     .execute(&mut *conn)
                     .await
                     .map_err(conflict(format!("user {}", user.name)))?;
