@@ -88,6 +88,11 @@ struct Server {
 }
 
 async fn serve(dir: &Path, name: &str, store: &str) -> Server {
+    serve_on(dir, name, Some(store)).await
+}
+
+/// A server on `store`, or on the SQLite store of its data directory with `None`.
+async fn serve_on(dir: &Path, name: &str, store: Option<&str>) -> Server {
     let port = free_port();
     let data = dir.join(format!("data-{name}"));
     let child = Command::new(env!("CARGO_BIN_EXE_opsbox"))
@@ -96,7 +101,8 @@ async fn serve(dir: &Path, name: &str, store: &str) -> Server {
         .arg(&data)
         .arg("--scripts")
         .arg(dir.join("scripts"))
-        .args(["--store", store, "--server-id", name])
+        .args(store.map(|s| ["--store", s]).into_iter().flatten())
+        .args(["--server-id", name])
         .args(["--local-slots", "0", "--heartbeat-timeout", "3"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -436,4 +442,69 @@ async fn a_server_killed_mid_load_loses_nothing_acknowledged() {
         );
     }
     drop(b);
+}
+
+/// `opsbox store migrate` (README, "Scaling out"): an SQLite data directory copied into
+/// PostgreSQL and served from there, with its users, jobs and their output, waiting
+/// messages and event revisions as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_sqlite_data_dir_moves_to_postgres_with_store_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    scripts(dir.path());
+    let old = serve_on(dir.path(), "old", None).await;
+    let run = old.client.run("ticks", [("n", "2")]).await.unwrap();
+    assert_eq!(run.job.state, JobState::Succeeded);
+    let pushed = old
+        .client
+        .push("worker", "web", vec![text("kept")])
+        .await
+        .unwrap();
+    old.client
+        .add_user(opsbox_api::NewUser {
+            name: "bob".into(),
+            password: "pw".into(),
+            role: opsbox_api::Role::Operator,
+        })
+        .await
+        .unwrap();
+    let authed = |port: u16| {
+        Client::builder(format!("http://127.0.0.1:{port}"))
+            .basic_auth("bob", "pw")
+            .build()
+            .unwrap()
+    };
+    let revision = authed(old.port).events(0).await.unwrap().current_revision;
+    drop(old);
+
+    let store = store_url("migrate");
+    let out = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+        .args(["store", "migrate", "--from"])
+        .arg(dir.path().join("data-old"))
+        .args(["--to", &store])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "store migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let new = serve_on(dir.path(), "new", Some(&store)).await;
+    let client = authed(new.port);
+    let job = client.job(&run.job.name).await.unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    let log = client.log(&run.job.name).await.unwrap();
+    assert_eq!(log.stdout, ["tick 1", "tick 2"]);
+    let pulled = client.pull("worker", PullRequest::default()).await.unwrap();
+    assert_eq!(pulled.len(), 1);
+    assert_eq!(pulled[0].id, pushed[0].id);
+    let page = client.events(revision).await.unwrap();
+    assert!(
+        page.current_revision > revision,
+        "{}",
+        page.current_revision
+    );
+    assert!(page.events.iter().all(|e| e.rev > revision));
+    // Without credentials: refused, as on the old server.
+    assert!(new.client.jobs(&Default::default()).await.is_err());
 }
