@@ -276,7 +276,7 @@ impl Identities {
         }
         for user in stored.values() {
             if user.source.as_deref() == Some(source) && !sync.users.contains(&user.name) {
-                match self.remove_user(&user.name).await {
+                match self.remove_user(&user.name, LastAdmin::Keep).await {
                     Ok(()) | Err(CoreError::NotFound(_)) => sync.removed.push(user.name.clone()),
                     Err(e) => return Err(e),
                 }
@@ -313,7 +313,10 @@ impl Identities {
         Ok(user)
     }
 
-    pub async fn remove_user(&self, name: &str) -> CoreResult<()> {
+    pub async fn remove_user(&self, name: &str, last: LastAdmin) -> CoreResult<()> {
+        if last == LastAdmin::Keep {
+            self.check_removal(Some(name), None).await?;
+        }
         let event = NewEvent::new("user.removed", name, serde_json::json!({"name": name}));
         self.store
             .delete_user(name, event)
@@ -325,6 +328,54 @@ impl Identities {
                 e => e.into(),
             })?;
         self.forget_required();
+        Ok(())
+    }
+
+    /// Refuses a removal that would leave no admin, or no identity at all: without an
+    /// admin nobody can manage users and tokens over the API, and without any identity
+    /// the server needs no credentials (a server started on a non-loopback address that
+    /// way refuses to start, so it must not get there at run time either).
+    async fn check_removal(&self, user: Option<&str>, token: Option<&str>) -> CoreResult<()> {
+        let users = self.store.list_users().await?;
+        let tokens = self.store.list_tokens().await?;
+        let removed_role = match (user, token) {
+            (Some(name), _) => users.iter().find(|u| u.name == name).map(|u| u.role),
+            (_, Some(id)) => tokens.iter().find(|t| t.id == id).map(|t| t.role),
+            _ => None,
+        };
+        // An unknown name or id: the removal itself says so.
+        let Some(removed_role) = removed_role else {
+            return Ok(());
+        };
+        let other_roles: Vec<Role> = users
+            .iter()
+            .filter(|u| Some(u.name.as_str()) != user)
+            .map(|u| u.role)
+            .chain(
+                tokens
+                    .iter()
+                    .filter(|t| Some(t.id.as_str()) != token)
+                    .map(|t| t.role),
+            )
+            .collect();
+        let what = match (user, token) {
+            (Some(name), _) => format!("user '{name}'"),
+            (_, Some(id)) => format!("token '{id}'"),
+            _ => String::new(),
+        };
+        if other_roles.is_empty() {
+            return Err(CoreError::Conflict(format!(
+                "{what} is the last user or token: without one the server would need no \
+                 credentials at all. Add another first, or remove it with `--data DIR` \
+                 while the server is stopped"
+            )));
+        }
+        if removed_role == Role::Admin && !other_roles.contains(&Role::Admin) {
+            return Err(CoreError::Conflict(format!(
+                "{what} is the last admin: nobody could manage users and tokens any more. \
+                 Add another admin user or token first"
+            )));
+        }
         Ok(())
     }
 
@@ -368,7 +419,10 @@ impl Identities {
         Ok(CreatedToken { secret, token })
     }
 
-    pub async fn revoke_token(&self, id: &str) -> CoreResult<()> {
+    pub async fn revoke_token(&self, id: &str, last: LastAdmin) -> CoreResult<()> {
+        if last == LastAdmin::Keep {
+            self.check_removal(None, Some(id)).await?;
+        }
         let event = NewEvent::new("token.revoked", id, serde_json::json!({"id": id}));
         self.store
             .delete_token(id, event)
@@ -461,6 +515,15 @@ fn is_des_crypt(hash: &str) -> bool {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether removing a user or token may take away the last admin or the last identity.
+/// Over the API it may not ([`LastAdmin::Keep`]); the offline commands (`--data`, the
+/// server stopped) are the way back from any state and may ([`LastAdmin::MayGo`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LastAdmin {
+    Keep,
+    MayGo,
 }
 
 /// What [`Identities::sync_htpasswd`] did.

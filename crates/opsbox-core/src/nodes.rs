@@ -1694,11 +1694,20 @@ impl Nodes {
                 .reason
                 .clone()
                 .unwrap_or_else(|| match (end.exit_code, end.signal) {
-                    (Some(code), _) => format!("exit status {code}"),
-                    (None, Some(signal)) => format!("killed by signal {signal}"),
+                    (Some(code), _) => format!("exited with status {code}"),
+                    (None, Some(signal)) => format!("ended by signal {signal}"),
                     _ => "failed".into(),
                 });
-            let why = format!("{task_id} failed on {node}: {reason}");
+            let why = if work.is_single_run() {
+                // A run on a node (`scripts run --node`): the job is its one task and
+                // ends the way it did, exit code included (the CLI's follows it), in
+                // the words of a local run.
+                work.record.exit_code = end.exit_code;
+                work.record.signal = end.signal;
+                format!("{reason} on {node}")
+            } else {
+                format!("{task_id} failed on {node}: {reason}")
+            };
             return self.retry_or_fail(work, task, node, &why).await;
         }
         shift(
@@ -1846,7 +1855,8 @@ impl Nodes {
         let fanout = &mut work.fanout;
         let record = &mut work.record;
         record.state = JobState::Failed;
-        record.reason = Some(if fanout.failures > fanout.max_failures {
+        let single = fanout.total == 1 && fanout.reduce.is_none() && fanout.max_failures == 0;
+        record.reason = Some(if fanout.failures > fanout.max_failures && !single {
             format!(
                 "{reason} ({} failed attempts, more than the job's max_failures {})",
                 fanout.failures, fanout.max_failures
@@ -1930,6 +1940,11 @@ impl JobWork {
     /// The task as this work changed it, if it did.
     fn task(&self, id: &str) -> Option<TaskRecord> {
         self.tasks.iter().rev().find(|t| t.task.id == id).cloned()
+    }
+
+    /// A job of one task and no reduce: a script run placed on a node.
+    fn is_single_run(&self) -> bool {
+        self.fanout.total == 1 && self.fanout.reduce.is_none()
     }
 
     /// The job ended.

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use opsbox_api::{NewToken, NewUser, Role};
-use opsbox_core::identities::{Credentials, TOKEN_PREFIX};
+use opsbox_core::identities::{Credentials, LastAdmin, TOKEN_PREFIX};
 use opsbox_core::CoreError;
 
 fn user(name: &str, password: &str, role: Role) -> NewUser {
@@ -102,14 +102,21 @@ async fn users_authenticate_with_their_password_only() {
     assert_eq!(users.len(), 1);
     assert_eq!(users[0].role, Role::Admin);
 
-    // Removal: no more access, and no credentials left means no auth required.
-    ids.remove_user("alice").await.unwrap();
+    // Over the API the last identity cannot go: the server would need no credentials.
+    assert!(matches!(
+        ids.remove_user("alice", LastAdmin::Keep).await,
+        Err(CoreError::Conflict(_))
+    ));
+    assert!(ids.auth_required().await.unwrap());
+    // Offline (`--data`) it can: no more access, and no credentials left means no auth
+    // required.
+    ids.remove_user("alice", LastAdmin::MayGo).await.unwrap();
     assert!(matches!(
         ids.authenticate(&password("alice", "new")).await,
         Err(CoreError::Unauthenticated)
     ));
     assert!(matches!(
-        ids.remove_user("alice").await,
+        ids.remove_user("alice", LastAdmin::Keep).await,
         Err(CoreError::NotFound(_))
     ));
     assert!(!ids.auth_required().await.unwrap());
@@ -198,14 +205,16 @@ async fn tokens_are_created_authenticated_and_revoked() {
         "a listing never shows a secret"
     );
 
-    ids.revoke_token(&created.token.id).await.unwrap();
+    ids.revoke_token(&created.token.id, LastAdmin::Keep)
+        .await
+        .unwrap();
     assert!(matches!(
         ids.authenticate(&Credentials::Token(created.secret.clone()))
             .await,
         Err(CoreError::Unauthenticated)
     ));
     assert!(matches!(
-        ids.revoke_token(&created.token.id).await,
+        ids.revoke_token(&created.token.id, LastAdmin::Keep).await,
         Err(CoreError::NotFound(_))
     ));
     assert!(ids
@@ -213,7 +222,9 @@ async fn tokens_are_created_authenticated_and_revoked() {
         .await
         .is_ok());
     assert!(ids.auth_required().await.unwrap());
-    ids.revoke_token(&other.token.id).await.unwrap();
+    ids.revoke_token(&other.token.id, LastAdmin::MayGo)
+        .await
+        .unwrap();
     assert!(!ids.auth_required().await.unwrap());
 
     // The secret never reaches the event log.
@@ -335,4 +346,47 @@ async fn an_htpasswd_file_kept_in_step_adds_changes_and_removes_its_users() {
         .await
         .is_err());
     assert!(ids.authenticate(&password("c", "plain-c")).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_last_admin_stays_unless_removed_offline() {
+    let t = open(&[]).await;
+    let ids = &t.core.identities;
+    ids.add_user(user("root", "pw", Role::Admin)).await.unwrap();
+    let ops = ids
+        .create_token(NewToken {
+            role: Role::Operator,
+            nodes: Vec::new(),
+            description: None,
+        })
+        .await
+        .unwrap();
+    // Others remain, but no admin would: refused, and nothing changed.
+    let refused = ids.remove_user("root", LastAdmin::Keep).await.unwrap_err();
+    assert!(
+        matches!(&refused, CoreError::Conflict(m) if m.contains("last admin")),
+        "{refused:?}"
+    );
+    assert!(ids.authenticate(&password("root", "pw")).await.is_ok());
+    // With a second admin, either may go; a non-admin may go while an admin stays.
+    let admin = ids
+        .create_token(NewToken {
+            role: Role::Admin,
+            nodes: Vec::new(),
+            description: None,
+        })
+        .await
+        .unwrap();
+    ids.revoke_token(&ops.token.id, LastAdmin::Keep)
+        .await
+        .unwrap();
+    ids.remove_user("root", LastAdmin::Keep).await.unwrap();
+    assert!(matches!(
+        ids.revoke_token(&admin.token.id, LastAdmin::Keep).await,
+        Err(CoreError::Conflict(_))
+    ));
+    ids.revoke_token(&admin.token.id, LastAdmin::MayGo)
+        .await
+        .unwrap();
+    assert!(!ids.auth_required().await.unwrap());
 }

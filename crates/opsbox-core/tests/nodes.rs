@@ -119,7 +119,7 @@ async fn a_job_fails_past_its_failure_limit_and_its_other_tasks_are_killed() {
     let failed = until_state(&t.core, &job.name, JobState::Failed).await;
     let reason = failed.reason.unwrap();
     assert!(
-        reason.contains("exit status 7") && reason.contains("max_failures 2"),
+        reason.contains("exited with status 7") && reason.contains("max_failures 2"),
         "{reason}"
     );
     let tasks = common::eventually("the slow task killed", 10, || async {

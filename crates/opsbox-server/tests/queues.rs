@@ -134,6 +134,24 @@ async fn a_pull_waits_for_a_message_and_a_lease_delivers_again() {
 }
 
 #[tokio::test]
+async fn absurd_leases_are_cut_to_a_year_and_bad_ones_refused() {
+    let s = TestServer::start().await;
+    push(&s, "n1", "n2", json!([{"payload": "hi"}])).await;
+    let got = pull(&s, "n1", json!({"lease": 1e308})).await;
+    let until = got[0].lease_until.expect("leased");
+    let year = chrono::Duration::days(366);
+    assert!(until < chrono::Utc::now() + year, "{until}");
+    let r = client()
+        .post(s.url("/v1/queues/n1/pull"))
+        .json(&json!({"lease": -1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn get_update_delete_by_id() {
     let s = TestServer::start().await;
     let pushed = push(

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use opsbox_api::{CreatedToken, NewToken, NewUser, Token, User};
-use opsbox_core::identities::Identities;
+use opsbox_core::identities::{Identities, LastAdmin};
 use opsbox_core::Core;
 
 /// `--data` names a data directory, or a shared store by its `postgres://` URL.
@@ -32,7 +32,10 @@ pub async fn import_htpasswd(
 }
 
 pub async fn remove_user(data: &Path, name: &str) -> anyhow::Result<()> {
-    Ok(identities(data).await?.remove_user(name).await?)
+    Ok(identities(data)
+        .await?
+        .remove_user(name, LastAdmin::MayGo)
+        .await?)
 }
 
 pub async fn list_users(data: &Path) -> anyhow::Result<Vec<User>> {
@@ -44,7 +47,10 @@ pub async fn create_token(data: &Path, token: NewToken) -> anyhow::Result<Create
 }
 
 pub async fn revoke_token(data: &Path, id: &str) -> anyhow::Result<()> {
-    Ok(identities(data).await?.revoke_token(id).await?)
+    Ok(identities(data)
+        .await?
+        .revoke_token(id, LastAdmin::MayGo)
+        .await?)
 }
 
 pub async fn list_tokens(data: &Path) -> anyhow::Result<Vec<Token>> {

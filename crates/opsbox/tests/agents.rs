@@ -303,7 +303,7 @@ async fn too_many_failures_fail_the_job_and_a_blacklisted_node_gets_nothing() {
     assert_eq!(done.state, JobState::Failed);
     let reason = done.reason.unwrap();
     assert!(
-        reason.contains("exit status 3") && reason.contains("max_failures 1"),
+        reason.contains("exited with status 3") && reason.contains("max_failures 1"),
         "{reason}"
     );
     let task = &cluster.client.tasks(&job.name).await.unwrap()[0];
@@ -412,6 +412,26 @@ async fn a_job_survives_a_server_restart_and_runs_on_chosen_nodes() {
         .unwrap();
     assert_eq!(on_db.job.node.as_deref(), Some("r1"));
     assert_eq!(on_db.output.unwrap().stdout, vec!["0 on r1"]);
+    // A failing run on a node ends as a local run would: its exit code is the job's.
+    let failed = cluster
+        .client
+        .run_placed(
+            "fail",
+            params.clone(),
+            Placement {
+                node: Some("r2".into()),
+                ..Placement::default()
+            },
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.job.state, JobState::Failed);
+    assert_eq!(failed.job.exit_code, Some(3), "{:?}", failed.job);
+    assert_eq!(
+        failed.job.reason.as_deref(),
+        Some("exited with status 3 on r2")
+    );
     let everywhere = cluster
         .client
         .run_placed(

@@ -21,6 +21,7 @@ use opsbox_api::{
     LogEvent, NewToken, NewUser, ReloadReport, ResultList, Role, RunRequest, RunResponse, Script,
     ScriptList, ServerInfo, TokenList, User, UserList, WaitResponse,
 };
+use opsbox_core::identities::LastAdmin;
 use opsbox_core::store::JobFilter;
 use opsbox_core::CoreError;
 use serde::Deserialize;
@@ -444,7 +445,11 @@ async fn remove_user(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     caller.require(Role::Admin)?;
-    state.core.identities.remove_user(&name).await?;
+    state
+        .core
+        .identities
+        .remove_user(&name, LastAdmin::Keep)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -481,7 +486,11 @@ async fn revoke_token(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     caller.require(Role::Admin)?;
-    state.core.identities.revoke_token(&id).await?;
+    state
+        .core
+        .identities
+        .revoke_token(&id, LastAdmin::Keep)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -62,6 +62,11 @@ fn act_as(caller: &Caller, node: &str, role: Role) -> ApiResult<()> {
     Ok(())
 }
 
+/// Longest lease: a year. Longer ones are cut to it (they mean "never again" just as
+/// well), which keeps every lease end a representable time.
+const MAX_LEASE_SECS: u64 = 365 * 24 * 3600;
+
+/// A number of seconds from a request, cut to `max`.
 fn seconds(value: Option<f64>, what: &str, max: u64) -> ApiResult<Option<Duration>> {
     match value {
         None => Ok(None),
@@ -172,7 +177,7 @@ async fn pull(
     let options = PullOptions {
         max: request.max.unwrap_or(1),
         wait: seconds(request.wait, "wait", max_wait)?.unwrap_or_default(),
-        lease: seconds(request.lease, "lease", u64::MAX)?.filter(|l| !l.is_zero()),
+        lease: seconds(request.lease, "lease", MAX_LEASE_SECS)?.filter(|l| !l.is_zero()),
     };
     let pulled = state.core.queues.pull(&node, options).await?;
     Ok(Json(messages(&pulled)))
