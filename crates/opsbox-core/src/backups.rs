@@ -2,8 +2,8 @@
 //! and the event log) taken while the server runs, kept as files under
 //! `<data>/backups/` with their metadata beside them.
 //!
-//! A backup is restored by stopping the server and putting the `.db` file in place of
-//! `<data>/opsbox.db` (see the README).
+//! A backup is restored into a data directory whose server is stopped with [`restore`]
+//! (`opsbox backups restore FILE --data DIR`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -128,4 +128,108 @@ fn check_id(id: &str) -> CoreResult<()> {
     } else {
         Err(CoreError::Invalid(format!("\"{id}\" is not a backup id")))
     }
+}
+
+/// What [`restore`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// The newest revision of the restored event log.
+    pub revision: u64,
+    /// Where the database it replaced was kept, if there was one.
+    pub replaced: Option<PathBuf>,
+}
+
+/// Puts a backup file in place of the SQLite store of `data_dir`, whose server must be
+/// stopped. Copying the file by hand is not enough: the old database's write-ahead log
+/// (`opsbox.db-wal`) stays beside it, and SQLite would apply its frames to the restored
+/// file and find it malformed. The backup is checked first (an SQLite file of opsbox's
+/// schema that passes `quick_check`); the database it replaces is kept, with its log, as
+/// `opsbox.db.before-restore`.
+pub fn restore(backup: &std::path::Path, data_dir: &std::path::Path) -> CoreResult<Restored> {
+    use rusqlite::{Connection, OpenFlags};
+    let db = data_dir.join("opsbox.db");
+    let fail = |what: String| CoreError::Invalid(what);
+    let sql = |what: &str, path: &std::path::Path| {
+        let what = format!("{what} {}", path.display());
+        move |e: rusqlite::Error| fail(format!("{what}: {e}"))
+    };
+    let io = |action: String| move |source| CoreError::Io { action, source };
+
+    let copy = Connection::open_with_flags(backup, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(sql("cannot open the backup", backup))?;
+    let check: String = copy
+        .query_row("PRAGMA quick_check", [], |row| row.get(0))
+        .map_err(sql("not an SQLite database:", backup))?;
+    if check != "ok" {
+        return Err(fail(format!("{} is damaged: {check}", backup.display())));
+    }
+    let revision: i64 = copy
+        .query_row("SELECT COALESCE(MAX(rev), 0) FROM events", [], |row| {
+            row.get(0)
+        })
+        .map_err(sql("not an opsbox backup (no event log):", backup))?;
+    drop(copy);
+
+    if db.exists() {
+        // A running server holds the database open; an exclusive lock says it is not.
+        let live = Connection::open(&db).map_err(sql("cannot open", &db))?;
+        live.busy_timeout(std::time::Duration::from_millis(200))
+            .map_err(sql("cannot open", &db))?;
+        live.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .and_then(|_| live.execute_batch("BEGIN EXCLUSIVE; COMMIT"))
+            .map_err(|_| {
+                fail(format!(
+                    "{} is in use: stop the server of {} first",
+                    db.display(),
+                    data_dir.display()
+                ))
+            })?;
+        drop(live);
+    }
+
+    let staged = data_dir.join("opsbox.db.restoring");
+    std::fs::copy(backup, &staged).map_err(io(format!(
+        "copy {} to {}",
+        backup.display(),
+        staged.display()
+    )))?;
+    std::fs::File::open(&staged)
+        .and_then(|f| f.sync_all())
+        .map_err(io(format!("sync {}", staged.display())))?;
+    let mut replaced = None;
+    if db.exists() {
+        let kept = data_dir.join("opsbox.db.before-restore");
+        // The log moves with its database, under the name SQLite looks for beside it.
+        for (from, to) in [
+            ("opsbox.db-wal", "opsbox.db.before-restore-wal"),
+            ("opsbox.db", "opsbox.db.before-restore"),
+        ] {
+            let from = data_dir.join(from);
+            if from.exists() {
+                let to = data_dir.join(to);
+                std::fs::rename(&from, &to).map_err(io(format!(
+                    "rename {} to {}",
+                    from.display(),
+                    to.display()
+                )))?;
+            }
+        }
+        replaced = Some(kept);
+    }
+    let shm = data_dir.join("opsbox.db-shm");
+    if shm.exists() {
+        std::fs::remove_file(&shm).map_err(io(format!("remove {}", shm.display())))?;
+    }
+    std::fs::rename(&staged, &db).map_err(io(format!(
+        "rename {} to {}",
+        staged.display(),
+        db.display()
+    )))?;
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("sync {}", data_dir.display())))?;
+    Ok(Restored {
+        revision: u64::try_from(revision).unwrap_or(0),
+        replaced,
+    })
 }

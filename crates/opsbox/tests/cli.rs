@@ -89,24 +89,7 @@ impl Server {
     /// Starts a server on `dir/data` with the scripts of `dir/scripts`.
     fn start_in(dir: tempfile::TempDir) -> Server {
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-            .arg(dir.path().join("data"))
-            .arg("--scripts")
-            .arg(dir.path().join("scripts"))
-            .arg("--charms")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../examples/charms"
-            ))
-            .env_remove("OPSBOX_CONFIG")
-            .env_remove("OPSBOX_LISTEN")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start opsbox serve");
+        let child = spawn_serve(dir.path(), port);
         let mut server = Server {
             child,
             url: format!("http://127.0.0.1:{port}"),
@@ -114,6 +97,20 @@ impl Server {
         };
         server.wait_ready();
         server
+    }
+
+    /// Kills the server, as a crash would (its database keeps its write-ahead log).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same data and port.
+    fn restart(&mut self) {
+        self.kill();
+        let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
+        self.child = spawn_serve(self.dir.path(), port);
+        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -176,6 +173,31 @@ impl Server {
         assert!(name.contains('@'), "not a job name: {name:?}");
         name
     }
+}
+
+fn spawn_serve(dir: &Path, port: u16) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("serve.log"))
+        .unwrap();
+    Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(dir.join("data"))
+        .arg("--scripts")
+        .arg(dir.join("scripts"))
+        .arg("--charms")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/charms"
+        ))
+        .env_remove("OPSBOX_CONFIG")
+        .env_remove("OPSBOX_LISTEN")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start opsbox serve")
 }
 
 impl Drop for Server {
@@ -799,7 +821,7 @@ fn read_lines(stdout: impl std::io::Read + Send + 'static) -> mpsc::Receiver<Str
 
 #[test]
 fn model_and_backups_commands() {
-    let server = Server::start();
+    let mut server = Server::start();
     server
         .cli(&["model", "deploy", "cs:precise/mysql", "db"])
         .success()
@@ -871,4 +893,35 @@ fn model_and_backups_commands() {
         .starts_with(b"SQLite format 3\0"));
     server.cli(&["backups", "remove", &id]).success();
     server.cli(&["backups", "remove", &id]).code(1);
+
+    // Restore: refused while the server runs; after a crash (the old database keeps its
+    // write-ahead log) the server starts on the restored store, without what came later.
+    let data = server.dir.path().join("data");
+    let restore = ["backups", "restore", file.to_str().unwrap(), "--data", data.to_str().unwrap()];
+    server.cli(&restore).code(1).stderr_has("stop the server");
+    server
+        .cli(&["model", "deploy", "cs:precise/mysql", "later"])
+        .success();
+    server.kill();
+    server
+        .cli(&restore)
+        .success()
+        .stdout_has("restored")
+        .stdout_has("opsbox.db.before-restore");
+    server.restart();
+    let status = server.cli(&["model", "status", "--json"]).success().json();
+    let apps: Vec<&str> = status["applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert!(apps.contains(&"blog") && !apps.contains(&"later"), "{status:#}");
+    let bad = server.dir.path().join("bad.db");
+    std::fs::write(&bad, "not a database").unwrap();
+    server.kill();
+    server
+        .cli(&["backups", "restore", bad.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .code(1)
+        .stderr_has("not");
 }

@@ -1,5 +1,6 @@
 //! `opsbox backups create | list | download | remove`: copies of the whole store, taken
-//! while the server runs (admin).
+//! while the server runs (admin); `restore`: one put back into a stopped server's data
+//! directory.
 
 use std::path::PathBuf;
 
@@ -17,8 +18,7 @@ pub enum BackupsCommand {
     },
     /// Every backup, oldest first.
     List,
-    /// Save a backup's file (an SQLite database: stop the server and put it in place of
-    /// <data>/opsbox.db to restore it).
+    /// Save a backup's file (an SQLite database; `backups restore` puts it back).
     Download {
         id: String,
         #[arg(short, long, value_name = "FILE")]
@@ -26,13 +26,37 @@ pub enum BackupsCommand {
     },
     /// Delete a backup.
     Remove { id: String },
+    /// Put a backup file in place of the store of a data directory whose server is
+    /// stopped (the store it replaces is kept as opsbox.db.before-restore). For a
+    /// PostgreSQL store, `opsbox store migrate --from` the restored directory.
+    Restore {
+        /// The backup file (from `backups download`, or `<data>/backups/ID.db`).
+        file: PathBuf,
+        /// The server's data directory.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+    },
 }
 
 pub async fn run(ctx: &Ctx, command: BackupsCommand) -> anyhow::Result<u8> {
-    let client = ctx.client()?;
     match command {
+        BackupsCommand::Restore { file, data } => {
+            let (from, into) = (file.clone(), data.clone());
+            let restored =
+                tokio::task::spawn_blocking(move || opsbox_core::backups::restore(&from, &into))
+                    .await??;
+            println!(
+                "restored {} into {} (revision {})",
+                file.display(),
+                data.display(),
+                restored.revision
+            );
+            if let Some(kept) = restored.replaced {
+                println!("the store it replaced is kept as {}", kept.display());
+            }
+        }
         BackupsCommand::Create { notes } => {
-            let backup = client.create_backup(&notes).await?;
+            let backup = ctx.client()?.create_backup(&notes).await?;
             if ctx.json {
                 output::json(&backup)?;
             } else {
@@ -40,7 +64,7 @@ pub async fn run(ctx: &Ctx, command: BackupsCommand) -> anyhow::Result<u8> {
             }
         }
         BackupsCommand::List => {
-            let backups = client.backups().await?;
+            let backups = ctx.client()?.backups().await?;
             if ctx.json {
                 output::json(&backups)?;
                 return Ok(0);
@@ -62,14 +86,14 @@ pub async fn run(ctx: &Ctx, command: BackupsCommand) -> anyhow::Result<u8> {
             );
         }
         BackupsCommand::Download { id, output } => {
-            let bytes = client.download_backup(&id).await?;
+            let bytes = ctx.client()?.download_backup(&id).await?;
             let path = output.unwrap_or_else(|| PathBuf::from(format!("{id}.db")));
             std::fs::write(&path, &bytes)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             println!("wrote {} ({} bytes)", path.display(), bytes.len());
         }
         BackupsCommand::Remove { id } => {
-            client.remove_backup(&id).await?;
+            ctx.client()?.remove_backup(&id).await?;
             println!("removed backup {id}");
         }
     }
