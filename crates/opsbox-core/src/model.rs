@@ -36,7 +36,8 @@ use crate::jobs::Jobs;
 use crate::nodes::{Nodes, Program};
 use crate::store::{EventsSince, ModelDoc, ModelWrite, NewEvent, Store};
 
-/// Constraint keys Juju knows; the numeric ones are unsigned integers.
+/// Constraint keys Juju knows; the numeric ones are unsigned integers, sizes in
+/// megabytes.
 const CONSTRAINTS: &[&str] = &[
     "arch",
     "container",
@@ -50,7 +51,9 @@ const CONSTRAINTS: &[&str] = &[
     "spaces",
     "virt-type",
 ];
-const NUMERIC_CONSTRAINTS: &[&str] = &["cpu-cores", "cpu-power", "mem", "root-disk"];
+const COUNT_CONSTRAINTS: &[&str] = &["cpu-cores", "cpu-power"];
+/// Given as `4G`, `1.5T`... and kept in megabytes, as Juju does.
+const SIZE_CONSTRAINTS: &[&str] = &["mem", "root-disk"];
 
 /// Units one request may add: each is a machine, a uniter and a few jobs.
 pub const MAX_UNITS_PER_REQUEST: u32 = 1000;
@@ -592,7 +595,7 @@ impl Model {
         check_unit_count(request.num_units)?;
         let charm = self.inner.charms.resolve(&request.charm)?;
         let config = check_config(&charm, &request.config, &BTreeMap::new())?;
-        check_constraints(&request.constraints)?;
+        let constraints = normal_constraints(request.constraints.clone())?;
         let mut state = self.inner.state.lock().await;
         if state.apps.contains_key(&request.name) {
             return Err(CoreError::Conflict(format!(
@@ -605,7 +608,7 @@ impl Model {
             charm_url: request.charm.clone(),
             charm: charm.name.clone(),
             config,
-            constraints: request.constraints.clone(),
+            constraints,
             exposed: false,
             life: Life::Alive,
             min_units: 0,
@@ -882,7 +885,7 @@ impl Model {
         name: &str,
         constraints: BTreeMap<String, Value>,
     ) -> CoreResult<()> {
-        check_constraints(&constraints)?;
+        let constraints = normal_constraints(constraints)?;
         self.update_app(name, |app| app.constraints = constraints)
             .await
     }
@@ -1024,9 +1027,10 @@ impl Model {
         &self,
         constraints: Vec<BTreeMap<String, Value>>,
     ) -> CoreResult<Vec<String>> {
-        for c in &constraints {
-            check_constraints(c)?;
-        }
+        let constraints = constraints
+            .into_iter()
+            .map(normal_constraints)
+            .collect::<CoreResult<Vec<_>>>()?;
         let mut state = self.inner.state.lock().await;
         let mut change = Change::new(&state);
         let mut ids = Vec::new();
@@ -2158,9 +2162,25 @@ fn status_after(kind: HookKind) -> Option<UnitStatus> {
     }
 }
 
+/// Longest application name. Juju's rule sets no length, but the name ends up inside
+/// single file names: a hook's job, whose results directory is one path component, is
+/// named `hook-<app>-<unit number>-<hook>@<clock>`, and Linux refuses components over
+/// 255 bytes (NAME_MAX), so an unbounded name deploys and then fails every hook. 63 is a
+/// DNS label's limit (RFC 1035), which keeps names usable as host names too, and leaves
+/// the rest of those 255 bytes to the unit number, the clock and relation hook names.
+pub const MAX_APP_NAME_LEN: usize = 63;
+
 /// Application names as Juju takes them: lower-case words of letters and digits joined
-/// by dashes, starting with a letter, no word all digits.
+/// by dashes, starting with a letter, no word all digits; and at most
+/// [`MAX_APP_NAME_LEN`] long.
 fn check_app_name(name: &str) -> CoreResult<()> {
+    let chars = name.chars().count();
+    // Echoing all of a name that may be kilobytes long would bury the reason.
+    let shown = if chars > MAX_APP_NAME_LEN {
+        format!("{}…", name.chars().take(20).collect::<String>())
+    } else {
+        name.to_owned()
+    };
     let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
         && name.split('-').all(|word| {
             !word.is_empty()
@@ -2169,12 +2189,16 @@ fn check_app_name(name: &str) -> CoreResult<()> {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
                 && !word.bytes().all(|b| b.is_ascii_digit())
         });
-    if valid {
-        Ok(())
-    } else {
+    if !valid {
         Err(CoreError::Invalid(format!(
-            "invalid application name \"{name}\": use lower-case letters, digits and dashes, starting with a letter"
+            "invalid application name \"{shown}\": use lower-case letters, digits and dashes, starting with a letter, no part after a dash all digits"
         )))
+    } else if chars > MAX_APP_NAME_LEN {
+        Err(CoreError::Invalid(format!(
+            "invalid application name \"{shown}\": {chars} characters long, at most {MAX_APP_NAME_LEN} are allowed"
+        )))
+    } else {
+        Ok(())
     }
 }
 
@@ -2264,7 +2288,11 @@ fn typed(kind: &str, raw: &str) -> Result<Value, &'static str> {
     }
 }
 
-fn check_constraints(constraints: &BTreeMap<String, Value>) -> CoreResult<()> {
+/// Checks constraints against Juju's keys and values and puts them in the form Juju
+/// reports them in (and the Juju face sends back): numeric keys as JSON integers, sizes
+/// in megabytes, absent (`null`) keys dropped.
+fn normal_constraints(constraints: BTreeMap<String, Value>) -> CoreResult<BTreeMap<String, Value>> {
+    let mut normal = BTreeMap::new();
     for (key, value) in constraints {
         if !CONSTRAINTS.contains(&key.as_str()) {
             return Err(CoreError::Invalid(format!(
@@ -2272,21 +2300,65 @@ fn check_constraints(constraints: &BTreeMap<String, Value>) -> CoreResult<()> {
                 CONSTRAINTS.join(", ")
             )));
         }
-        if NUMERIC_CONSTRAINTS.contains(&key.as_str()) {
-            let ok = match value {
-                Value::Number(n) => n.as_u64().is_some(),
-                Value::String(s) => s.trim().parse::<u64>().is_ok(),
-                Value::Null => true,
-                _ => false,
+        let value = if value.is_null() {
+            continue;
+        } else if SIZE_CONSTRAINTS.contains(&key.as_str()) {
+            Value::from(megabytes(&value).ok_or_else(|| {
+                CoreError::Invalid(format!(
+                    "bad \"{key}\" constraint: expected a non-negative number with an optional \
+                     M, G, T or P suffix (megabytes by default, 1G = 1024M), got {value}"
+                ))
+            })?)
+        } else if COUNT_CONSTRAINTS.contains(&key.as_str()) {
+            let count = match &value {
+                Value::Number(n) => n.as_u64(),
+                // Juju reads an empty value as 0, its "no constraint".
+                Value::String(s) if s.trim().is_empty() => Some(0),
+                Value::String(s) => s.trim().parse::<u64>().ok(),
+                _ => None,
             };
-            if !ok {
-                return Err(CoreError::Invalid(format!(
+            Value::from(count.ok_or_else(|| {
+                CoreError::Invalid(format!(
                     "bad \"{key}\" constraint: expected a non-negative integer, got {value}"
-                )));
-            }
-        }
+                ))
+            })?)
+        } else {
+            value
+        };
+        normal.insert(key, value);
     }
-    Ok(())
+    Ok(normal)
+}
+
+/// A size constraint in megabytes, by Juju's rule: a JSON integer is megabytes already;
+/// text is a non-negative number, fractions allowed, with an optional suffix M, G, T or
+/// P (powers of 1024 of a megabyte), rounded up to a whole megabyte.
+fn megabytes(value: &Value) -> Option<u64> {
+    let text = match value {
+        // Juju's own JSON field is an unsigned integer: no fractions there.
+        Value::Number(n) => return n.as_u64(),
+        Value::String(s) => s.trim(),
+        _ => return None,
+    };
+    if text.is_empty() {
+        // As for the counts: Juju's "no constraint".
+        return Some(0);
+    }
+    let (number, scale) = match text.as_bytes()[text.len() - 1] {
+        b'M' => (&text[..text.len() - 1], 1.0),
+        b'G' => (&text[..text.len() - 1], 1024.0),
+        b'T' => (&text[..text.len() - 1], 1024.0 * 1024.0),
+        b'P' => (&text[..text.len() - 1], 1024.0 * 1024.0 * 1024.0),
+        _ => (text, 1.0),
+    };
+    let number: f64 = number.parse().ok()?;
+    // `parse` takes "inf" and "NaN", which are no sizes; -0 is a harmless 0.
+    if !number.is_finite() || number < 0.0 {
+        return None;
+    }
+    let mb = (number * scale).ceil();
+    // 2^64 and above do not fit (`as` would quietly saturate to u64::MAX).
+    (mb < u64::MAX as f64).then_some(mb as u64)
 }
 
 fn env_key(key: &str) -> String {
@@ -2331,20 +2403,74 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes_follow_jujus_rule_and_are_kept_in_megabytes() {
+        let mb = |text: &str| megabytes(&Value::from(text));
+        assert_eq!(mb("512"), Some(512));
+        assert_eq!(mb("512M"), Some(512));
+        assert_eq!(mb("4G"), Some(4096));
+        assert_eq!(mb("1.5G"), Some(1536));
+        assert_eq!(mb("2T"), Some(2 * 1024 * 1024));
+        assert_eq!(mb("1P"), Some(1024 * 1024 * 1024));
+        assert_eq!(mb("0.3"), Some(1), "rounded up");
+        assert_eq!(mb(".5G"), Some(512));
+        assert_eq!(mb(""), Some(0));
+        assert_eq!(megabytes(&Value::from(2048)), Some(2048));
+        for bad in [
+            "4g", "4GB", "4K", "G", "-1G", "-0.5", "four", "inf", "NaN", "1e30P", "4 G", "0x10",
+        ] {
+            assert_eq!(mb(bad), None, "{bad}");
+        }
+        assert_eq!(megabytes(&Value::from(1.5)), None);
+        assert_eq!(megabytes(&Value::from(-1)), None);
+        assert_eq!(megabytes(&Value::Bool(true)), None);
+
+        let normal = normal_constraints(
+            [
+                ("mem".to_string(), Value::from("4G")),
+                ("root-disk".to_string(), Value::from("1.5T")),
+            ]
+            .into(),
+        )
+        .unwrap();
+        assert_eq!(normal["mem"], 4096);
+        assert_eq!(normal["root-disk"], 1024 * 1024 + 512 * 1024);
+        let err = normal_constraints([("mem".to_string(), Value::from("4X"))].into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad \"mem\" constraint"), "{err}");
+        assert!(err.contains("M, G, T or P suffix"), "{err}");
+    }
+
+    #[test]
     fn names_keys_and_values() {
         assert!(check_app_name("blog").is_ok());
         assert!(check_app_name("my-blog2").is_ok());
-        for bad in ["Blog", "2blog", "blog-", "blog-2", "a_b", ""] {
+        assert!(check_app_name("mysql-b2").is_ok());
+        assert!(check_app_name(&"a".repeat(MAX_APP_NAME_LEN)).is_ok());
+        for bad in [
+            "Blog", "2blog", "blog-", "blog-2", "mysql-2", "a_b", "a--b", "-a", "",
+        ] {
             assert!(check_app_name(bad).is_err(), "{bad}");
         }
+        let long = "a".repeat(5000);
+        let err = check_app_name(&long).unwrap_err().to_string();
+        assert!(err.contains("5000 characters long, at most 63"), "{err}");
+        assert!(err.len() < 200, "the message repeats the whole name: {err}");
+        let err = check_app_name(&"A".repeat(5000)).unwrap_err().to_string();
+        assert!(err.contains("lower-case letters"), "{err}");
+        assert!(err.len() < 250, "the message repeats the whole name: {err}");
         assert_eq!(typed("boolean", "True"), Ok(Value::Bool(true)));
         assert_eq!(typed("int", "4"), Ok(Value::from(4)));
         assert!(typed("int", "four").is_err());
         assert_eq!(normal_port("80"), "80/tcp");
         assert_eq!(env_key("dataset-size"), "DATASET_SIZE");
-        assert!(check_constraints(&[("cpu-cores".to_string(), Value::from(4))].into()).is_ok());
-        assert!(check_constraints(&[("cpu-cores".to_string(), Value::from(-1))].into()).is_err());
-        assert!(check_constraints(&[("colour".to_string(), Value::from("red"))].into()).is_err());
+        let one = |key: &str, value: Value| normal_constraints([(key.to_string(), value)].into());
+        assert_eq!(one("cpu-cores", Value::from(4)).unwrap()["cpu-cores"], 4);
+        assert_eq!(one("cpu-cores", Value::from("4")).unwrap()["cpu-cores"], 4);
+        assert!(one("cpu-cores", Value::from(-1)).is_err());
+        assert!(one("colour", Value::from("red")).is_err());
+        assert!(one("mem", Value::Null).unwrap().is_empty());
+        assert_eq!(one("arch", Value::from("amd64")).unwrap()["arch"], "amd64");
         let uuid = new_uuid();
         assert_eq!(uuid.len(), 36);
         assert_eq!(&uuid[14..15], "4");

@@ -473,3 +473,101 @@ async fn peers_of_one_application_meet_and_see_each_others_settings() {
     assert_eq!(relation.settings["c/0"]["addr"], "c/0");
     core.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_names_are_checked_for_form_and_length_before_anything_is_made() {
+    let t = open().await;
+    let model = &t.core.model;
+    // What QA deployed: accepted, then every hook failed with ENAMETOOLONG.
+    let long = "a".repeat(5000);
+    for bad in [
+        long.as_str(),
+        "mysql-2",
+        "Mysql",
+        "2mysql",
+        "my_sql",
+        "mysql-",
+    ] {
+        let err = model
+            .deploy(deploy(bad, "cs:precise/mysql", 1), "admin")
+            .await;
+        assert!(matches!(err, Err(CoreError::Invalid(_))), "{bad}: {err:?}");
+    }
+    let err = model
+        .deploy(deploy(&long, "mysql", 1), "admin")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at most 63"), "{err}");
+    let status = model.status().await;
+    assert!(status.applications.is_empty(), "{status:?}");
+    assert!(status.units.is_empty(), "{status:?}");
+    assert_eq!(status.machines.len(), 1, "only machine 0: {status:?}");
+
+    // The longest name allowed still fits in every path its hooks use: its unit starts.
+    let longest = format!("mysql-b2-{}", "x".repeat(63 - 9));
+    assert_eq!(longest.len(), opsbox_core::model::MAX_APP_NAME_LEN);
+    model
+        .deploy(deploy(&longest, "cs:precise/mysql", 1), "admin")
+        .await
+        .unwrap();
+    until_status(&t, &format!("{longest}/0"), UnitStatus::Started).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_constraints_take_juju_suffixes_and_are_kept_in_megabytes() {
+    let t = open().await;
+    let model = &t.core.model;
+    let mut request = deploy("blog", "wordpress", 0);
+    request.constraints.insert("mem".into(), "4G".into());
+    request
+        .constraints
+        .insert("root-disk".into(), "1.5G".into());
+    request.constraints.insert("cpu-cores".into(), "2".into());
+    request.constraints.insert("arch".into(), "amd64".into());
+    model.deploy(request, "admin").await.unwrap();
+    let constraints = model.config("blog").await.unwrap().constraints;
+    assert_eq!(
+        serde_json::to_value(&constraints).unwrap(),
+        serde_json::json!({"mem": 4096, "root-disk": 1536, "cpu-cores": 2, "arch": "amd64"})
+    );
+
+    // Replacing them: the same rule, and what the application reports is what was kept.
+    let set = |pairs: &[(&str, serde_json::Value)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    model
+        .set_constraints(
+            "blog",
+            set(&[("mem", "512M".into()), ("root-disk", 2048.into())]),
+        )
+        .await
+        .unwrap();
+    let app = model.application("blog").await.unwrap();
+    assert_eq!(app.constraints["mem"], 512);
+    assert_eq!(app.constraints["root-disk"], 2048);
+    for bad in ["4g", "-1G", "4GB", "lots"] {
+        let err = model
+            .set_constraints("blog", set(&[("mem", bad.into())]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CoreError::Invalid(_)), "{bad}: {err:?}");
+        assert!(err.to_string().contains("M, G, T or P suffix"), "{err}");
+    }
+    assert_eq!(
+        model.application("blog").await.unwrap().constraints["mem"],
+        512
+    );
+
+    // A unit's machine carries the same megabytes.
+    let mut request = deploy("db", "mysql", 1);
+    request.constraints.insert("mem".into(), "0.5G".into());
+    model.deploy(request, "admin").await.unwrap();
+    let machine = model.unit("db/0").await.unwrap().machine;
+    let status = model.status().await;
+    let machine = status.machines.iter().find(|m| m.id == machine).unwrap();
+    assert_eq!(machine.constraints["mem"], 512);
+}

@@ -110,6 +110,60 @@ async fn native_model_api_deploys_relates_and_refuses_bad_requests() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_api_refuses_bad_names_and_keeps_sizes_in_megabytes() {
+    let server = start().await;
+    let http = client();
+    let post = |body: Value| {
+        http.post(server.url("/v1/model/applications"))
+            .json(&body)
+            .send()
+    };
+    // A name that could not fit in the hooks' paths, and one Juju would not take.
+    let long = "a".repeat(5000);
+    for (name, why) in [
+        (long.as_str(), "at most 63"),
+        ("mysql-2", "invalid application name"),
+    ] {
+        let r = post(json!({"name": name, "charm": "cs:precise/mysql", "num_units": 1}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{name:.20}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "bad_request");
+        assert!(body["message"].as_str().unwrap().contains(why), "{body}");
+    }
+    let status: Value = server.get_json("/v1/model").await;
+    assert_eq!(status["applications"], json!([]));
+
+    let r = post(json!({"name": "blog", "charm": "wordpress", "num_units": 0,
+                        "constraints": {"mem": "4G"}}))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let app: Value = r.json().await.unwrap();
+    assert_eq!(app["constraints"], json!({"mem": 4096}));
+    let put = |body: Value| {
+        http.put(server.url("/v1/model/applications/blog/constraints"))
+            .json(&body)
+            .send()
+    };
+    let r = put(json!({"mem": "1.5G", "root-disk": "2T", "cpu-cores": 2}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let kept = json!({"mem": 1536, "root-disk": 2 * 1024 * 1024, "cpu-cores": 2});
+    assert_eq!(r.json::<Value>().await.unwrap(), kept);
+    let config: Value = server.get_json("/v1/model/applications/blog/config").await;
+    assert_eq!(config["constraints"], kept);
+    let r = put(json!({"mem": "4GB"})).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("bad \"mem\" constraint"), "{body}");
+    server.shutdown().await;
+}
+
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -215,5 +269,114 @@ async fn juju_envelope_login_errors_and_stop_while_next_waits() {
     )
     .await;
     assert_eq!(gone["Error"], "unknown watcher id");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn juju_face_refuses_bad_service_names_and_reports_sizes_in_megabytes() {
+    let server = start().await;
+    let url = server.url("/").replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let login = call(
+        &mut ws,
+        json!({"Type": "Admin", "Request": "Login", "Version": 0, "RequestId": 1,
+               "Params": {"AuthTag": "user-admin", "Password": "any"}}),
+    )
+    .await;
+    assert!(login.get("Error").is_none(), "{login}");
+    let mut id = 1;
+    let mut client = |request: &str, params: Value| {
+        id += 1;
+        json!({"Type": "Client", "Request": request, "Version": 0, "RequestId": id,
+               "Params": params})
+    };
+
+    let long = "a".repeat(5000);
+    for (name, why) in [
+        (long.as_str(), "at most 63"),
+        ("mysql-2", "invalid service name"),
+    ] {
+        let refused = call(
+            &mut ws,
+            client(
+                "ServiceDeploy",
+                json!({"ServiceName": name, "CharmURL": "cs:precise/mysql", "NumUnits": 1,
+                       "Config": {}, "Constraints": {}, "ToMachineSpec": null}),
+            ),
+        )
+        .await;
+        let error = refused["Error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{refused:.300}");
+        assert_eq!(refused["ErrorCode"], "bad request");
+        assert_eq!(refused["Response"], json!({}));
+    }
+
+    // jujuclient sends mem as an int but root-disk as given ("8G"); both come back as
+    // megabytes, the form of Juju's own answers.
+    let deployed = call(
+        &mut ws,
+        client(
+            "ServiceDeploy",
+            json!({"ServiceName": "blog", "CharmURL": "cs:precise/wordpress", "NumUnits": 0,
+                   "Config": {}, "Constraints": {"mem": 2048, "root-disk": "8G"},
+                   "ToMachineSpec": null}),
+        ),
+    )
+    .await;
+    assert_eq!(deployed["Response"], json!({}), "{deployed}");
+    let got = call(
+        &mut ws,
+        client("GetServiceConstraints", json!({"ServiceName": "blog"})),
+    )
+    .await;
+    assert_eq!(
+        got["Response"]["Constraints"],
+        json!({"mem": 2048, "root-disk": 8192})
+    );
+    let set = call(
+        &mut ws,
+        client(
+            "SetServiceConstraints",
+            json!({"ServiceName": "blog", "Constraints": {"mem": "4G", "root-disk": "1.5G"}}),
+        ),
+    )
+    .await;
+    assert_eq!(set["Response"], json!({}), "{set}");
+    let kept = json!({"mem": 4096, "root-disk": 1536});
+    let got = call(
+        &mut ws,
+        client("ServiceGet", json!({"ServiceName": "blog"})),
+    )
+    .await;
+    assert_eq!(got["Response"]["Constraints"], kept);
+    let watch = call(&mut ws, client("WatchAll", json!({}))).await;
+    let watcher = watch["Response"]["AllWatcherId"].clone();
+    let snapshot = call(
+        &mut ws,
+        json!({"Type": "AllWatcher", "Request": "Next", "Id": watcher, "RequestId": 99,
+               "Params": {}}),
+    )
+    .await;
+    let blog = snapshot["Response"]["Deltas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d[0] == "service" && d[2]["Name"] == "blog")
+        .cloned()
+        .unwrap();
+    assert_eq!(blog[2]["Constraints"], kept);
+    let bad = call(
+        &mut ws,
+        client(
+            "SetServiceConstraints",
+            json!({"ServiceName": "blog", "Constraints": {"mem": "4g"}}),
+        ),
+    )
+    .await;
+    let error = bad["Error"].as_str().unwrap_or_default();
+    assert!(error.contains("bad \"mem\" constraint"), "{bad}");
+    assert_eq!(bad["ErrorCode"], "bad request");
     server.shutdown().await;
 }

@@ -40,7 +40,15 @@ pub struct ServeArgs {
     pub tls: Option<String>,
     /// Allow listening beyond loopback with no users or tokens configured (the same as
     /// the global `--insecure` given to `serve`).
-    #[arg(long = "insecure-listen", env = "OPSBOX_INSECURE_LISTEN", hide = true)]
+    // Its own id: sharing the global flag's would hide that one from `serve`. The
+    // environment variable takes 1/0, yes/no, true/false.
+    #[arg(
+        id = "insecure_listen",
+        long = "insecure-listen",
+        env = "OPSBOX_INSECURE_LISTEN",
+        hide = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub insecure: bool,
     /// Apache htpasswd file: its users can log in (role operator); edits are picked up
     /// while running.

@@ -925,3 +925,50 @@ fn model_and_backups_commands() {
         .code(1)
         .stderr_has("not");
 }
+
+/// A server on a non-loopback address with no users refuses to start, and says how to
+/// go on; `serve --insecure` (or OPSBOX_INSECURE_LISTEN=1) lets it.
+#[test]
+fn serve_beyond_loopback_needs_a_user_or_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |extra: &[&str], env: Option<&str>| {
+        let port = free_port();
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", &format!("0.0.0.0:{port}"), "--data"])
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .env_remove("OPSBOX_CONFIG")
+            .env_remove("OPSBOX_LISTEN")
+            .env_remove("OPSBOX_INSECURE_LISTEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(value) = env {
+            command.env("OPSBOX_INSECURE_LISTEN", value);
+        }
+        let mut child = command.spawn().unwrap();
+        // Started: it answers on loopback. Refused: it exits with its message.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                return (false, format!("{status}: {err}"));
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                let _ = child.kill();
+                let _ = child.wait();
+                return (true, String::new());
+            }
+            assert!(Instant::now() < deadline, "neither started nor refused");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (started, message) = serve(&[], None);
+    assert!(!started);
+    assert!(message.contains("--insecure"), "{message}");
+    assert!(serve(&["--insecure"], None).0);
+    assert!(serve(&[], Some("1")).0);
+    assert!(!serve(&[], Some("0")).0);
+}

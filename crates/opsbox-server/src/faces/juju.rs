@@ -432,6 +432,10 @@ impl From<CoreError> for JujuError {
                 Some("not found")
             }
             CoreError::Conflict(_) => Some("already exists"),
+            // Juju sent most refusals of a request's content without a code, but a
+            // client can only tell "your request is wrong" from "the server failed"
+            // by one, as the native face does with 400 against 500.
+            CoreError::Invalid(_) => Some("bad request"),
             CoreError::Unauthenticated | CoreError::Forbidden(_) => {
                 return JujuError::new("permission denied", Some("unauthorized access"))
             }
@@ -1593,7 +1597,8 @@ fn user_info(user: &opsbox_api::User) -> Value {
     })
 }
 
-/// Constraints as sent: `cpu-cores` and friends as integers, the rest as given.
+/// Constraints as sent, `null` meaning not given; the model checks them and keeps them
+/// as Juju reports them (`mem: "4G"` becomes `4096`), so answers and deltas carry that.
 fn constraints(p: &Params<'_>) -> Result<BTreeMap<String, Value>, JujuError> {
     Ok(p.object("Constraints")?
         .into_iter()
