@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
             faces::juju::on_root,
         ))
         .layer(RequestBodyLimitLayer::new(limit))
+        .layer(axum::middleware::from_fn(error::native_json_errors))
         .merge(faces::jsonrpc::routes(state.clone()))
         .layer(MapRequestBodyLayer::new(body::EndsWhenComplete::wrap));
     let router = if tracing {

@@ -522,6 +522,40 @@ async fn non_loopback_without_credentials_is_refused_and_bodies_are_limited() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 413);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "payload_too_large", "{body}");
+    server.shutdown().await;
+}
+
+/// Errors that axum writes itself (a bad query string, a wrong method) come in the
+/// API's JSON form too.
+#[tokio::test]
+async fn every_error_answer_is_json() {
+    let server = TestServer::start().await;
+    for (method, path, status, code) in [
+        ("GET", "/v1/events?since=abc", 400, "bad_request"),
+        ("GET", "/v1/jobs?limit=x", 400, "bad_request"),
+        ("GET", "/v1/jobs/x@1/wait?timeout=abc", 400, "bad_request"),
+        ("PUT", "/v1/scripts/echo/run", 405, "method_not_allowed"),
+        ("GET", "/v1/info", 200, ""),
+        ("GET", "/v1/nosuch", 404, "not_found"),
+    ] {
+        let response = client()
+            .request(method.parse().unwrap(), server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        if status == 200 {
+            continue;
+        }
+        if status == 405 {
+            assert!(response.headers().contains_key("allow"), "{path}");
+        }
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"], code, "{method} {path}: {body}");
+        assert!(!body["message"].as_str().unwrap().is_empty(), "{body}");
+    }
     server.shutdown().await;
 }
 

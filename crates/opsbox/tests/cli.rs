@@ -897,7 +897,13 @@ fn model_and_backups_commands() {
     // Restore: refused while the server runs; after a crash (the old database keeps its
     // write-ahead log) the server starts on the restored store, without what came later.
     let data = server.dir.path().join("data");
-    let restore = ["backups", "restore", file.to_str().unwrap(), "--data", data.to_str().unwrap()];
+    let restore = [
+        "backups",
+        "restore",
+        file.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ];
     server.cli(&restore).code(1).stderr_has("stop the server");
     server
         .cli(&["model", "deploy", "cs:precise/mysql", "later"])
@@ -916,12 +922,21 @@ fn model_and_backups_commands() {
         .iter()
         .map(|a| a["name"].as_str().unwrap())
         .collect();
-    assert!(apps.contains(&"blog") && !apps.contains(&"later"), "{status:#}");
+    assert!(
+        apps.contains(&"blog") && !apps.contains(&"later"),
+        "{status:#}"
+    );
     let bad = server.dir.path().join("bad.db");
     std::fs::write(&bad, "not a database").unwrap();
     server.kill();
     server
-        .cli(&["backups", "restore", bad.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .cli(&[
+            "backups",
+            "restore",
+            bad.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
         .code(1)
         .stderr_has("not");
 }
