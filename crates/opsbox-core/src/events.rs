@@ -30,6 +30,7 @@ impl Events {
     /// One page of events after `since`.
     pub async fn page(&self, since: u64, limit: u32) -> CoreResult<EventPage> {
         let current = self.store.current_revision().await?;
+        ahead(since, current)?;
         match self
             .store
             .events_since(since, limit.clamp(1, 10_000))
@@ -53,7 +54,10 @@ impl Events {
         let mut changes = self.store.changes();
         changes.borrow_and_update();
         let mut since = match since {
-            Some(rev) => rev,
+            Some(rev) => {
+                ahead(rev, self.store.current_revision().await?)?;
+                rev
+            }
             None => self.store.current_revision().await?,
         };
         let first = match self.store.events_since(since, PAGE).await? {
@@ -89,4 +93,16 @@ impl Events {
             }
         })
     }
+}
+
+/// A revision past the newest one was never given out (another store, a typo): waiting
+/// for it would skip every event up to it without a word.
+fn ahead(since: u64, current: u64) -> CoreResult<()> {
+    if since > current {
+        return Err(CoreError::Invalid(format!(
+            "revision {since} is ahead of the event log (its newest is {current}); \
+             resume from a revision this server gave out"
+        )));
+    }
+    Ok(())
 }

@@ -156,6 +156,15 @@ async fn compacted_revisions_are_gone_with_the_revision_to_relist_from() {
         gone(t.core.events.follow(Some(rev0)).await.map(|_| ())),
         current
     );
+    // A revision never given out is refused, not waited for.
+    assert!(matches!(
+        t.core.events.page(current + 1, 100).await,
+        Err(CoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        t.core.events.follow(Some(current + 1000)).await.map(|_| ()),
+        Err(CoreError::Invalid(_))
+    ));
     // The oldest revision still kept can be resumed from.
     let kept = t.core.events.page(current - 3, 100).await.unwrap();
     assert_eq!(
