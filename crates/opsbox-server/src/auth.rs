@@ -52,6 +52,9 @@ pub async fn require_caller(
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
+        Err(Refusal::Unauthenticated) if credentials(request.headers()).is_some() => {
+            crate::error::ApiError::bad_credentials().into_response()
+        }
         Err(Refusal::Unauthenticated) => crate::error::ApiError::unauthorized().into_response(),
         Err(Refusal::Internal(e)) => crate::error::ApiError::from(e).into_response(),
     }

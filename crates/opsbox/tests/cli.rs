@@ -734,6 +734,15 @@ fn users_and_tokens_on_a_data_dir_then_through_the_server() {
         .cli(&["info", "--user", "alice", "--password", "wonderland"])
         .code(0)
         .stdout_has("alice");
+    // A wrong password is not the same as none; a user without one is caught at once.
+    server
+        .cli(&["info", "--user", "alice", "--password", "wrong"])
+        .code(1)
+        .stderr_has("not accepted");
+    server
+        .cli(&["info", "--user", "alice"])
+        .code(1)
+        .stderr_has("has no password");
     server
         .cli(&["info", "--token", &secret])
         .code(0)

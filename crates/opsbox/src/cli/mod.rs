@@ -167,6 +167,14 @@ impl Ctx {
 
     /// An SDK client for the configured server (no request made yet).
     fn client(&self) -> anyhow::Result<Client> {
+        if let (Some(user), None, None) =
+            (&self.config.user, &self.config.password, &self.config.token)
+        {
+            anyhow::bail!(
+                "user '{user}' has no password: give --password, set OPSBOX_PASSWORD, or put \
+                 password in the client config"
+            );
+        }
         self.config
             .builder()
             .build()
@@ -214,6 +222,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
 pub fn describe_error(error: &anyhow::Error) -> String {
     let text = format!("{error:#}");
     match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Unauthorized(body)) if body.error == "bad_credentials" => {
+            format!("{text} (check --user and --password, or --token)")
+        }
         Some(ClientError::Unauthorized(_)) => format!(
             "{text} (give --user and --password, or --token; or set OPSBOX_USER/OPSBOX_PASSWORD or OPSBOX_TOKEN)"
         ),
