@@ -148,6 +148,7 @@ async fn session(
         hostname: hostname(),
         version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         running: executor.running(),
+        instance: Some(instance().to_owned()),
     };
     send(&mut sink, &hello).await.map_err(|e| lost(&e))?;
     let heartbeat = match stream.next().await {
@@ -277,4 +278,17 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// This process's instance name for its hellos: its pid and start time, enough to tell
+/// two agents that claim one node id apart.
+fn instance() -> &'static str {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        format!("{}-{started:x}", std::process::id())
+    })
 }

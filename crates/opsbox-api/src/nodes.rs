@@ -214,6 +214,11 @@ pub enum AgentMessage {
         version: Option<String>,
         /// Tasks (`job/task`) still running from before a reconnect.
         running: Vec<String>,
+        /// Names this agent process (not the node): a reconnect of the same process
+        /// takes its node's place at once, another process with the same node id is
+        /// refused while the first one is alive.
+        #[serde(default)]
+        instance: Option<String>,
     },
     Heartbeat,
     /// A piece of a running task's output (base64).

@@ -180,6 +180,8 @@ struct Link {
     slots: u32,
     running: HashSet<String>,
     last_seen: Instant,
+    /// The agent process behind the link (its hello's `instance`).
+    instance: Option<String>,
 }
 
 #[derive(Default)]
@@ -495,6 +497,7 @@ impl Nodes {
             hostname,
             version,
             running,
+            instance,
         } = hello
         else {
             return Err(CoreError::Invalid(
@@ -512,9 +515,13 @@ impl Nodes {
                 "slots must be between 1 and 4096, not {slots}"
             )));
         }
+        self.refuse_a_second_agent(&node_id, instance.as_deref())?;
         let connection = self
             .register(&node_id, labels, slots, running.clone(), hostname, version)
             .await?;
+        if let Some(link) = self.lock().links.get_mut(&node_id) {
+            link.instance = instance;
+        }
         // Tasks the store has running there that the agent no longer knows are lost.
         let stale: Vec<TaskRecord> = self
             .inner
@@ -538,6 +545,27 @@ impl Nodes {
         }
         self.inner.kick.notify_one();
         Ok(connection)
+    }
+
+    /// Another agent process under a node id whose agent is alive here (heard from
+    /// within the heartbeat timeout) is refused: taking its place would cut off the
+    /// real one and hand its node to the newcomer's labels and slots. The same process
+    /// reconnecting (its old connection not noticed dead yet) takes its place.
+    fn refuse_a_second_agent(&self, node_id: &str, instance: Option<&str>) -> CoreResult<()> {
+        let state = self.lock();
+        let Some(link) = state.links.get(node_id) else {
+            return Ok(());
+        };
+        let same = instance.is_some() && link.instance.as_deref() == instance;
+        let heard = link.last_seen.elapsed();
+        if same || heard >= self.inner.config.heartbeat_timeout {
+            return Ok(());
+        }
+        Err(CoreError::Conflict(format!(
+            "node id '{node_id}' is taken: another agent with that id is connected (heard \
+             from {}s ago). Stop that agent, or give this one another --node-id",
+            heard.as_secs()
+        )))
     }
 
     async fn register(
@@ -564,6 +592,7 @@ impl Nodes {
                     slots,
                     running: running.into_iter().collect(),
                     last_seen: Instant::now(),
+                    instance: None,
                 },
             );
             session
@@ -1141,6 +1170,19 @@ impl Nodes {
                 self.get(node).await.map_err(|_| {
                     CoreError::NotFound(format!("node '{node}' (see opsbox nodes list)"))
                 })?;
+            } else if !placement.labels.is_empty() {
+                // A run waits for a fitting node that is away, not for one that was
+                // never seen: that would wait forever without a word.
+                let known = self.list().await?;
+                if !known
+                    .iter()
+                    .any(|n| has_labels(&n.labels, &placement.labels))
+                {
+                    return Err(CoreError::NotFound(format!(
+                        "a node with the labels {} (no node has them: see opsbox nodes list)",
+                        placement.labels.join(",")
+                    )));
+                }
             }
             return Ok(vec![
                 self.submit(request(placement.node.clone()), submitted_by)

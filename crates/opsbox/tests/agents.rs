@@ -748,3 +748,49 @@ async fn units_run_their_hooks_on_the_nodes_their_constraints_pick() {
         "{refused}"
     );
 }
+
+/// A second agent under a node id whose agent is alive is refused, and says why; the
+/// first one keeps its node. A run asking for labels no node has is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_under_a_taken_node_id_is_refused() {
+    let cluster = Cluster::start().await;
+    let _first = cluster.agent("a1", "web", 1).await;
+    let second = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+        .args([
+            "agent",
+            "--server",
+            &format!("http://127.0.0.1:{}", cluster.port),
+        ])
+        .args(["--node-id", "a1", "--slots", "3"])
+        .arg("--work-dir")
+        .arg(cluster.dir.path().join("work-a1-bis"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || second.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is taken"), "{err}");
+    let node = cluster.client.node("a1").await.unwrap();
+    assert!(node.connected);
+    assert_eq!((node.labels, node.slots), (vec!["web".to_string()], 1));
+
+    let refused = cluster
+        .client
+        .run_placed(
+            "count",
+            BTreeMap::new(),
+            Placement {
+                labels: vec!["nosuch".into()],
+                ..Placement::default()
+            },
+            true,
+        )
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("nosuch"), "{refused}");
+}
