@@ -68,12 +68,19 @@ pub async fn run(
     loop {
         let url = &urls[attempt % urls.len()];
         attempt += 1;
-        let session = tokio::select! {
-            _ = &mut shutdown => break,
-            s = session(&config, url, &executor, &out_tx, &mut out_rx, &mut unsent) => s,
-        };
+        let session = session(
+            &config,
+            url,
+            &executor,
+            &out_tx,
+            &mut out_rx,
+            &mut unsent,
+            &mut shutdown,
+        )
+        .await;
         match session {
-            Ok(()) => backoff = Duration::from_millis(200),
+            Ok(Ended::Left) => return Ok(()),
+            Ok(Ended::Closed) => backoff = Duration::from_millis(200),
             Err(SessionError::Refused(reason)) => return Err(AgentError::Refused(reason)),
             Err(SessionError::Lost(e)) => {
                 tracing::warn!(server = %url, error = %e, "connection to the server lost; reconnecting");
@@ -93,6 +100,17 @@ enum SessionError {
     Refused(String),
     Lost(String),
 }
+
+/// How a session that did not fail ended.
+enum Ended {
+    /// The agent was asked to stop, and said goodbye.
+    Left,
+    /// The executor's queue closed.
+    Closed,
+}
+
+/// Longest wait, when the agent stops, for the ends of the tasks it killed to go out.
+const LEAVE_GRACE: Duration = Duration::from_secs(5);
 
 /// `http(s)://host:port[/]` → `ws(s)://host:port/v1/agent`.
 fn ws_url(server: &str) -> Result<String, AgentError> {
@@ -116,7 +134,8 @@ async fn session(
     out_tx: &mpsc::UnboundedSender<AgentMessage>,
     out_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
     unsent: &mut Vec<AgentMessage>,
-) -> Result<(), SessionError> {
+    shutdown: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> Result<Ended, SessionError> {
     let lost = |e: &dyn std::fmt::Display| SessionError::Lost(e.to_string());
     let mut request = url.into_client_request().map_err(|e| lost(&e))?;
     if let Some(token) = &config.token {
@@ -124,22 +143,28 @@ async fn session(
         request.headers_mut().insert("Authorization", value);
     }
     let connector = config.insecure.then(insecure_connector);
-    let (socket, _) =
-        // Nagle off: task output and ends are small messages that must not wait.
-        tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
-            .await
-            .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(response)
-                    if response.status().as_u16() == 401 || response.status().as_u16() == 403 =>
-                {
-                    SessionError::Refused(format!(
-                        "{} (check --token: it must be a node token for '{}' or an admin token)",
-                        response.status(),
-                        config.node_id
-                    ))
-                }
-                e => lost(&e),
-            })?;
+    // Nagle off: task output and ends are small messages that must not wait.
+    let connecting =
+        tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector);
+    let connected = tokio::select! {
+        _ = &mut *shutdown => {
+            executor.kill_all();
+            return Ok(Ended::Left);
+        }
+        c = connecting => c,
+    };
+    let (socket, _) = connected.map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(response)
+            if response.status().as_u16() == 401 || response.status().as_u16() == 403 =>
+        {
+            SessionError::Refused(format!(
+                "{} (check --token: it must be a node token for '{}' or an operator token)",
+                response.status(),
+                config.node_id
+            ))
+        }
+        e => lost(&e),
+    })?;
     let (mut sink, mut stream) = socket.split();
     let hello = AgentMessage::Hello {
         node_id: config.node_id.clone(),
@@ -187,8 +212,12 @@ async fn session(
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(lost(&e)),
             },
+            _ = &mut *shutdown => {
+                leave(executor, &mut sink, out_rx).await;
+                return Ok(Ended::Left);
+            }
             outgoing = out_rx.recv() => {
-                let Some(message) = outgoing else { return Ok(()) };
+                let Some(message) = outgoing else { return Ok(Ended::Closed) };
                 if let Err(e) = send(&mut sink, &message).await {
                     unsent.push(message);
                     return Err(lost(&e));
@@ -198,6 +227,34 @@ async fn session(
                 send(&mut sink, &AgentMessage::Heartbeat).await.map_err(|e| lost(&e))?;
             }
         }
+    }
+}
+
+/// Stops the agent's tasks, sends their ends (for up to [`LEAVE_GRACE`]), then a
+/// goodbye, so the server retries them elsewhere at once rather than after the
+/// heartbeat timeout.
+async fn leave<S>(
+    executor: &Executor,
+    sink: &mut S,
+    out_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
+) where
+    S: futures::Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    executor.kill_all();
+    let deadline = tokio::time::Instant::now() + LEAVE_GRACE;
+    while !executor.running().is_empty() || !out_rx.is_empty() {
+        match tokio::time::timeout_at(deadline, out_rx.recv()).await {
+            Ok(Some(message)) => {
+                if send(sink, &message).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    if send(sink, &AgentMessage::Goodbye).await.is_ok() {
+        let _ = sink.close().await;
     }
 }
 

@@ -221,6 +221,10 @@ pub enum AgentMessage {
         instance: Option<String>,
     },
     Heartbeat,
+    /// The agent is stopping: it has killed its tasks and sent their ends, and will not
+    /// come back with them. The server settles what it still has running there at once
+    /// instead of after the heartbeat timeout.
+    Goodbye,
     /// A piece of a running task's output (base64).
     Output {
         job: String,

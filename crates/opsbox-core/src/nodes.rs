@@ -626,14 +626,20 @@ impl Nodes {
                 .get(node_id)
                 .is_some_and(|link| link.session == session);
             if mine {
-                state.links.remove(node_id);
                 state.away.insert(node_id.to_owned(), Instant::now());
+                state.links.remove(node_id).map(|link| link.last_seen)
+            } else {
+                None
             }
-            mine
         };
-        if removed {
+        if let Some(heard) = removed {
             if let Some(mut record) = self.record(node_id).await? {
                 record.server = None;
+                // The node list shows when it was last heard from, not when it came.
+                record.last_seen = chrono::Duration::from_std(heard.elapsed())
+                    .ok()
+                    .map(|ago| Utc::now() - ago)
+                    .or(record.last_seen);
                 self.put_node(&record, Some("node.disconnected")).await?;
             }
         }
@@ -657,6 +663,7 @@ impl Nodes {
         }
         match message {
             AgentMessage::Heartbeat | AgentMessage::Hello { .. } => Ok(()),
+            AgentMessage::Goodbye => self.leave(node_id, session).await,
             AgentMessage::Output {
                 job,
                 task,
@@ -725,6 +732,25 @@ impl Nodes {
             .filter(|(_, since)| since.elapsed() > timeout)
             .map(|(id, _)| id.clone())
             .collect();
+        self.lose_tasks_on(&gone, "stopped responding").await
+    }
+
+    /// An agent said goodbye: it killed its tasks and sent their ends, and will not
+    /// come back with any. What the store still has running there is lost now, not
+    /// after the heartbeat timeout.
+    async fn leave(&self, node_id: &str, session: u64) -> CoreResult<()> {
+        self.disconnect(node_id, session).await?;
+        // The ends it sent just before are settled first (a round is queued for them).
+        self.round().await?;
+        self.lose_tasks_on(
+            &HashSet::from([node_id.to_owned()]),
+            "stopped (its agent left)",
+        )
+        .await
+    }
+
+    /// Loses the running tasks of nodes that are gone, each with `why`.
+    async fn lose_tasks_on(&self, gone: &HashSet<String>, why: &str) -> CoreResult<()> {
         if gone.is_empty() {
             return Ok(());
         }
@@ -739,7 +765,7 @@ impl Nodes {
         {
             // Their tasks are settled below; nothing more to wait for from them.
             let mut state = self.lock();
-            for id in &gone {
+            for id in gone {
                 state.away.remove(id);
             }
         }
@@ -749,7 +775,7 @@ impl Nodes {
                 &task.task.job,
                 &task.task.id,
                 &node,
-                &format!("node {node} stopped responding"),
+                &format!("node {node} {why}"),
             )
             .await?;
         }
@@ -878,11 +904,15 @@ impl Nodes {
             slots: link.map_or(record.slots, |l| l.slots),
             connected: link.is_some() || self.connected_elsewhere(record),
             blacklisted: state.blacklisted.contains(&record.id),
-            // A connected node's last heartbeat; else what was stored.
-            last_seen: link
-                .and_then(|l| chrono::Duration::from_std(l.last_seen.elapsed()).ok())
-                .map(|ago| Utc::now() - ago)
-                .or(record.last_seen),
+            // The server's own node is this process: seen now. A connected node's last
+            // heartbeat; else what was stored.
+            last_seen: if record.id == self.local_id() {
+                Some(Utc::now())
+            } else {
+                link.and_then(|l| chrono::Duration::from_std(l.last_seen.elapsed()).ok())
+                    .map(|ago| Utc::now() - ago)
+                    .or(record.last_seen)
+            },
             running,
             jobs,
             tasks_ok: record.tasks_ok + ok,

@@ -73,6 +73,12 @@ fn scripts(dir: &Path) -> PathBuf {
 }
 
 fn start_server(dir: &Path, port: u16) -> Proc {
+    start_server_beating(dir, port, 2)
+}
+
+/// A server that waits `heartbeat` seconds before it gives up on a silent agent.
+fn start_server_beating(dir: &Path, port: u16, heartbeat: u32) -> Proc {
+    let heartbeat = heartbeat.to_string();
     let child = Command::new(env!("CARGO_BIN_EXE_opsbox"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--data")
@@ -84,7 +90,7 @@ fn start_server(dir: &Path, port: u16) -> Proc {
             env!("CARGO_MANIFEST_DIR"),
             "/../../examples/charms"
         ))
-        .args(["--local-slots", "0", "--heartbeat-timeout", "2"])
+        .args(["--local-slots", "0", "--heartbeat-timeout", &heartbeat])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -477,7 +483,10 @@ async fn the_disco_command_line_waits_lists_and_kills() {
     };
     let (code, out, err) = disco(&["wait", &job, "--timeout", "60"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("/results/reduce-0/total"), "{out}");
+    assert!(
+        out.contains("/reduce-0/total") && out.contains("/disco/results/"),
+        "{out}"
+    );
     let (code, out, _) = disco(&["jobinfo", &job]);
     assert_eq!(code, 0);
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -793,4 +802,32 @@ async fn a_second_agent_under_a_taken_node_id_is_refused() {
         .await
         .unwrap_err();
     assert!(refused.to_string().contains("nosuch"), "{refused}");
+}
+
+/// An agent stopped with SIGTERM kills its tasks and says goodbye: they are retried
+/// elsewhere at once, not after the heartbeat timeout (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_hands_its_tasks_back_at_once() {
+    let mut cluster = Cluster::start().await;
+    cluster.server.kill9();
+    cluster.server = start_server_beating(cluster.dir.path(), cluster.port, 60);
+    up(cluster.port).await;
+    let leaving = cluster.agent("leaving", "linux", 1).await;
+    let job = cluster.submit("slow", vec!["30".into()], None, &[]).await;
+    cluster.until_running_on(&job, "leaving").await;
+    let _b = cluster.agent("staying", "linux", 1).await;
+    let pid = leaving.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Within until_running_on's 30 s, half the heartbeat timeout: only a goodbye does it.
+    cluster.until_running_on(&job, "staying").await;
+    let task = &cluster.client.tasks(&job).await.unwrap()[0];
+    let reason = task.reason.clone().unwrap_or_default();
+    assert!(reason.contains("on leaving"), "{reason}");
+    assert!(!reason.contains("stopped responding"), "{reason}");
+    cluster.until_connected("leaving", false).await;
+    drop(leaving);
 }
