@@ -388,12 +388,14 @@ impl Client {
         Box::pin(async_stream::stream! {
             let mut since = since;
             let mut fruitless = 0;
+            let mut connected = false;
             loop {
                 let request = client
                     .request(Method::GET, &path)
                     .query(&[("follow", "true".to_string()), ("since", since.to_string())]);
                 let broke = match client.open_sse(request).await {
                     Ok(mut messages) => loop {
+                        connected = true;
                         match messages.next().await {
                             Some(Ok(message)) => match sse::decode_log_message(&message) {
                                 Ok(Some(event)) => {
@@ -417,7 +419,8 @@ impl Client {
                             None => break "the server closed the log stream before the job ended".to_string(),
                         }
                     },
-                    Err(e) if e.is_retryable() => e.to_string(),
+                    // Never reached: say so, rather than that a stream broke off.
+                    Err(e) if e.is_retryable() && connected => e.to_string(),
                     Err(e) => {
                         yield Err(e);
                         return;
@@ -525,6 +528,7 @@ impl Client {
         Box::pin(async_stream::stream! {
             let mut since = since;
             let mut fruitless = 0;
+            let mut connected = false;
             loop {
                 let mut query = vec![("follow", "true".to_string())];
                 if let Some(since) = since {
@@ -533,6 +537,7 @@ impl Client {
                 let request = client.request(Method::GET, "/v1/events").query(&query);
                 let broke = match client.open_sse(request).await {
                     Ok(mut messages) => loop {
+                        connected = true;
                         match messages.next().await {
                             Some(Ok(message)) => match sse::decode_watch_message(&message) {
                                 Ok(Some(event)) => {
@@ -550,7 +555,8 @@ impl Client {
                             None => break "the server closed the event stream".to_string(),
                         }
                     },
-                    Err(e) if e.is_retryable() => e.to_string(),
+                    // Never reached: say so, rather than that a stream broke off.
+                    Err(e) if e.is_retryable() && connected => e.to_string(),
                     Err(e) => {
                         yield Err(e);
                         return;

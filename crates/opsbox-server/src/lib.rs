@@ -54,7 +54,8 @@ pub struct AppState {
 pub enum ServerError {
     #[error("invalid listen address '{address}': {reason}")]
     Address { address: String, reason: String },
-    #[error("cannot listen on {address}: {source}")]
+    // The cause is the source, not in the text: callers print the chain.
+    #[error("cannot listen on {address}")]
     Bind {
         address: String,
         #[source]

@@ -16,7 +16,7 @@ use super::{output, Ctx};
 
 #[derive(Args, Debug)]
 pub struct QueueArgs {
-    /// The node you act as [env: OPSBOX_NODE]
+    /// The node you act as
     #[arg(long, global = true, env = "OPSBOX_NODE", value_name = "ID")]
     node: Option<String>,
     #[command(subcommand)]
