@@ -26,7 +26,7 @@ use crate::error::{CoreError, CoreResult};
 use crate::names::NameGen;
 use crate::output::{split_lines, ReturnValueScanner};
 use crate::scripts::{env_name, Scripts};
-use crate::store::{JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError};
+use crate::store::{EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError};
 
 /// The node name of the runtime embedded in the server.
 pub const LOCAL_NODE: &str = "local";
@@ -522,19 +522,58 @@ impl Jobs {
             let job = self.get(name).await?;
             return Ok((ended.is_ok() && job.state.is_terminal(), job));
         }
-        // Not run here: follow the store until it ends.
+        // Not run here (a fan-out job, another server's run): follow the event log,
+        // whose job events carry the job's state, and read the job again only once one
+        // says it ended. Reading it at every commit cost a read per commit and waiter.
         let mut changes = self.inner.store.changes();
+        changes.borrow_and_update();
+        let mut rev = self.inner.store.current_revision().await?;
+        let mut job = self.get(name).await?;
         loop {
-            changes.borrow_and_update();
-            let job = self.get(name).await?;
             if job.state.is_terminal() {
                 return Ok((true, job));
             }
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
-                return Ok((false, job));
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                // Timed out, or the store is closing.
+                Ok(Err(_)) | Err(_) => return Ok((false, self.get(name).await?)),
+            }
+            changes.borrow_and_update();
+            if self.ended_since(name, &mut rev).await? {
+                job = self.get(name).await?;
+            }
+        }
+    }
+
+    /// Reads the events after `rev`, moving it on: true when one about job `name` says
+    /// it ended or was cleaned (or when some were compacted away unread).
+    async fn ended_since(&self, name: &str, rev: &mut u64) -> CoreResult<bool> {
+        const PAGE: u32 = 1000;
+        loop {
+            let events = match self.inner.store.events_since(*rev, PAGE).await? {
+                EventsSince::Events(events) => events,
+                EventsSince::Gone { current } => {
+                    *rev = current;
+                    return Ok(true);
+                }
+            };
+            let Some(last) = events.last() else {
+                return Ok(false);
+            };
+            *rev = last.rev;
+            let ended = events.iter().any(|e| {
+                e.subject == name
+                    && (e.kind == "job.cleaned"
+                        || e.data
+                            .get("state")
+                            .and_then(|s| serde_json::from_value::<JobState>(s.clone()).ok())
+                            .is_some_and(|s| s.is_terminal()))
+            });
+            if ended {
+                return Ok(true);
+            }
+            if events.len() < PAGE as usize {
+                return Ok(false);
             }
         }
     }

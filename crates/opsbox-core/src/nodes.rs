@@ -179,6 +179,8 @@ struct Link {
     labels: Vec<String>,
     slots: u32,
     running: HashSet<String>,
+    /// The records of the tasks placed on it through this link, until their ends.
+    placed: HashMap<String, TaskRecord>,
     last_seen: Instant,
     /// The agent process behind the link (its hello's `instance`).
     instance: Option<String>,
@@ -215,6 +217,10 @@ struct PendingEnd {
     job: String,
     task: String,
     end: TaskEnd,
+    /// The task as this server placed it on the node, when it did in this connection:
+    /// settling the end needs no read of it (nothing else changes a running task's
+    /// record; its end comes only from its node).
+    placed: Option<TaskRecord>,
 }
 
 /// The signal topic of a task kill for the server its node is connected to.
@@ -591,6 +597,7 @@ impl Nodes {
                     labels: labels.clone(),
                     slots,
                     running: running.into_iter().collect(),
+                    placed: HashMap::new(),
                     last_seen: Instant::now(),
                     instance: None,
                 },
@@ -681,9 +688,11 @@ impl Nodes {
             } => {
                 {
                     let mut state = self.lock();
-                    if let Some(link) = state.links.get_mut(node_id) {
-                        link.running.remove(&key(&job, &task));
-                    }
+                    let placed = state.links.get_mut(node_id).and_then(|link| {
+                        let key = key(&job, &task);
+                        link.running.remove(&key);
+                        link.placed.remove(&key)
+                    });
                     state.ends.push(PendingEnd {
                         node: node_id.to_owned(),
                         job,
@@ -695,6 +704,7 @@ impl Nodes {
                             results,
                             killed,
                         },
+                        placed,
                     });
                 }
                 // The scheduler settles the end and fills the slot it freed.
@@ -1458,9 +1468,10 @@ impl Nodes {
         let Some(work) = self.work(works, &end.job).await? else {
             return Ok(());
         };
-        let task = match work.task(&end.task) {
-            Some(task) => task,
-            None => match self.inner.store.get_task(&end.job, &end.task).await? {
+        let task = match (work.task(&end.task), &end.placed) {
+            (Some(task), _) => task,
+            (None, Some(placed)) => placed.clone(),
+            (None, None) => match self.inner.store.get_task(&end.job, &end.task).await? {
                 Some(task) => task,
                 None => return Ok(()),
             },
@@ -1579,11 +1590,19 @@ impl Nodes {
                 return Ok(false);
             }
         };
+        task.task.state = TaskState::Running;
+        task.task.node = Some(node.to_owned());
+        task.task.attempts += 1;
+        task.task.started_at = Some(Utc::now());
+        task.task.finished_at = None;
+        task.task.exit_code = None;
         let sent = {
             let mut state = self.lock();
             match state.links.get_mut(node) {
                 Some(link) => {
-                    link.running.insert(key(&task.task.job, &task.task.id));
+                    let key = key(&task.task.job, &task.task.id);
+                    link.running.insert(key.clone());
+                    link.placed.insert(key, task.clone());
                     link.tx.send(message).is_ok()
                 }
                 None => false,
@@ -1592,12 +1611,6 @@ impl Nodes {
         if !sent {
             return Ok(false);
         }
-        task.task.state = TaskState::Running;
-        task.task.node = Some(node.to_owned());
-        task.task.attempts += 1;
-        task.task.started_at = Some(Utc::now());
-        task.task.finished_at = None;
-        task.task.exit_code = None;
         let record = &mut work.record;
         if record.state == JobState::Queued {
             record.state = JobState::Running;
