@@ -97,6 +97,16 @@ async fn get_calls_like_py_jrpc() {
     )
     .await;
     assert_eq!(status, "HTTP/1.1 501 Unsupported method ('PUT')");
+    // A POST with no length and not chunked: 411, as py-jrpc answered (§3.2).
+    let (status, _, _) = raw(b, "POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 411 Length Required");
+    let (status, _, body) = raw(
+        b,
+        "POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\nc\r\n{\"ping\": \"\"}\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, r#"{"ping": "pong"}"#);
     server.shutdown().await;
 }
 

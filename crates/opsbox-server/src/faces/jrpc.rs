@@ -202,6 +202,14 @@ async fn call(state: &AppState, caller: &Identity, name: &str, params: Params) -
 /// `POST` on the root: JSON-RPC if the body says so, else a jrpc call (§10).
 async fn post_body(state: AppState, request: Request) -> Response {
     let headers = request.headers().clone();
+    // An HTTP/1 POST with no length and not chunked: py-jrpc answered 411 (§3.2), where
+    // an empty body would be a parse error. (HTTP/2 frames its bodies itself.)
+    if request.version() <= axum::http::Version::HTTP_11
+        && !headers.contains_key(header::CONTENT_LENGTH)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return failure(StatusCode::LENGTH_REQUIRED, "Length Required");
+    }
     let limit = state.config.limits.max_body_bytes;
     let body: Bytes = match axum::body::to_bytes(Body::new(request.into_body()), limit).await {
         Ok(b) => b,
