@@ -68,6 +68,10 @@ pub struct CoreConfig {
 
 impl CoreConfig {
     pub fn new(data_dir: PathBuf, scripts_dir: PathBuf) -> Self {
+        // Absolute: scripts run in their own directory, so a relative `./data` in
+        // `$OPSBOX_RESULTS` or a task's program path would point elsewhere.
+        let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
+        let scripts_dir = std::path::absolute(&scripts_dir).unwrap_or(scripts_dir);
         CoreConfig {
             nodes: NodesConfig::new(&data_dir),
             model: ModelConfig::new(

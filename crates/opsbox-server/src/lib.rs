@@ -252,7 +252,8 @@ impl Server {
             kill_grace: Duration::from_secs(config.limits.kill_grace_secs),
             ..CoreConfig::new(config.data.clone(), config.scripts.clone())
         };
-        core_config.model.charms_dir = config.charms.clone();
+        core_config.model.charms_dir =
+            std::path::absolute(&config.charms).unwrap_or_else(|_| config.charms.clone());
         let nodes = &config.nodes;
         core_config.nodes.heartbeat_timeout =
             Duration::from_secs(nodes.heartbeat_timeout_secs.max(1));

@@ -53,6 +53,8 @@ pub async fn run(
     let work = args
         .work_dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("opsbox-agent-{node_id}")));
+    // Absolute: tasks run in their own directories.
+    let work = std::path::absolute(&work).unwrap_or(work);
     std::fs::create_dir_all(&work)
         .map_err(|e| anyhow::anyhow!("cannot create the work directory {}: {e}", work.display()))?;
     let executor = Executor::new(

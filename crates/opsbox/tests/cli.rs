@@ -996,3 +996,63 @@ fn serve_beyond_loopback_needs_a_user_or_insecure() {
     assert!(serve(&[], Some("1")).0);
     assert!(!serve(&[], Some("0")).0);
 }
+
+/// `opsbox serve` with relative directories (the defaults are `./data` and
+/// `./examples/scripts`): result files and tasks on the server's own node work, though
+/// scripts run in their own directory.
+#[test]
+fn relative_data_and_scripts_directories_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir(&scripts).unwrap();
+    write_script(
+        &scripts,
+        "keep.sh",
+        "#!/bin/sh\n# -- jojo --\n# description: keeps a result\n# -- jojo --\necho kept > \"$OPSBOX_RESULTS/out.txt\"\necho \"in $INPUT\"\n",
+    );
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--data",
+            "data",
+            "--scripts",
+            "scripts",
+            "--local-slots",
+            "1",
+        ])
+        .env_remove("OPSBOX_CONFIG")
+        .env_remove("OPSBOX_LISTEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "opsbox serve did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cli = |args: &[&str]| {
+        let mut command = client_command(dir.path());
+        command.arg("--server").arg(&url).args(args);
+        Run::of(command.stdin(Stdio::null()).output().unwrap(), args)
+    };
+    let name = cli(&["scripts", "run", "keep", "--async"])
+        .success()
+        .stdout
+        .trim()
+        .to_string();
+    cli(&["jobs", "wait", &name]).success();
+    cli(&["jobs", "results", &name])
+        .success()
+        .stdout_has("out.txt");
+    cli(&["jobs", "submit", "--map", "keep", "--input", "a", "--wait"]).success();
+    cli(&["scripts", "run", "keep", "--node", "local"])
+        .success()
+        .stdout_has("in");
+    let _ = child.kill();
+    let _ = child.wait();
+}
