@@ -1371,7 +1371,8 @@ impl Nodes {
     async fn commit(&self, mut work: JobWork) -> CoreResult<()> {
         set_fanout(&mut work.record, &work.fanout);
         work.events.push(job_event(work.kind, &work.record));
-        let output = self.take_output(&work.record.name);
+        let job = work.record.name.clone();
+        let output = self.take_output(&job);
         match self
             .inner
             .store
@@ -1384,8 +1385,11 @@ impl Nodes {
             })
             .await
         {
-            // Cleaned meanwhile: nothing left to record.
-            Err(StoreError::NotFound(_)) => Ok(()),
+            // Cleaned meanwhile: nothing left to record, nor to keep.
+            Err(StoreError::NotFound(_)) => {
+                let _ = std::fs::remove_dir_all(self.inner.results_dir.join(&job));
+                Ok(())
+            }
             other => other.map(|_| ()).map_err(Into::into),
         }
     }
@@ -1718,9 +1722,11 @@ impl Nodes {
             OutStream::Stderr => "err",
         };
         let dir = self.inner.results_dir.join(job);
+        // A job submitted through another server sharing the store has its directory
+        // there: this server keeps the files of the tasks its own nodes run. (Were the
+        // job cleaned meanwhile, its next write finds it gone and removes this again.)
         if !dir.is_dir() {
-            // The job was cleaned while a task of it still ran: nothing to keep.
-            return Ok(());
+            let _ = std::fs::create_dir_all(&dir);
         }
         let path = dir.join(format!("{}.{suffix}", task.replace(':', "-")));
         use std::io::Write;

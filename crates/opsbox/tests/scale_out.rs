@@ -288,6 +288,11 @@ async fn three_servers_are_one_system() {
     assert_eq!(done.job.state, JobState::Succeeded, "{:?}", done.job);
     let tasks = a.client.tasks(&fanout.name).await.unwrap();
     assert!(tasks.iter().all(|t| t.node.as_deref() == Some("edge1")));
+    // Its output reached the log though the job's results directory is on A.
+    let mut lines = b.client.log(&fanout.name).await.unwrap().stdout;
+    lines.sort();
+    let expected: Vec<String> = (0..6).map(|i| format!("{i} on edge1")).collect();
+    assert_eq!(lines, expected);
     drop(agent);
 
     // Every server tells the same history: the same events, in one revision order
