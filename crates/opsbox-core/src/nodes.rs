@@ -207,6 +207,16 @@ struct State {
     ends: Vec<PendingEnd>,
 }
 
+/// What a node comes with when it connects (an agent's hello, or the local node).
+struct Joining {
+    labels: Vec<String>,
+    slots: u32,
+    running: Vec<String>,
+    hostname: Option<String>,
+    version: Option<String>,
+    instance: Option<String>,
+}
+
 /// A task end waiting for the scheduler. Ends are settled in rounds, not one by one as
 /// they arrive: all ends that came in while the previous round was writing, plus the
 /// placements of the slots they freed, become one write per job, and the writes of a
@@ -360,11 +370,14 @@ impl Nodes {
         let connection = self
             .register(
                 self.local_id(),
-                self.inner.config.local_labels.clone(),
-                self.inner.config.local_slots,
-                Vec::new(),
-                self.inner.config.server_id.clone().into(),
-                Some(env!("CARGO_PKG_VERSION").to_owned()),
+                Joining {
+                    labels: self.inner.config.local_labels.clone(),
+                    slots: self.inner.config.local_slots,
+                    running: Vec::new(),
+                    hostname: self.inner.config.server_id.clone().into(),
+                    version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+                    instance: None,
+                },
             )
             .await?;
         let _ = self.inner.local.set(executor.clone());
@@ -521,13 +534,21 @@ impl Nodes {
                 "slots must be between 1 and 4096, not {slots}"
             )));
         }
-        self.refuse_a_second_agent(&node_id, instance.as_deref())?;
-        let connection = self
-            .register(&node_id, labels, slots, running.clone(), hostname, version)
+        self.refuse_a_second_agent(&node_id, instance.as_deref())
             .await?;
-        if let Some(link) = self.lock().links.get_mut(&node_id) {
-            link.instance = instance;
-        }
+        let connection = self
+            .register(
+                &node_id,
+                Joining {
+                    labels,
+                    slots,
+                    running: running.clone(),
+                    hostname,
+                    version,
+                    instance,
+                },
+            )
+            .await?;
         // Tasks the store has running there that the agent no longer knows are lost.
         let stale: Vec<TaskRecord> = self
             .inner
@@ -557,32 +578,44 @@ impl Nodes {
     /// within the heartbeat timeout) is refused: taking its place would cut off the
     /// real one and hand its node to the newcomer's labels and slots. The same process
     /// reconnecting (its old connection not noticed dead yet) takes its place.
-    fn refuse_a_second_agent(&self, node_id: &str, instance: Option<&str>) -> CoreResult<()> {
-        let state = self.lock();
-        let Some(link) = state.links.get(node_id) else {
-            return Ok(());
+    /// With a shared store the same holds for an agent connected to another server.
+    async fn refuse_a_second_agent(&self, node_id: &str, instance: Option<&str>) -> CoreResult<()> {
+        let taken = |where_: String| {
+            CoreError::Conflict(format!(
+                "node id '{node_id}' is taken: another agent with that id is connected \
+                 ({where_}). Stop that agent, or give this one another --node-id"
+            ))
         };
-        let same = instance.is_some() && link.instance.as_deref() == instance;
-        let heard = link.last_seen.elapsed();
-        if same || heard >= self.inner.config.heartbeat_timeout {
-            return Ok(());
+        {
+            let state = self.lock();
+            if let Some(link) = state.links.get(node_id) {
+                let same = instance.is_some() && link.instance.as_deref() == instance;
+                let heard = link.last_seen.elapsed();
+                if !same && heard < self.inner.config.heartbeat_timeout {
+                    return Err(taken(format!("heard from {}s ago", heard.as_secs())));
+                }
+                return Ok(());
+            }
         }
-        Err(CoreError::Conflict(format!(
-            "node id '{node_id}' is taken: another agent with that id is connected (heard \
-             from {}s ago). Stop that agent, or give this one another --node-id",
-            heard.as_secs()
-        )))
+        if let Some(record) = self.record(node_id).await? {
+            let same = instance.is_some() && record.instance.as_deref() == instance;
+            if !same && self.connected_elsewhere(&record) {
+                let server = record.server.unwrap_or_default();
+                return Err(taken(format!("to server {server}")));
+            }
+        }
+        Ok(())
     }
 
-    async fn register(
-        &self,
-        node_id: &str,
-        labels: Vec<String>,
-        slots: u32,
-        running: Vec<String>,
-        hostname: Option<String>,
-        version: Option<String>,
-    ) -> CoreResult<Connection> {
+    async fn register(&self, node_id: &str, joining: Joining) -> CoreResult<Connection> {
+        let Joining {
+            labels,
+            slots,
+            running,
+            hostname,
+            version,
+            instance,
+        } = joining;
         let (tx, messages) = mpsc::unbounded_channel();
         let session = {
             let mut state = self.lock();
@@ -599,7 +632,7 @@ impl Nodes {
                     running: running.into_iter().collect(),
                     placed: HashMap::new(),
                     last_seen: Instant::now(),
-                    instance: None,
+                    instance: instance.clone(),
                 },
             );
             session
@@ -612,6 +645,7 @@ impl Nodes {
         record.version = version;
         record.server = Some(self.inner.config.server_id.clone());
         record.last_seen = Some(Utc::now());
+        record.instance = instance;
         // The local node comes up with the server: no event of its own.
         let event = (node_id != self.local_id()).then_some("node.connected");
         self.put_node(&record, event).await?;
@@ -841,12 +875,8 @@ impl Nodes {
                 return Ok(());
             }
             state.seen_written = Some(Instant::now());
-            state
-                .links
-                .keys()
-                .filter(|id| id.as_str() != self.local_id())
-                .cloned()
-                .collect()
+            // The server's own node too: other servers see it connected through this.
+            state.links.keys().cloned().collect()
         };
         for id in due {
             if let Some(mut record) = self.record(&id).await? {
@@ -1229,18 +1259,25 @@ impl Nodes {
                     .await?,
             ]);
         }
+        // Every connected node, to this server or (a shared store) to another one: the
+        // server a node is connected to places its task.
+        let records = self.inner.store.list_nodes().await?;
         let targets: Vec<String> = {
             let state = self.lock();
-            let mut ids: Vec<String> = state
-                .links
+            let mut ids: Vec<String> = records
                 .iter()
-                .filter(|(id, link)| {
-                    !state.blacklisted.contains(*id)
-                        && has_labels(&link.labels, &placement.labels)
-                        && placement.node.as_ref().is_none_or(|n| n == *id)
-                        && link.slots > 0
+                .filter(|r| {
+                    let (labels, slots) = match state.links.get(&r.id) {
+                        Some(link) => (&link.labels, link.slots),
+                        None if self.connected_elsewhere(r) => (&r.labels, r.slots),
+                        None => return false,
+                    };
+                    !(state.blacklisted.contains(&r.id) || r.blacklisted)
+                        && has_labels(labels, &placement.labels)
+                        && placement.node.as_ref().is_none_or(|n| *n == r.id)
+                        && slots > 0
                 })
-                .map(|(id, _)| id.clone())
+                .map(|r| r.id.clone())
                 .collect();
             ids.sort();
             ids

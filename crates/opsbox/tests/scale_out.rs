@@ -6,7 +6,7 @@
 //! exist; `test.sh` creates it). Each test works in a schema of its own. When the
 //! database cannot be reached the tests fail with that message; they never skip.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -293,6 +293,43 @@ async fn three_servers_are_one_system() {
     lines.sort();
     let expected: Vec<String> = (0..6).map(|i| format!("{i} on edge1")).collect();
     assert_eq!(lines, expected);
+    // A run on every node, asked of A, reaches edge1 through C.
+    let everywhere = a
+        .client
+        .run_placed(
+            "count",
+            BTreeMap::new(),
+            opsbox_api::Placement {
+                all: true,
+                ..opsbox_api::Placement::default()
+            },
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(everywhere.job.node.as_deref(), Some("edge1"));
+    assert!(everywhere.others.is_empty(), "{:?}", everywhere.others);
+    // A second agent claiming edge1 through A is refused: edge1 is alive on C.
+    let second = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+        .args(["agent", "--server", &format!("http://127.0.0.1:{}", a.port)])
+        .args(["--node-id", "edge1", "--slots", "1", "--labels", "imposter"])
+        .arg("--work-dir")
+        .arg(dir.path().join("work-edge1-bis"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || second.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is taken"), "{err}");
+    let edge1 = b.client.node("edge1").await.unwrap();
+    assert_eq!(
+        (edge1.server.as_deref(), edge1.labels.len()),
+        (Some("c"), 0)
+    );
     drop(agent);
 
     // Every server tells the same history: the same events, in one revision order

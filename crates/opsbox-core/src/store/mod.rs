@@ -542,6 +542,9 @@ pub struct NodeRecord {
     pub tasks_ok: u64,
     pub tasks_failed: u64,
     pub tasks_lost: u64,
+    /// The agent process last connected as this node (its hello's `instance`).
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 /// A task as stored: the public [`opsbox_api::Task`] plus the scheduler's bookkeeping.
