@@ -343,13 +343,64 @@ pub fn meminfo() -> Result<Value, String> {
 }
 
 /// A process's command line as ps shows it: arguments joined by spaces, `[comm]` for
-/// kernel threads.
+/// kernel threads, with secrets redacted (see [`redact_args`]).
 fn command_line(p: &procfs::process::Process, comm: &str) -> String {
     let args = p.cmdline().unwrap_or_default();
     if args.is_empty() {
         format!("[{comm}]")
     } else {
-        args.join(" ")
+        redact_args(args).join(" ")
+    }
+}
+
+/// Hides what command lines carry that a reader must not see (an agent's `--token`, a
+/// `postgres://user:password@` URL, `PASSWORD=...`): the value after a flag with a
+/// secret's name, in `--flag=value`, in `NAME=value`, opsbox tokens anywhere, and the
+/// password of URLs. Before matching too, so `check_process` cannot probe a secret.
+pub fn redact_args(args: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut hide_next = false;
+    for arg in args {
+        if std::mem::take(&mut hide_next) {
+            out.push(REDACTED.to_owned());
+            continue;
+        }
+        if let Some((name, _)) = arg.split_once('=') {
+            if is_secret(name.trim_start_matches('-')) {
+                out.push(format!("{name}={REDACTED}"));
+                continue;
+            }
+        }
+        if arg.starts_with('-') && !arg.contains('=') && is_secret(arg.trim_start_matches('-')) {
+            hide_next = true;
+            out.push(arg);
+            continue;
+        }
+        if arg.contains(crate::identities::TOKEN_PREFIX) {
+            out.push(REDACTED.to_owned());
+            continue;
+        }
+        out.push(redact_url_password(&arg));
+    }
+    out
+}
+
+/// `scheme://user:password@host...` with the password hidden.
+fn redact_url_password(arg: &str) -> String {
+    let Some(scheme_end) = arg.find("://") else {
+        return arg.to_owned();
+    };
+    let rest = &arg[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:{REDACTED}{}",
+            &arg[..scheme_end + 3],
+            &authority[..colon],
+            &rest[at..]
+        ),
+        _ => arg.to_owned(),
     }
 }
 
@@ -519,6 +570,23 @@ mod tests {
         assert_eq!(py_repr("a'b"), "\"a'b\"");
         assert_eq!(py_repr("a\"b'"), "'a\"b\\''");
         assert_eq!(py_repr("x\ny"), "'x\\ny'");
+    }
+
+    #[test]
+    fn command_lines_lose_their_secrets() {
+        let args = |s: &str| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
+        let shown = redact_args(args(
+            "opsbox agent --token obx_ab12_cd34 --node-id web1 --password=hunter2 \
+             DB_PASSWORD=x --store postgres://ops:s3cret@db:5432/ops http://host/a:b@c",
+        ))
+        .join(" ");
+        assert_eq!(
+            shown,
+            "opsbox agent --token <redacted> --node-id web1 --password=<redacted> \
+             DB_PASSWORD=<redacted> --store postgres://ops:<redacted>@db:5432/ops \
+             http://host/a:b@c"
+        );
+        assert_eq!(redact_args(args("x obx_1_2")), args("x <redacted>"));
     }
 
     #[test]
