@@ -26,11 +26,14 @@ pub fn builder(config: ServerConfig) -> ServerBuilder {
         // async, typed parameters, a default: add(a, b=2)
         .register(
             "add",
-            Function::new(|(a, b): (i64, i64)| async move { Ok::<_, RpcError>(a + b) })
-                .doc(":param a: a number\n:param b: another one (default 2)\n:return: a + b")
-                .param("a", RpcType::Integer)
-                .param_default("b", RpcType::Integer, 2)
-                .role(Role::Reader),
+            Function::new(|(a, b): (i64, i64)| async move {
+                a.checked_add(b)
+                    .ok_or_else(|| RpcError::InvalidParams("a + b overflows".into()))
+            })
+            .doc(":param a: a number\n:param b: another one (default 2)\n:return: a + b")
+            .param("a", RpcType::Integer)
+            .param_default("b", RpcType::Integer, 2)
+            .role(Role::Reader),
         )
         // sync, returns a struct
         .register(

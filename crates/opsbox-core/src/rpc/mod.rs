@@ -533,14 +533,29 @@ impl Rpc {
         }
         let args = function.bind(name, params)?;
         let span = tracing::debug_span!("rpc", method = name, caller = %caller.name);
-        let result = tracing::Instrument::instrument(
+        // A function that panics (a bug in a program embedding opsbox) fails its own
+        // call, not the connection with every other call of a batch: whether it panics
+        // making its future (a sync handler runs there) or while it runs.
+        let panicked = || {
+            tracing::error!(method = name, "an rpc function panicked");
+            RpcError::failed(format!("{name} panicked (a bug in the function)"))
+        };
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             (function.handler)(Call {
                 args,
                 caller: caller.clone(),
-            }),
-            span,
-        )
-        .await;
+            })
+        }));
+        let result = match made {
+            Ok(future) => {
+                use futures::FutureExt;
+                std::panic::AssertUnwindSafe(tracing::Instrument::instrument(future, span))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| Err(panicked()))
+            }
+            Err(_) => Err(panicked()),
+        };
         if let Err(e) = &result {
             tracing::debug!(method = name, error = %e, "rpc call failed");
         }

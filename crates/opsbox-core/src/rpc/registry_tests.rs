@@ -357,3 +357,32 @@ async fn host_functions_answer_the_envelope() {
         .unwrap();
     assert!(env["output"].as_str().unwrap().contains("'hunter2'"));
 }
+
+#[tokio::test]
+async fn a_function_that_panics_fails_its_own_call() {
+    let (_dir, core) = core().await;
+    let rpc = &core.rpc;
+    rpc.register(
+        "boom_sync",
+        Function::sync(|(): ()| -> Result<i64, RpcError> { panic!("bug") }),
+    );
+    rpc.register(
+        "boom_async",
+        Function::new(|(): ()| async move {
+            tokio::task::yield_now().await;
+            if true {
+                panic!("bug");
+            }
+            Ok::<_, RpcError>(1)
+        }),
+    );
+    let op = who(Role::Operator);
+    for name in ["boom_sync", "boom_async"] {
+        match rpc.call(name, Params::None, &op).await {
+            Err(RpcError::Failed { message, .. }) => assert!(message.contains("panicked")),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // The registry goes on.
+    assert_eq!(rpc.call("ping", Params::None, &op).await, Ok(json!("pong")));
+}
