@@ -1248,8 +1248,8 @@ impl Nodes {
                     .iter()
                     .any(|n| has_labels(&n.labels, &placement.labels))
                 {
-                    return Err(CoreError::NotFound(format!(
-                        "a node with the labels {} (no node has them: see opsbox nodes list)",
+                    return Err(CoreError::Invalid(format!(
+                        "no node has the labels {}: see opsbox nodes list",
                         placement.labels.join(",")
                     )));
                 }

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             eprintln!("error: {}", cli::describe_error(&error));
-            ExitCode::from(cli::EXIT_ERROR)
+            ExitCode::from(cli::exit_status(&error))
         }
     }
 }

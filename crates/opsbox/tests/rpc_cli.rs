@@ -116,7 +116,16 @@ fn rpc_call_list_help() {
     assert!(out.contains("hello Bob"), "{out}");
     let (code, _, err) = server.cli(&["rpc", "call", "nope"]);
     assert_eq!(code, 1);
-    assert!(err.contains("Method not found"), "{err}");
+    assert!(err.contains("no function is named 'nope'"), "{err}");
+    // Command lines that make no sense exit 2, as the README's table says.
+    let (code, _, err) = server.cli(&["rpc", "call", "greet", "Ada", "times=2"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = server.cli(&["rpc", "call", "greet", "--params", "5"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--params must be a JSON array or object"),
+        "{err}"
+    );
     let (code, _, err) = server.cli(&["rpc", "call", "greet"]);
     assert_eq!(code, 1);
     assert!(err.contains("missing required argument 'who'"), "{err}");

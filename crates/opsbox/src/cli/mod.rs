@@ -26,6 +26,30 @@ use crate::serve::ServeArgs;
 
 /// Exit status for an error of the CLI or a refusal of the server.
 pub const EXIT_ERROR: u8 = 1;
+
+/// Exit status of a command line that is wrong, as clap's own refusals.
+pub const EXIT_USAGE: u8 = 2;
+
+/// A command line that parses but does not make sense (exits with [`EXIT_USAGE`]).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// The exit status for an error.
+pub fn exit_status(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<UsageError>().is_some() {
+        EXIT_USAGE
+    } else {
+        EXIT_ERROR
+    }
+}
 /// Exit status of `opsbox jobs wait` when `--timeout` passed first (as timeout(1)).
 pub const EXIT_TIMEOUT: u8 = 124;
 

@@ -12,7 +12,7 @@ use super::{output, Ctx};
 #[command(disable_help_subcommand = true)]
 pub enum RpcCommand {
     /// Call a function: `opsbox rpc call add 1 2`, `opsbox rpc call greet name=Ada`,
-    /// `opsbox rpc call add --json '{"a": 1}'`. A script call waits for its job.
+    /// `opsbox rpc call add --params '{"a": 1}'`. A script call waits for its job.
     Call {
         /// Function name.
         name: String,
@@ -38,11 +38,23 @@ pub async fn run(ctx: &Ctx, command: RpcCommand) -> anyhow::Result<u8> {
     match command {
         RpcCommand::Call { name, args, params } => {
             let params = match params {
-                Some(text) => serde_json::from_str(&text)
-                    .context("--params must be a JSON array or object")?,
+                Some(text) => match serde_json::from_str::<Value>(&text) {
+                    Ok(value @ (Value::Array(_) | Value::Object(_))) => value,
+                    _ => {
+                        return Err(super::UsageError(format!(
+                            "--params must be a JSON array or object, not {text}"
+                        ))
+                        .into())
+                    }
+                },
                 None => params_of(&args)?,
             };
-            let result = client.rpc_call_value(&name, params).await?;
+            let result = match client.rpc_call_value(&name, params).await {
+                Err(opsbox_client::ClientError::Rpc { code: -32601, .. }) => {
+                    anyhow::bail!("no function is named '{name}' here (opsbox rpc list shows them)")
+                }
+                other => other?,
+            };
             match (&result, ctx.json) {
                 (Value::String(text), false) => println!("{text}"),
                 _ => output::json(&result)?,
@@ -138,9 +150,10 @@ pub fn params_of(args: &[String]) -> anyhow::Result<Value> {
         return Ok(Value::Object(map));
     }
     if let Some(a) = args.iter().find(|a| named(a).is_some()) {
-        anyhow::bail!(
+        return Err(super::UsageError(format!(
             "'{a}' is by name but other arguments are by position: use one form, or --params JSON"
-        );
+        ))
+        .into());
     }
     Ok(Value::Array(args.iter().map(|a| value(a)).collect()))
 }
