@@ -549,4 +549,19 @@ async fn an_sqlite_data_dir_moves_to_postgres_with_store_migrate() {
     assert!(page.events.iter().all(|e| e.rev > revision));
     // Without credentials: refused, as on the old server.
     assert!(new.client.jobs(&Default::default()).await.is_err());
+
+    // Back the other way, from a schema that is not there: refused, nothing created.
+    let typo = format!("{}x", store);
+    let out = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+        .args(["store", "migrate", "--from", &typo, "--to"])
+        .arg(format!("sqlite:{}", dir.path().join("back.db").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no opsbox store"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path().join("back.db").exists());
 }

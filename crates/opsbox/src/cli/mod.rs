@@ -244,7 +244,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
 /// One line for an error: the server's own sentence for its refusals, the cause chain
 /// for the rest, and a hint where one helps.
 pub fn describe_error(error: &anyhow::Error) -> String {
-    let text = format!("{error:#}");
+    // The cause chain, each cause once: many errors already say their source's text
+    // (a store failure quotes the driver's), which `{:#}` would print again.
+    let mut text = String::new();
+    for cause in error.chain() {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&said);
+        }
+    }
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::Unauthorized(body)) if body.error == "bad_credentials" => {
             format!("{text} (check --user and --password, or --token)")

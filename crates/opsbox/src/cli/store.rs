@@ -72,7 +72,7 @@ pub async fn run(command: StoreCommand, json: bool) -> anyhow::Result<u8> {
         }
         (true, false) => {
             let target = sqlite_path(&to);
-            let source = PgStore::open(&from, "opsbox-store-migrate")
+            let source = PgStore::open_existing(&from, "opsbox-store-migrate")
                 .await
                 .context("cannot open the PostgreSQL store")?;
             copy::to_sqlite(&source, &target)

@@ -111,6 +111,28 @@ fn parse_url(url: &str) -> StoreResult<(PgConnectOptions, Option<String>)> {
 }
 
 impl PgStore {
+    /// Opens a store that must already exist (a source to copy from): refuses, without
+    /// creating anything, when the database or schema holds no opsbox store (a typo in
+    /// the URL would otherwise read as an empty store).
+    pub async fn open_existing(url: &str, owner: &str) -> StoreResult<Self> {
+        let (options, schema) = parse_url(url)?;
+        let mut conn: PgConnection = sqlx::Connection::connect_with(&options).await?;
+        let schema_name = schema.as_deref().unwrap_or("public");
+        let found: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM information_schema.tables
+             WHERE table_schema = $1 AND table_name = 'events'",
+        )
+        .bind(schema_name)
+        .fetch_optional(&mut conn)
+        .await?;
+        if found.is_none() {
+            return Err(StoreError::Invalid(format!(
+                "no opsbox store in schema '{schema_name}' of that database: check the URL"
+            )));
+        }
+        Self::open(url, owner).await
+    }
+
     /// Connects, creates the schema if asked for one, runs pending migrations and starts
     /// listening for the other servers' commits. `owner` names this server in the job
     /// records it writes.
