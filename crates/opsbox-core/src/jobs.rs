@@ -53,6 +53,9 @@ pub struct JobsConfig {
     pub max_output_bytes: u64,
     /// Time between SIGTERM and SIGKILL when a job is stopped.
     pub kill_grace: Duration,
+    /// The node the runs of this server run on: `local`, or with a shared store the
+    /// server's own node id (`local-<server id>`), so job records say which server ran.
+    pub node_id: String,
 }
 
 /// The [`crate::store::Signal`] topic of a kill for the server that runs the job.
@@ -884,7 +887,7 @@ impl Inner {
             Ok(pid) => {
                 record.state = JobState::Running;
                 record.started_at = Some(Utc::now());
-                record.node = Some(LOCAL_NODE.into());
+                record.node = Some(self.config.node_id.clone());
                 record.pid = Some(pid);
                 tokio::select! {
                     joined = &mut task => {
@@ -995,7 +998,7 @@ impl Inner {
         }
         env.insert("OPSBOX_JOB".into(), job.into());
         env.insert("OPSBOX_SCRIPT".into(), script.name.clone());
-        env.insert("OPSBOX_NODE".into(), LOCAL_NODE.into());
+        env.insert("OPSBOX_NODE".into(), self.config.node_id.clone());
         env.insert("OPSBOX_RESULTS".into(), results_dir.display().to_string());
         env.into_iter().collect()
     }

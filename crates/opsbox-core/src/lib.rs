@@ -151,6 +151,7 @@ impl Core {
                 max_concurrent_runs: config.max_concurrent_runs,
                 max_output_bytes: config.max_output_bytes,
                 kill_grace: config.kill_grace,
+                node_id: config.nodes.local_id.clone(),
             },
         );
         let lost = jobs.recover().await?;

@@ -983,7 +983,9 @@ impl Nodes {
     /// Every node ever seen, connected or not.
     pub async fn list(&self) -> CoreResult<Vec<Node>> {
         let records = self.inner.store.list_nodes().await?;
-        Ok(records.iter().map(|r| self.view(r)).collect())
+        let mut nodes: Vec<Node> = records.iter().map(|r| self.view(r)).collect();
+        self.fill_running_elsewhere(&mut nodes).await?;
+        Ok(nodes)
     }
 
     pub async fn get(&self, id: &str) -> CoreResult<Node> {
@@ -991,7 +993,38 @@ impl Nodes {
             .record(id)
             .await?
             .ok_or_else(|| CoreError::NotFound(format!("node '{id}'")))?;
-        Ok(self.view(&record))
+        let mut node = [self.view(&record)];
+        self.fill_running_elsewhere(&mut node).await?;
+        let [node] = node;
+        Ok(node)
+    }
+
+    /// The running tasks of nodes connected to other servers (shared store): only the
+    /// store knows them here, so every server's list says the same.
+    async fn fill_running_elsewhere(&self, nodes: &mut [Node]) -> CoreResult<()> {
+        let own = &self.inner.config.server_id;
+        let elsewhere = |n: &Node| n.connected && n.server.as_ref().is_some_and(|s| s != own);
+        if !nodes.iter().any(elsewhere) {
+            return Ok(());
+        }
+        let running = self.inner.store.tasks_in(&[TaskState::Running]).await?;
+        for node in nodes.iter_mut().filter(|n| elsewhere(n)) {
+            let mut keys: Vec<String> = running
+                .iter()
+                .filter(|t| t.task.node.as_deref() == Some(node.id.as_str()))
+                .map(|t| key(&t.task.job, &t.task.id))
+                .collect();
+            keys.sort();
+            node.jobs = keys
+                .iter()
+                .map(|k| {
+                    k.split_once('/')
+                        .map_or(k.clone(), |(job, _)| job.to_owned())
+                })
+                .collect();
+            node.running = keys;
+        }
+        Ok(())
     }
 
     /// Ids of the blacklisted nodes.

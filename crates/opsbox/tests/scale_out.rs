@@ -215,6 +215,8 @@ async fn three_servers_are_one_system() {
         .unwrap();
     assert!(waited.done);
     assert_eq!(waited.job.state, JobState::Succeeded);
+    // Its record says which server ran it.
+    assert_eq!(waited.job.node.as_deref(), Some("local-a"));
     let output = c.client.log(&job.name).await.unwrap();
     assert_eq!(output.stdout, ["tick 1", "tick 2", "tick 3"]);
 
@@ -309,6 +311,34 @@ async fn three_servers_are_one_system() {
         .unwrap();
     assert_eq!(everywhere.job.node.as_deref(), Some("edge1"));
     assert!(everywhere.others.is_empty(), "{:?}", everywhere.others);
+    // While a task runs on edge1 (connected to C), A's node list shows it running.
+    let slow = a
+        .client
+        .run_placed(
+            "sleepy",
+            BTreeMap::new(),
+            opsbox_api::Placement {
+                node: Some("edge1".into()),
+                ..opsbox_api::Placement::default()
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let edge1 = a.client.node("edge1").await.unwrap();
+        if edge1.jobs.contains(&slow.job.name) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never saw edge1 run {}",
+            slow.job.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.client.kill(&slow.job.name).await.unwrap();
     // A second agent claiming edge1 through A is refused: edge1 is alive on C.
     let second = Command::new(env!("CARGO_BIN_EXE_opsbox"))
         .args(["agent", "--server", &format!("http://127.0.0.1:{}", a.port)])

@@ -36,6 +36,7 @@ pub async fn run(ctx: &Ctx, command: NodesCommand) -> anyhow::Result<u8> {
                         n.labels.join(","),
                         output::opt_time(n.last_seen),
                         format!("{}/{}/{}", n.tasks_ok, n.tasks_failed, n.tasks_lost),
+                        n.server.clone().unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect();
@@ -48,7 +49,8 @@ pub async fn run(ctx: &Ctx, command: NodesCommand) -> anyhow::Result<u8> {
                         "RUNNING",
                         "LABELS",
                         "LAST SEEN",
-                        "OK/FAILED/LOST"
+                        "OK/FAILED/LOST",
+                        "SERVER"
                     ],
                     &rows
                 )
