@@ -171,20 +171,7 @@ pub fn restore(backup: &std::path::Path, data_dir: &std::path::Path) -> CoreResu
     drop(copy);
 
     if db.exists() {
-        // A running server holds the database open; an exclusive lock says it is not.
-        let live = Connection::open(&db).map_err(sql("cannot open", &db))?;
-        live.busy_timeout(std::time::Duration::from_millis(200))
-            .map_err(sql("cannot open", &db))?;
-        live.pragma_update(None, "locking_mode", "EXCLUSIVE")
-            .and_then(|_| live.execute_batch("BEGIN EXCLUSIVE; COMMIT"))
-            .map_err(|_| {
-                fail(format!(
-                    "{} is in use: stop the server of {} first",
-                    db.display(),
-                    data_dir.display()
-                ))
-            })?;
-        drop(live);
+        crate::store::sqlite::ensure_unused(&db).map_err(|e| fail(e.to_string()))?;
     }
 
     let staged = data_dir.join("opsbox.db.restoring");

@@ -546,9 +546,22 @@ async fn an_sqlite_data_dir_moves_to_postgres_with_store_migrate() {
             .unwrap()
     };
     let revision = authed(old.port).events(0).await.unwrap().current_revision;
+    let store = store_url("migrate");
+    // Not while the old server has the store open: its later writes would not carry.
+    let live = Command::new(env!("CARGO_BIN_EXE_opsbox"))
+        .args(["store", "migrate", "--from"])
+        .arg(dir.path().join("data-old"))
+        .args(["--to", &store])
+        .output()
+        .unwrap();
+    assert!(!live.status.success());
+    assert!(
+        String::from_utf8_lossy(&live.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
     drop(old);
 
-    let store = store_url("migrate");
     let out = Command::new(env!("CARGO_BIN_EXE_opsbox"))
         .args(["store", "migrate", "--from"])
         .arg(dir.path().join("data-old"))

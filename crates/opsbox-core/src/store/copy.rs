@@ -261,6 +261,8 @@ pub async fn sqlite_to_postgres(source: &Path, target: &PgStore) -> StoreResult<
             source.display()
         )));
     }
+    // Writes a running server makes after the copy's snapshot would not carry over.
+    super::sqlite::ensure_unused(source)?;
     let options = SqliteConnectOptions::from_str("sqlite://")?
         .filename(source)
         .read_only(true);

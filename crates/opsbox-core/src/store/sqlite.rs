@@ -920,6 +920,22 @@ impl SqliteStore {
     }
 }
 
+/// Fails when a server has the database at `db` open: such a server holds a shared lock
+/// on it, so an exclusive one cannot be had. Offline commands that replace or move a
+/// store (`backups restore`, `store migrate`) check this first.
+pub fn ensure_unused(db: &Path) -> StoreResult<()> {
+    let conn = rusqlite::Connection::open(db)?;
+    conn.busy_timeout(std::time::Duration::from_millis(200))?;
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+        .and_then(|_| conn.execute_batch("BEGIN EXCLUSIVE; COMMIT"))
+        .map_err(|_| {
+            StoreError::Invalid(format!(
+                "{} is in use: stop the server that has it open first",
+                db.display()
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
