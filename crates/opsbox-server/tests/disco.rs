@@ -414,22 +414,12 @@ async fn nodes_blacklist_config_and_settings() {
     server.shutdown().await;
 }
 
-async fn add_admin(server: &TestServer) {
-    let r = client()
-        .post(server.url("/v1/users"))
-        .json(&json!({"name": "admin", "password": "pw", "role": "admin"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-}
-
 /// Disco's clients send no credentials: once the server requires them, only the
 /// `[disco] anonymous_role` policy lets such a client in, and only as far as its role.
 #[tokio::test]
 async fn clients_without_credentials_only_by_policy() {
     let closed = TestServer::start().await;
-    add_admin(&closed).await;
+    closed.add_admin().await;
     let r = client()
         .get(closed.url("/disco/ctrl/joblist"))
         .send()
@@ -453,7 +443,7 @@ async fn clients_without_credentials_only_by_policy() {
 
     let open =
         TestServer::start_with(|c| c.disco.anonymous_role = Some(opsbox_api::Role::Reader)).await;
-    add_admin(&open).await;
+    open.add_admin().await;
     assert_eq!(get(&open, "/disco/ctrl/joblist").await, (200, json!([])));
     assert_eq!(get(&open, "/disco/version").await, (200, json!("0.5.4")));
     // A reader may look, not kill; wrong credentials are refused, not made anonymous.

@@ -201,21 +201,10 @@ async fn root_post_shares_json_rpc() {
     server.shutdown().await;
 }
 
-/// Adds user admin:pw through the native API while the server is still open.
-async fn add_admin(server: &TestServer) {
-    let response = common::client()
-        .post(server.url("/v1/users"))
-        .json(&serde_json::json!({"name": "admin", "password": "pw", "role": "admin"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success(), "{}", response.status());
-}
-
 #[tokio::test]
 async fn anonymous_callers_only_by_policy() {
     let closed = TestServer::start().await;
-    add_admin(&closed).await;
+    closed.add_admin().await;
     assert!(get(&closed.base, "/ping")
         .await
         .0
@@ -231,7 +220,7 @@ async fn anonymous_callers_only_by_policy() {
     let open =
         TestServer::start_with(|c| c.rpc.jrpc_anonymous_role = Some(opsbox_api::Role::Reader))
             .await;
-    add_admin(&open).await;
+    open.add_admin().await;
     assert_eq!(get(&open.base, "/ping").await.1, r#"{"ping": "pong"}"#);
     // A reader may look but not run scripts nor read the environment.
     assert!(post(&open.base, "/", r#"{"echo": ["x"]}"#)

@@ -111,6 +111,17 @@ impl TestServer {
         request.send().await.unwrap().json().await.unwrap()
     }
 
+    /// Adds user `admin` (password `pw`): from then on the server requires credentials.
+    pub async fn add_admin(&self) {
+        let response = client()
+            .post(self.url("/v1/users"))
+            .json(&serde_json::json!({"name": "admin", "password": "pw", "role": "admin"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
