@@ -269,6 +269,10 @@ struct Inner {
     out_seq: AtomicU64,
     /// The local node's executor, to stop its tasks when the server stops.
     local: std::sync::OnceLock<Executor>,
+    /// The server is stopping: the local tasks it kills for that are not failures (they
+    /// stay running in the store and are retried after the restart), and nothing new
+    /// is placed.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Nodes {
@@ -305,6 +309,7 @@ impl Nodes {
                 ops: tokio::sync::Mutex::new(()),
                 out_seq: AtomicU64::new(now_us),
                 local: std::sync::OnceLock::new(),
+                stopping: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         let weak = Arc::downgrade(&nodes.inner);
@@ -406,6 +411,7 @@ impl Nodes {
     /// Stops the tasks of the local node (the server is stopping) and waits until their
     /// processes are gone; after the restart they are retried.
     pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
         let Some(executor) = self.inner.local.get() else {
             return;
         };
@@ -720,6 +726,14 @@ impl Nodes {
                 results,
                 killed,
             } => {
+                if killed
+                    && node_id == self.local_id()
+                    && self.inner.stopping.load(Ordering::SeqCst)
+                {
+                    // Killed because this server stops: left running in the store, so
+                    // the restart retries it rather than count a failure.
+                    return Ok(());
+                }
                 {
                     let mut state = self.lock();
                     let placed = state.links.get_mut(node_id).and_then(|link| {
@@ -1558,6 +1572,9 @@ impl Nodes {
 
     /// Places what can be placed of the queued tasks.
     async fn place_queued(&self, works: &mut HashMap<String, JobWork>) -> CoreResult<()> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let free: u32 = self
             .lock()
             .links
