@@ -27,6 +27,11 @@ pub struct AgentConfig {
     pub node_id: String,
     pub labels: Vec<String>,
     pub slots: u32,
+    /// Tasks taken beyond `slots`, each started the moment a slot frees, so a slot
+    /// does not idle while a task's end travels to the server and the next task comes
+    /// back (the server sends tasks ahead only for jobs whose tasks are short). Usually
+    /// equal to `slots`.
+    pub prefetch: u32,
     /// Skip TLS certificate checks (self-signed servers).
     pub insecure: bool,
 }
@@ -174,6 +179,7 @@ async fn session(
         version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         running: executor.running(),
         instance: Some(instance().to_owned()),
+        prefetch: config.prefetch,
     };
     send(&mut sink, &hello).await.map_err(|e| lost(&e))?;
     let heartbeat = match stream.next().await {

@@ -43,6 +43,8 @@ pub struct Executor {
     /// three directories per task was most of the agent's cost for short tasks (each
     /// directory is an inode and a block, and freeing a block can mean a discard).
     idle: Arc<Mutex<Vec<PathBuf>>>,
+    /// Tasks beyond the node's slots wait here for one to end (see [`Gate`]).
+    gate: Gate,
 }
 
 impl Executor {
@@ -52,6 +54,7 @@ impl Executor {
             work,
             node_id: node_id.to_owned(),
             idle: Arc::default(),
+            gate: Gate::default(),
         }
     }
 
@@ -164,6 +167,7 @@ impl Executor {
                 env,
                 timeout_secs,
                 inputs,
+                slots,
             } => {
                 let this = self.clone();
                 tokio::spawn(async move {
@@ -176,6 +180,7 @@ impl Executor {
                             env,
                             timeout_secs,
                             inputs,
+                            slots,
                             &out,
                         )
                         .await;
@@ -199,16 +204,31 @@ impl Executor {
         env: BTreeMap<String, String>,
         timeout_secs: Option<u64>,
         inputs: Vec<FileData>,
+        slots: Option<u32>,
         out: &mpsc::UnboundedSender<AgentMessage>,
     ) -> AgentMessage {
-        let failed = |reason: String| AgentMessage::Finished {
+        let ended = |reason: String, killed: bool| AgentMessage::Finished {
             job: job.to_owned(),
             task: task.to_owned(),
             exit_code: None,
             signal: None,
             reason: Some(reason),
             results: Vec::new(),
-            killed: false,
+            killed,
+        };
+        let failed = |reason: String| ended(reason, false);
+        // Registered before it waits for a slot: a kill reaches a waiting task, and a
+        // reconnect reports it as this node's.
+        let reservation = match self.runtime.reserve(&key(job, task)) {
+            Ok(reservation) => reservation,
+            Err(e) => return failed(e.to_string()),
+        };
+        let _permit = match slots {
+            Some(slots) => match reservation.wait_for(self.gate.enter(slots)).await {
+                Some(permit) => Some(permit),
+                None => return ended("killed".into(), true),
+            },
+            None => None,
         };
         let program_path = match self.program(script, program) {
             Ok(path) => path,
@@ -227,6 +247,7 @@ impl Executor {
         env.push(("OPSBOX_RESULTS".into(), results.display().to_string()));
         env.push(("OPSBOX_INPUTS_DIR".into(), inputs_dir.display().to_string()));
         env.push(("OPSBOX_NODE".into(), self.node_id.clone()));
+        env.push((crate::AGENT_PID_ENV.into(), std::process::id().to_string()));
         let spec = TaskSpec {
             id: key(job, task),
             program: program_path,
@@ -251,7 +272,7 @@ impl Executor {
                 }
             })
         };
-        let outcome = self.runtime.run(spec, pieces_tx).await;
+        let outcome = reservation.prepare(spec).run(pieces_tx).await;
         // Every piece is forwarded before the end is reported.
         let _ = forward.await;
         let collected = outcome.as_ref().is_ok().then(|| collect_results(&results));
@@ -277,6 +298,94 @@ impl Executor {
                     killed,
                 }
             }
+        }
+    }
+}
+
+/// How many of the tasks a server sent run at once. A server may send a node more tasks
+/// than it has slots (a prefetch, see the agent's `--prefetch`), so that a slot that
+/// frees starts the next task at once instead of waiting for the end to reach the server
+/// and a new task to come back; the extra ones wait here, in the order they came. The
+/// slot count travels with each task (the server's view of the node, which an operator
+/// can change), so the gate always follows the server.
+#[derive(Debug, Clone, Default)]
+struct Gate {
+    state: Arc<Mutex<GateState>>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    active: u32,
+    slots: u32,
+    /// Tasks waiting for a slot; a waiter that was killed meanwhile is skipped (its
+    /// receiver is gone, so the permit sent to it comes back and goes to the next).
+    waiting: std::collections::VecDeque<tokio::sync::oneshot::Sender<Permit>>,
+}
+
+/// A task's slot; dropping it frees the slot for the next waiting task.
+#[derive(Debug)]
+struct Permit {
+    gate: Gate,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.gate.release();
+    }
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // Every critical section is a few counter updates and a queue push or pop.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot: at once while fewer than `slots` tasks run, else after others end.
+    async fn enter(&self, slots: u32) -> Permit {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut state = self.lock();
+            state.slots = slots.max(1);
+            if state.active < state.slots && state.waiting.is_empty() {
+                state.active += 1;
+                return Permit { gate: self.clone() };
+            }
+            state.waiting.push_back(tx);
+        }
+        // More slots than before: the ones waiting may go now.
+        self.hand_over();
+        match rx.await {
+            Ok(permit) => permit,
+            // A sender is only dropped unsent with the gate itself, which `self` holds.
+            Err(_) => {
+                self.lock().active += 1;
+                Permit { gate: self.clone() }
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.lock().active -= 1;
+        self.hand_over();
+    }
+
+    /// Gives free slots to the tasks waiting longest.
+    fn hand_over(&self) {
+        loop {
+            let next = {
+                let mut state = self.lock();
+                if state.active >= state.slots {
+                    return;
+                }
+                let Some(next) = state.waiting.pop_front() else {
+                    return;
+                };
+                state.active += 1;
+                next
+            };
+            // The lock is not held here: a waiter that is gone hands the permit back
+            // through its drop (release), which takes the lock again.
+            let _ = next.send(Permit { gate: self.clone() });
         }
     }
 }
@@ -386,6 +495,7 @@ mod tests {
                 env: BTreeMap::new(),
                 timeout_secs: Some(10),
                 inputs: Vec::new(),
+                slots: None,
             },
             tx,
         );
@@ -464,5 +574,124 @@ mod tests {
         let (out, _) = run(&executor, "map:2", "#!/bin/sh\necho other\n").await;
         assert_eq!(out, "other\n");
         assert_eq!(programs(), 2);
+    }
+
+    fn run_message(task: &str, script: &str, slots: Option<u32>) -> ServerMessage {
+        ServerMessage::Run {
+            job: "job@1".into(),
+            task: task.into(),
+            script: "task.sh".into(),
+            program: b64().encode(script),
+            env: BTreeMap::new(),
+            timeout_secs: Some(10),
+            inputs: Vec::new(),
+            slots,
+        }
+    }
+
+    /// The next `Finished`, skipping output.
+    async fn next_end(rx: &mut mpsc::UnboundedReceiver<AgentMessage>) -> AgentMessage {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+                Ok(Some(AgentMessage::Output { .. })) => {}
+                Ok(Some(end)) => return end,
+                other => panic!("no end came: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn tasks_beyond_the_slots_wait_for_one_to_end_and_a_kill_reaches_them() {
+        let work = tempfile::tempdir().unwrap();
+        let executor = executor(work.path());
+        let marks = tempfile::tempdir().unwrap();
+        let marks = marks.path().display().to_string();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // One slot: the second task waits for the first, so it sees the first's mark.
+        let first = format!(
+            "#!/bin/sh
+sleep 0.3
+touch {marks}/first
+"
+        );
+        let second = format!(
+            "#!/bin/sh
+test -e {marks}/first || exit 7
+touch {marks}/second
+"
+        );
+        executor.handle(run_message("map:0", &first, Some(1)), tx.clone());
+        executor.handle(run_message("map:1", &second, Some(1)), tx.clone());
+        let third = format!(
+            "#!/bin/sh
+touch {marks}/third
+"
+        );
+        executor.handle(run_message("map:2", &third, Some(1)), tx.clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut running = executor.running();
+        running.sort();
+        assert_eq!(
+            running,
+            ["job@1/map:0", "job@1/map:1", "job@1/map:2"],
+            "waiting tasks are the node's too (a reconnect reports them)"
+        );
+        // A kill of a waiting task ends it without starting it.
+        executor.handle(
+            ServerMessage::Kill {
+                job: "job@1".into(),
+                task: "map:2".into(),
+            },
+            tx.clone(),
+        );
+        let mut ends = Vec::new();
+        for _ in 0..3 {
+            if let AgentMessage::Finished {
+                task,
+                exit_code,
+                killed,
+                ..
+            } = next_end(&mut rx).await
+            {
+                ends.push((task, exit_code, killed));
+            }
+        }
+        assert_eq!(
+            ends,
+            [
+                ("map:2".to_owned(), None, true),
+                ("map:0".to_owned(), Some(0), false),
+                ("map:1".to_owned(), Some(0), false),
+            ]
+        );
+        assert!(
+            !Path::new(&format!("{marks}/third")).exists(),
+            "never started"
+        );
+        assert!(executor.running().is_empty());
+
+        // More slots (the server's count changed): both start at once.
+        let slow = format!(
+            "#!/bin/sh
+sleep 0.3
+touch {marks}/slow
+"
+        );
+        let quick = format!(
+            "#!/bin/sh
+test -e {marks}/slow && exit 7
+exit 0
+"
+        );
+        executor.handle(run_message("map:3", &slow, Some(2)), tx.clone());
+        executor.handle(run_message("map:4", &quick, Some(2)), tx.clone());
+        let AgentMessage::Finished {
+            task, exit_code, ..
+        } = next_end(&mut rx).await
+        else {
+            unreachable!()
+        };
+        assert_eq!((task.as_str(), exit_code), ("map:4", Some(0)));
+        next_end(&mut rx).await;
     }
 }

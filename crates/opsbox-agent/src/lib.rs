@@ -178,15 +178,21 @@ impl Runtime {
     /// that must not lose a kill racing the start register first, then check their own
     /// flags, then run.
     pub fn prepare(&self, spec: TaskSpec) -> Result<Prepared, RunError> {
+        Ok(self.reserve(&spec.id)?.prepare(spec))
+    }
+
+    /// Registers a task id before its spec exists (a task that waits for a free slot):
+    /// it is listed by [`Runtime::running`] and [`Runtime::kill`] reaches it.
+    pub fn reserve(&self, id: &str) -> Result<Reservation, RunError> {
         let switch = Arc::new(Notify::new());
         let mut running = self.lock_running();
-        if running.contains_key(&spec.id) {
-            return Err(RunError::Duplicate(spec.id));
+        if running.contains_key(id) {
+            return Err(RunError::Duplicate(id.to_owned()));
         }
-        running.insert(spec.id.clone(), switch.clone());
-        Ok(Prepared {
+        running.insert(id.to_owned(), switch.clone());
+        Ok(Reservation {
             runtime: self.clone(),
-            spec,
+            id: id.to_owned(),
             switch,
         })
     }
@@ -304,18 +310,53 @@ impl Runtime {
     }
 }
 
+/// A task id registered with no process yet. Dropping it unregisters the id.
+#[derive(Debug)]
+pub struct Reservation {
+    runtime: Runtime,
+    id: String,
+    switch: Arc<Notify>,
+}
+
+impl Reservation {
+    /// Waits for `gate`, unless the task is killed first: then `None`, and nothing was
+    /// started.
+    pub async fn wait_for<T>(&self, gate: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            _ = self.switch.notified() => None,
+            value = gate => Some(value),
+        }
+    }
+
+    /// The task's spec is known: ready to run. `spec.id` is replaced by the reserved id.
+    pub fn prepare(self, mut spec: TaskSpec) -> Prepared {
+        spec.id.clone_from(&self.id);
+        Prepared {
+            reservation: self,
+            spec,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.runtime.lock_running().remove(&self.id);
+    }
+}
+
 /// A registered task, ready to run. Dropping it unregisters the id.
 #[derive(Debug)]
 pub struct Prepared {
-    runtime: Runtime,
+    reservation: Reservation,
     spec: TaskSpec,
-    switch: Arc<Notify>,
 }
 
 impl Prepared {
     pub async fn run(self, output: mpsc::Sender<OutputPiece>) -> Result<Exit, RunError> {
-        self.runtime
-            .run_registered(&self.spec, output, &self.switch, None)
+        let r = &self.reservation;
+        r.runtime
+            .run_registered(&self.spec, output, &r.switch, None)
             .await
     }
 
@@ -326,8 +367,9 @@ impl Prepared {
         output: mpsc::Sender<OutputPiece>,
         started: oneshot::Sender<u32>,
     ) -> Result<Exit, RunError> {
-        self.runtime
-            .run_registered(&self.spec, output, &self.switch, Some(started))
+        let r = &self.reservation;
+        r.runtime
+            .run_registered(&self.spec, output, &r.switch, Some(started))
             .await
     }
 }
@@ -347,10 +389,58 @@ pub fn reap_orphan(pid: u32, task_id: &str) -> bool {
     ours && killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok()
 }
 
-impl Drop for Prepared {
-    fn drop(&mut self) {
-        self.runtime.lock_running().remove(&self.spec.id);
+/// Set in every task's environment to the process id of the agent (or server) that
+/// started it, so a later one can tell its predecessor's tasks from a live neighbour's.
+pub const AGENT_PID_ENV: &str = "OPSBOX_AGENT_PID";
+
+/// Kills the tasks of node `node_id` that an agent (or server) killed outright left
+/// running: processes whose environment says `OPSBOX_NODE=<node_id>` and names, in
+/// [`AGENT_PID_ENV`], a process that is gone or started after them (a new process
+/// under a recycled pid). Tasks of a live agent of the same node id on this host (two
+/// servers on one machine each have a node `local`) are left alone. Each is killed with
+/// its process group. Returns how many processes were found.
+pub fn reap_orphaned_tasks(node_id: &str) -> usize {
+    use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System, UpdateKind};
+    let mut system = System::new();
+    system.refresh_processes_specifics(
+        ProcessesToUpdate::All,
+        true,
+        ProcessRefreshKind::nothing().with_environ(UpdateKind::Always),
+    );
+    let node = format!("OPSBOX_NODE={node_id}");
+    let agent_key = format!("{AGENT_PID_ENV}=");
+    let me = std::process::id();
+    let mut found = 0;
+    for (pid, process) in system.processes() {
+        let environ = process.environ();
+        if !environ
+            .iter()
+            .any(|e| e.as_encoded_bytes() == node.as_bytes())
+        {
+            continue;
+        }
+        let Some(agent) = environ
+            .iter()
+            .find_map(|e| e.to_str()?.strip_prefix(&agent_key)?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Start times are in seconds: a task started in the second its agent did counts
+        // as that agent's, so a live agent's task is never taken for an orphan.
+        let orphaned = system
+            .process(sysinfo::Pid::from_u32(agent))
+            .is_none_or(|a| a.start_time() > process.start_time());
+        if !orphaned || pid.as_u32() == me {
+            continue;
+        }
+        found += 1;
+        let target = Pid::from_raw(pid.as_u32() as i32);
+        // The group first (a task leads its own); then the process itself, should it
+        // have left the group.
+        let _ = killpg(target, Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(target, Signal::SIGKILL);
     }
+    found
 }
 
 /// Starts the process. "Text file busy" (ETXTBSY) is retried for a moment: it means the

@@ -219,6 +219,10 @@ pub enum AgentMessage {
         /// refused while the first one is alive.
         #[serde(default)]
         instance: Option<String>,
+        /// Tasks it takes beyond its slots, held until a slot frees (the agent's
+        /// `--prefetch`). Agents from before this field take none.
+        #[serde(default)]
+        prefetch: u32,
     },
     Heartbeat,
     /// The agent is stopping: it has killed its tasks and sent their ends, and will not
@@ -267,6 +271,11 @@ pub enum ServerMessage {
         timeout_secs: Option<u64>,
         /// Files to put into `$OPSBOX_INPUTS_DIR` before it starts (the reduce task's).
         inputs: Vec<FileData>,
+        /// The node's slots as the server counts them: a task that arrives while this
+        /// many run waits for one of them to end (it was sent ahead, see `prefetch`).
+        /// Absent from older servers, which never send more tasks than slots.
+        #[serde(default)]
+        slots: Option<u32>,
     },
     /// Stop a running task's process group.
     Kill { job: String, task: String },

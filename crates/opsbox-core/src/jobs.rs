@@ -1051,8 +1051,7 @@ async fn collect_output(
     let mut pending: Vec<LogChunkBytes> = Vec::new();
     let mut pending_bytes = 0usize;
     let mut seq = 0u64;
-    let mut total = 0u64;
-    let mut truncated = false;
+    let mut cap = crate::output::OutputCap::new(max_bytes);
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let piece = match deadline {
@@ -1070,10 +1069,9 @@ async fn collect_output(
         if piece.stream == OutStream::Stdout {
             scanner.feed(&piece.data);
         }
-        let room = max_bytes.saturating_sub(total) as usize;
-        if room > 0 {
-            let data = &piece.data[..piece.data.len().min(room)];
-            total += data.len() as u64;
+        let (fits, note) = cap.take(piece.data.len());
+        if fits > 0 {
+            let data = &piece.data[..fits];
             seq += 1;
             pending_bytes += data.len();
             keep(&mut kept, piece.stream, data);
@@ -1083,11 +1081,9 @@ async fn collect_output(
                 data: data.to_vec(),
             });
         }
-        if piece.data.len() > room && !truncated {
+        if let Some(note) = note {
             // The limit is reached within this piece: say so right after what was kept.
-            truncated = true;
             seq += 1;
-            let note = format!("\n[opsbox: output truncated after {max_bytes} bytes]\n");
             keep(&mut kept, OutStream::Stderr, note.as_bytes());
             pending.push(LogChunkBytes {
                 seq,

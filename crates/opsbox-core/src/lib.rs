@@ -162,11 +162,13 @@ impl Core {
             );
         }
         let rpc = rpc::Rpc::new(scripts.clone(), jobs.clone());
+        let mut nodes_config = config.nodes.clone();
+        nodes_config.max_output_bytes = config.max_output_bytes;
         let nodes = Nodes::start(
             store.clone(),
             scripts.clone(),
             jobs.clone(),
-            config.nodes.clone(),
+            nodes_config,
             config.data_dir.join("results"),
             config.kill_grace,
         )

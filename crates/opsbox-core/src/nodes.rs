@@ -70,8 +70,14 @@ pub struct NodesConfig {
     pub local_labels: Vec<String>,
     /// Tasks the local node runs at once (0: it takes none).
     pub local_slots: u32,
+    /// Tasks the local node holds beyond its slots (as an agent's `--prefetch`);
+    /// `None`: as many as its slots.
+    pub local_prefetch: Option<u32>,
     /// Where tasks of the local node keep their scratch directories.
     pub local_work: PathBuf,
+    /// Output kept per job in its log, and per task in its `.out`/`.err` file (the
+    /// jobs service's `max_output_bytes`); the rest is dropped with a note.
+    pub max_output_bytes: u64,
     /// This server, as the node list shows it.
     pub server_id: String,
     /// The id of the server's own node: `local`, unless servers share a store (each
@@ -87,7 +93,9 @@ impl NodesConfig {
             max_failures: 3,
             local_labels: Vec::new(),
             local_slots: cpus.max(2),
+            local_prefetch: None,
             local_work: data_dir.join("local-node"),
+            max_output_bytes: 64 * 1024 * 1024,
             local_id: LOCAL_NODE.to_owned(),
             server_id: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -178,12 +186,26 @@ struct Link {
     tx: mpsc::UnboundedSender<ServerMessage>,
     labels: Vec<String>,
     slots: u32,
+    /// Tasks it takes beyond its slots (they wait there for a slot).
+    prefetch: u32,
+    /// Its tasks, running or waiting for a slot there.
     running: HashSet<String>,
     /// The records of the tasks placed on it through this link, until their ends.
     placed: HashMap<String, TaskRecord>,
     last_seen: Instant,
     /// The agent process behind the link (its hello's `instance`).
     instance: Option<String>,
+}
+
+impl Link {
+    /// Tasks it may hold: its slots, plus its prefetch when it has slots at all.
+    fn capacity(&self) -> u32 {
+        if self.slots == 0 {
+            0
+        } else {
+            self.slots.saturating_add(self.prefetch)
+        }
+    }
 }
 
 #[derive(Default)]
@@ -205,12 +227,25 @@ struct State {
     pending_output: HashMap<String, Vec<(OutStream, Vec<u8>)>>,
     /// Task ends reported by nodes, settled by the next scheduling round.
     ends: Vec<PendingEnd>,
+    /// How long the recent tasks of each running job took, from placement to end
+    /// (a moving average, seconds): only tasks of jobs whose tasks are short are sent
+    /// to nodes ahead of a free slot.
+    task_secs: HashMap<String, f64>,
+    /// What each running job's log has taken of `max_output_bytes` on this server.
+    output_caps: HashMap<String, crate::output::OutputCap>,
 }
+
+/// Tasks of a job whose tasks take less than this are sent to nodes ahead of a free
+/// slot (see `prefetch`). For them the trip of an end to the server and of the next
+/// task back is a large share of a task's life; for longer ones it is noise, and a task
+/// held by a busy node could have started sooner on a node that frees up later.
+const AHEAD_BELOW_SECS: f64 = 1.0;
 
 /// What a node comes with when it connects (an agent's hello, or the local node).
 struct Joining {
     labels: Vec<String>,
     slots: u32,
+    prefetch: u32,
     running: Vec<String>,
     hostname: Option<String>,
     version: Option<String>,
@@ -367,6 +402,18 @@ impl Nodes {
 
     /// The local node: an executor in this process, fed through channels.
     async fn start_local(&self, kill_grace: Duration) -> CoreResult<()> {
+        // A server killed outright could not stop its node's tasks; their jobs are
+        // marked lost, so what is left of them must go too.
+        let local = self.local_id().to_owned();
+        let reaped = tokio::task::spawn_blocking(move || opsbox_agent::reap_orphaned_tasks(&local))
+            .await
+            .unwrap_or(0);
+        if reaped > 0 {
+            tracing::warn!(
+                processes = reaped,
+                "killed the tasks a previous run of the local node left behind"
+            );
+        }
         let executor = Executor::new(
             Runtime::new(kill_grace),
             self.inner.config.local_work.clone(),
@@ -378,6 +425,11 @@ impl Nodes {
                 Joining {
                     labels: self.inner.config.local_labels.clone(),
                     slots: self.inner.config.local_slots,
+                    prefetch: self
+                        .inner
+                        .config
+                        .local_prefetch
+                        .unwrap_or(self.inner.config.local_slots),
                     running: Vec::new(),
                     hostname: self.inner.config.server_id.clone().into(),
                     version: Some(env!("CARGO_PKG_VERSION").to_owned()),
@@ -523,6 +575,7 @@ impl Nodes {
             version,
             running,
             instance,
+            prefetch,
         } = hello
         else {
             return Err(CoreError::Invalid(
@@ -548,6 +601,7 @@ impl Nodes {
                 Joining {
                     labels,
                     slots,
+                    prefetch: prefetch.min(slots),
                     running: running.clone(),
                     hostname,
                     version,
@@ -617,6 +671,7 @@ impl Nodes {
         let Joining {
             labels,
             slots,
+            prefetch,
             running,
             hostname,
             version,
@@ -635,6 +690,7 @@ impl Nodes {
                     tx,
                     labels: labels.clone(),
                     slots,
+                    prefetch,
                     running: running.into_iter().collect(),
                     placed: HashMap::new(),
                     last_seen: Instant::now(),
@@ -1453,6 +1509,11 @@ impl Nodes {
     /// Writes a job's changes of this round in one transaction: its row, the changed
     /// tasks with their events, the job's own event and its waiting output.
     async fn commit(&self, mut work: JobWork) -> CoreResult<()> {
+        if work.record.state.is_terminal() {
+            let mut state = self.lock();
+            state.task_secs.remove(&work.record.name);
+            state.output_caps.remove(&work.record.name);
+        }
         set_fanout(&mut work.record, &work.fanout);
         work.events.push(job_event(work.kind, &work.record));
         let job = work.record.name.clone();
@@ -1579,7 +1640,7 @@ impl Nodes {
             .lock()
             .links
             .values()
-            .map(|l| l.slots.saturating_sub(l.running.len() as u32))
+            .map(|l| l.capacity().saturating_sub(l.running.len() as u32))
             .sum();
         if free == 0 {
             return Ok(());
@@ -1620,7 +1681,12 @@ impl Nodes {
                     list.clear();
                     continue;
                 }
-                let Some(node) = self.choose(task, &work.fanout) else {
+                let ahead = self
+                    .lock()
+                    .task_secs
+                    .get(job)
+                    .is_some_and(|secs| *secs < AHEAD_BELOW_SECS);
+                let Some(node) = self.choose(task, &work.fanout, ahead) else {
                     // Nothing fits this job's next task now; its others need the same.
                     list.clear();
                     continue;
@@ -1636,14 +1702,21 @@ impl Nodes {
     }
 
     /// The node for a task now, if any has room.
-    fn choose(&self, task: &TaskRecord, fanout: &Fanout) -> Option<String> {
+    /// `ahead`: the task may go to a node whose slots are all busy, within its
+    /// prefetch.
+    fn choose(&self, task: &TaskRecord, fanout: &Fanout, ahead: bool) -> Option<String> {
         let state = self.lock();
         let fits = |id: &String, link: &Link| {
             !state.blacklisted.contains(id)
                 && has_labels(&link.labels, &fanout.labels)
                 && fanout.node.as_ref().is_none_or(|n| n == id)
         };
-        let free = |link: &Link| (link.running.len() as u32) < link.slots;
+        // A node's load counts the tasks it holds ahead (prefetched) too, so a node with
+        // an idle slot always wins over one that would have to hold the task.
+        let free = |link: &Link| {
+            let held = link.running.len() as u32;
+            held < link.slots || (ahead && held < link.capacity())
+        };
         let load = |link: &Link| link.running.len() as f64 / link.slots.max(1) as f64;
         let pick = |allow_excluded: bool| {
             state
@@ -1672,7 +1745,7 @@ impl Nodes {
         mut task: TaskRecord,
         node: &str,
     ) -> CoreResult<bool> {
-        let message = match self.run_message(&work.record, &work.fanout, &task) {
+        let mut message = match self.run_message(&work.record, &work.fanout, &task) {
             Ok(message) => message,
             Err(reason) => {
                 // The script vanished (a reload) or its inputs cannot be read: the task
@@ -1691,6 +1764,9 @@ impl Nodes {
             let mut state = self.lock();
             match state.links.get_mut(node) {
                 Some(link) => {
+                    if let ServerMessage::Run { slots, .. } = &mut message {
+                        *slots = Some(link.slots);
+                    }
                     let key = key(&task.task.job, &task.task.id);
                     link.running.insert(key.clone());
                     link.placed.insert(key, task.clone());
@@ -1775,6 +1851,7 @@ impl Nodes {
             env,
             timeout_secs: script.timeout_secs,
             inputs,
+            slots: None,
         })
     }
 
@@ -1816,19 +1893,35 @@ impl Nodes {
             let _ = std::fs::create_dir_all(&dir);
         }
         let path = dir.join(format!("{}.{suffix}", task.replace(':', "-")));
+        let max = self.inner.config.max_output_bytes;
         use std::io::Write;
         if let Ok(mut file) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
         {
-            let _ = file.write_all(&bytes);
+            let used = file.metadata().map_or(0, |m| m.len());
+            let (fits, note) = crate::output::OutputCap::starting_at(max, used).take(bytes.len());
+            let _ = file.write_all(&bytes[..fits]);
+            if let Some(note) = note {
+                let _ = file.write_all(note.as_bytes());
+            }
         }
-        self.lock()
-            .pending_output
+        let mut state = self.lock();
+        let (fits, note) = state
+            .output_caps
             .entry(job.to_owned())
-            .or_default()
-            .push((stream, bytes));
+            .or_insert_with(|| crate::output::OutputCap::new(max))
+            .take(bytes.len());
+        let pending = state.pending_output.entry(job.to_owned()).or_default();
+        if fits > 0 {
+            let mut bytes = bytes;
+            bytes.truncate(fits);
+            pending.push((stream, bytes));
+        }
+        if let Some(note) = note {
+            pending.push((OutStream::Stderr, note.into_bytes()));
+        }
         Ok(())
     }
 
@@ -1847,7 +1940,14 @@ impl Nodes {
         task.task.results = self.save_results(&job, &task_id, &end.results);
         self.count(node, if success { 0 } else { 1 });
         task.task.exit_code = end.exit_code;
-        task.task.finished_at = Some(Utc::now());
+        let now = Utc::now();
+        task.task.finished_at = Some(now);
+        if let Some(started) = task.task.started_at {
+            let secs = (now - started).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+            let mut state = self.lock();
+            let average = state.task_secs.entry(job.clone()).or_insert(secs);
+            *average = 0.7 * *average + 0.3 * secs;
+        }
         task.task.reason = end.reason.clone();
         if work.record.state.is_terminal() {
             let state = if end.killed {

@@ -13,6 +13,47 @@ use std::collections::BTreeMap;
 
 pub const RETURN_VALUE_PREFIX: &str = "jojo_return_value";
 
+/// The output limit of a job (`max_output_bytes`): what fits of each piece, and the
+/// note that says where the rest was dropped. One rule for runs on the server and for
+/// tasks on nodes.
+#[derive(Debug, Clone)]
+pub struct OutputCap {
+    max: u64,
+    used: u64,
+    cut: bool,
+}
+
+impl OutputCap {
+    pub fn new(max: u64) -> Self {
+        Self::starting_at(max, 0)
+    }
+
+    /// A cap of which `used` bytes are gone already (a file being appended to, whose
+    /// note, when it was cut, is part of `used`).
+    pub fn starting_at(max: u64, used: u64) -> Self {
+        OutputCap {
+            max,
+            used,
+            cut: used > max,
+        }
+    }
+
+    /// Of a piece of `len` bytes: how many are kept, and the note that goes right
+    /// after them when this piece is where the limit is reached.
+    pub fn take(&mut self, len: usize) -> (usize, Option<String>) {
+        let room = self.max.saturating_sub(self.used);
+        let kept = (len as u64).min(room) as usize;
+        self.used += kept as u64;
+        if kept < len && !self.cut {
+            self.cut = true;
+            let note = format!("\n[opsbox: output truncated after {} bytes]\n", self.max);
+            self.used += note.len() as u64;
+            return (kept, Some(note));
+        }
+        (kept, None)
+    }
+}
+
 /// Splits text into lines the way Jojo clients expect.
 pub fn split_lines(text: &str) -> Vec<String> {
     let mut lines = Vec::new();

@@ -138,3 +138,88 @@ async fn a_job_fails_past_its_failure_limit_and_its_other_tasks_are_killed() {
         .unwrap();
     assert_eq!(slow.state, TaskState::Killed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_held_ahead_of_a_slot_never_run_beside_another() {
+    // One slot and one task held ahead: the tasks must still run one at a time. Two at
+    // once would find the lock directory taken and fail the job.
+    let t = open_with(
+        &[(
+            "turn.sh",
+            "# -- jojo --\n# description: take a turn\n# param: lock\n# -- jojo --\n",
+            "mkdir \"$LOCK\" || exit 9\nsleep 0.01\nrmdir \"$LOCK\"",
+        )],
+        |c| {
+            c.nodes.local_slots = 1;
+            c.nodes.local_prefetch = Some(1);
+        },
+    )
+    .await;
+    let lock = t.scratch().join("lock");
+    let job = t
+        .core
+        .nodes
+        .submit(
+            FanoutRequest {
+                map: "turn".into(),
+                inputs: (0..40).map(|i| i.to_string()).collect(),
+                params: [("lock".to_owned(), lock.display().to_string())].into(),
+                max_failures: Some(0),
+                ..FanoutRequest::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let done = until_state(&t.core, &job.name, JobState::Succeeded).await;
+    assert_eq!(done.progress[0].done, 40);
+    assert!(!lock.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_output_past_the_limit_is_dropped_with_a_note() {
+    let t = open_with(
+        &[("loud.sh", BLOCK, "head -c 1000 /dev/zero | tr '\\0' x")],
+        |c| {
+            c.max_output_bytes = 300;
+            c.nodes.local_slots = 1;
+        },
+    )
+    .await;
+    let job = t
+        .core
+        .nodes
+        .submit(
+            FanoutRequest {
+                map: "loud".into(),
+                inputs: vec!["a".into(), "b".into()],
+                ..FanoutRequest::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    until_state(&t.core, &job.name, JobState::Succeeded).await;
+    let note = "[opsbox: output truncated after 300 bytes]";
+    let log = t.core.jobs.output(&job.name).await.unwrap();
+    let kept: usize = log.stdout.iter().map(String::len).sum();
+    assert_eq!(kept, 300, "{log:?}");
+    assert_eq!(
+        log.stderr.iter().filter(|l| l.contains(note)).count(),
+        1,
+        "one note for the job's log: {log:?}"
+    );
+    let dir = t.core.jobs.results_dir(&job.name);
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "out") {
+            files += 1;
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.starts_with(&"x".repeat(300)), "{text}");
+            assert!(text.ends_with(&format!("\n{note}\n")), "{text}");
+            assert_eq!(text.len(), 300 + note.len() + 2);
+        }
+    }
+    assert_eq!(files, 2, "each task keeps its own 300 bytes");
+}

@@ -62,6 +62,9 @@ pub struct NodesSettings {
     /// Fan-out tasks the local node runs at once; 0 leaves them all to agents.
     /// Default: the number of CPUs (at least 2).
     pub local_slots: Option<u32>,
+    /// Fan-out tasks the local node takes beyond its slots, to start the moment one
+    /// frees (as an agent's `--prefetch`). Default: as many as its slots.
+    pub local_prefetch: Option<u32>,
 }
 
 impl Default for NodesSettings {
@@ -71,6 +74,7 @@ impl Default for NodesSettings {
             max_failures: 3,
             local_labels: Vec::new(),
             local_slots: None,
+            local_prefetch: None,
         }
     }
 }

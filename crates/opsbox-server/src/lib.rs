@@ -262,6 +262,7 @@ impl Server {
         if let Some(slots) = nodes.local_slots {
             core_config.nodes.local_slots = slots;
         }
+        core_config.nodes.local_prefetch = nodes.local_prefetch;
         core_config.store = config.store.clone();
         match (&config.server_id, &config.store) {
             (Some(id), _) => core_config.nodes.server_id = id.clone(),

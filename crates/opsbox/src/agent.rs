@@ -20,6 +20,10 @@ pub struct AgentArgs {
     /// Tasks run at once [default: the number of CPUs]
     #[arg(long, value_name = "N")]
     slots: Option<u32>,
+    /// Short tasks taken ahead, beyond the slots, to start the moment a slot frees
+    /// (0: none) [default: as many as the slots]
+    #[arg(long, env = "OPSBOX_PREFETCH", value_name = "N")]
+    prefetch: Option<u32>,
     /// Scratch space for running tasks [default: a directory under the system's temp dir]
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
@@ -57,6 +61,15 @@ pub async fn run(
     let work = std::path::absolute(&work).unwrap_or(work);
     std::fs::create_dir_all(&work)
         .map_err(|e| anyhow::anyhow!("cannot create the work directory {}: {e}", work.display()))?;
+    // An agent killed outright could not stop its tasks; the server has handed them to
+    // other nodes since, so what is left of them here must go.
+    let reaped = opsbox_agent::reap_orphaned_tasks(&node_id);
+    if reaped > 0 {
+        tracing::warn!(
+            processes = reaped,
+            "killed the tasks a previous run of this agent left behind"
+        );
+    }
     let executor = Executor::new(
         Runtime::new(std::time::Duration::from_secs(args.kill_grace)),
         work,
@@ -68,6 +81,7 @@ pub async fn run(
         node_id,
         labels: args.labels,
         slots,
+        prefetch: args.prefetch.unwrap_or(slots),
         insecure,
     };
     tracing::info!(node = %config.node_id, servers = ?config.servers, slots, "agent starting");

@@ -1,6 +1,7 @@
 //! A server killed with SIGKILL mid-job, then started again on the same data directory:
 //! the job is marked lost with a reason, the event says so, and the job's processes,
-//! which the dead server could not stop, are killed by the new one.
+//! which the dead server could not stop, are killed by the new one. The same holds for
+//! the tasks of a fan-out job on the server's own node.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -95,4 +96,68 @@ async fn a_crash_marks_running_jobs_lost_and_leaves_no_process() {
     assert_eq!(last["kind"], "job.finished");
     assert_eq!(last["subject"], name.as_str());
     assert_eq!(last["data"]["state"], "lost");
+}
+
+#[tokio::test]
+async fn a_crash_leaves_no_task_of_the_local_node_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, scripts, marks) = (
+        dir.path().join("data"),
+        dir.path().join("scripts"),
+        dir.path().join("marks"),
+    );
+    std::fs::create_dir_all(&scripts).unwrap();
+    std::fs::create_dir_all(&marks).unwrap();
+    let script = scripts.join("long.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nsleep 300 &\necho $! > {m}/child.pid\necho $$ > {m}/main.pid\nwait\n",
+            m = marks.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    let mut first = serve(&data, &scripts, port).await;
+    let submitted = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&serde_json::json!({"map": "long", "inputs": ["one"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(submitted.status().is_success(), "{submitted:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marks.join("child.pid").exists() || !marks.join("main.pid").exists() {
+        assert!(Instant::now() < deadline, "the task did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = |file: &str| -> i32 {
+        std::fs::read_to_string(marks.join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (main_pid, child_pid) = (pid("main.pid"), pid("child.pid"));
+
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    assert!(
+        alive(main_pid) && alive(child_pid),
+        "the task's processes outlive a crash"
+    );
+    let _second = serve(&data, &scripts, port).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(main_pid) || alive(child_pid) {
+        assert!(
+            Instant::now() < deadline,
+            "processes of the local node's task survived the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
