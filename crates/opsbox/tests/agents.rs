@@ -291,6 +291,40 @@ async fn a_task_of_an_agent_killed_mid_task_is_retried_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_again_kills_the_tasks_its_killed_run_left() {
+    let cluster = Cluster::start().await;
+    let mut first = cluster.agent("phoenix", "linux", 1).await;
+    let input = format!("300 {}", cluster.pids().display());
+    let job = cluster.submit("slow", vec![input], None, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid: i32 = loop {
+        let pid = std::fs::read_dir(cluster.pids())
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .find_map(|t| t.trim().parse().ok());
+        if let Some(pid) = pid {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the task did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    first.kill9();
+    assert!(alive(pid), "a task outlives its agent's SIGKILL");
+    cluster.until_connected("phoenix", false).await;
+    let _second = cluster.agent("phoenix", "linux", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent left its predecessor's task running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.client.kill(&job).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_failures_fail_the_job_and_a_blacklisted_node_gets_nothing() {
     let cluster = Cluster::start().await;
     let _a = cluster.agent("n1", "linux", 2).await;
