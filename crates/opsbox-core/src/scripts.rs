@@ -332,7 +332,15 @@ pub fn parse_duration(value: &str) -> Result<u64, String> {
     if n == 0 {
         return Err("timeout must be more than zero".into());
     }
-    Ok(n * factor)
+    // A deadline is a point in time: one past what a clock can hold would not be a
+    // longer wait but an overflow. A year is more than any run should be given.
+    const MAX_SECS: u64 = 366 * 24 * 3600;
+    match n.checked_mul(factor) {
+        Some(secs) if secs <= MAX_SECS => Ok(secs),
+        _ => Err(format!(
+            "timeout '{value}' is longer than the longest allowed, 366 days"
+        )),
+    }
 }
 
 /// The environment variable a parameter becomes: upper-cased, `-` as `_`.
@@ -413,5 +421,13 @@ mod tests {
         assert_eq!(parse_duration("2h").unwrap(), 7200);
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("0").is_err());
+        assert_eq!(parse_duration("8784h").unwrap(), 366 * 24 * 3600);
+        let long = parse_duration("8785h").unwrap_err();
+        assert!(long.contains("366 days"), "{long}");
+        assert!(
+            parse_duration("18446744073709551615h").is_err(),
+            "no overflow"
+        );
+        assert!(parse_duration("99999999999999999999999").is_err());
     }
 }
