@@ -175,6 +175,10 @@ pub struct Limits {
     pub kill_grace_secs: u64,
     /// Longest a wait request is held, in seconds.
     pub max_wait_secs: u64,
+    /// Seconds a client has to send a whole HTTP/1 request head, on a new connection
+    /// or between requests of a kept-alive one; a slower client is disconnected, so
+    /// that trickled headers cannot hold connections open forever. 0: no limit.
+    pub header_read_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -186,6 +190,7 @@ impl Default for Limits {
             event_retention: 100_000,
             kill_grace_secs: 5,
             max_wait_secs: 300,
+            header_read_timeout_secs: 30,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod embed;
 pub mod error;
 pub mod faces;
+pub mod opening;
 pub mod tls;
 
 use std::future::Future;
@@ -111,13 +112,29 @@ pub fn router(state: AppState) -> Router {
     router.with_state(state)
 }
 
-/// Writes HTTP/1 response header names title-cased (`Scirocco-Node-Source`): header
-/// names are case-insensitive, but scirocco-pyclient matches them case-sensitively.
-/// HTTP/2 is unaffected (its names are lowercase by definition).
-fn title_case_headers(
+/// How the TCP listeners speak HTTP/1:
+/// - response header names title-cased (`Scirocco-Node-Source`): header names are
+///   case-insensitive, but scirocco-pyclient matches them case-sensitively (HTTP/2 is
+///   unaffected, its names are lowercase by definition);
+/// - a request head must arrive within `limits.header_read_timeout_secs`, else the
+///   connection is closed: without a timer hyper waits for a trickling client
+///   (slowloris) forever. The bytes before the head, which tell HTTP/1 from HTTP/2,
+///   get the same time ([`opening::OpeningDeadline`]).
+fn http_settings(
     builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    limits: &Limits,
 ) {
-    builder.http1().title_case_headers(true);
+    builder
+        .http1()
+        .title_case_headers(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout(limits));
+}
+
+/// `limits.header_read_timeout_secs`, `None` for 0.
+fn header_read_timeout(limits: &Limits) -> Option<Duration> {
+    (limits.header_read_timeout_secs > 0)
+        .then(|| Duration::from_secs(limits.header_read_timeout_secs))
 }
 
 /// Brings the users of an htpasswd file (role operator) in step with it: its users are
@@ -391,6 +408,7 @@ impl Server {
         let handle = axum_server::Handle::new();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
+        let opening_timeout = header_read_timeout(&self.state.config.limits);
         for bound in self.bound {
             let jrpc_only = match &bound {
                 Bound::Tcp { jrpc_only, .. } | Bound::Unix(_, _, jrpc_only) => *jrpc_only,
@@ -410,9 +428,12 @@ impl Server {
                     // watchers, streamed answers) go out at once, not after the peer's
                     // delayed ACK.
                     let mut server = axum_server::from_tcp(listener)
-                        .acceptor(axum_server::accept::NoDelayAcceptor::new())
+                        .acceptor(opening::OpeningDeadline::new(
+                            axum_server::accept::NoDelayAcceptor::new(),
+                            opening_timeout,
+                        ))
                         .handle(handle.clone());
-                    title_case_headers(server.http_builder());
+                    http_settings(server.http_builder(), &self.state.config.limits);
                     tasks.spawn(async move { server.serve(app.into_make_service()).await });
                 }
                 Bound::Tcp {
@@ -426,9 +447,14 @@ impl Server {
                             .ok_or_else(|| ServerError::Tls("no TLS configuration".into()))?,
                     );
                     let mut server = axum_server::from_tcp_rustls(listener, config)
-                        .map(|tls| tls.acceptor(axum_server::accept::NoDelayAcceptor::new()))
+                        .map(|tls| {
+                            opening::OpeningDeadline::new(
+                                tls.acceptor(axum_server::accept::NoDelayAcceptor::new()),
+                                opening_timeout,
+                            )
+                        })
                         .handle(handle.clone());
-                    title_case_headers(server.http_builder());
+                    http_settings(server.http_builder(), &self.state.config.limits);
                     tasks.spawn(async move { server.serve(app.into_make_service()).await });
                 }
                 Bound::Unix(listener, path, _) => {
