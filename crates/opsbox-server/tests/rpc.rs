@@ -363,3 +363,35 @@ async fn websocket_calls_batches_and_subscriptions() {
     assert_eq!(first["params"]["result"]["rev"], 1, "{first}");
     server.shutdown().await;
 }
+
+/// A WebSocket message is held to `max_body_bytes`, as an HTTP body is: a longer one is
+/// refused (the connection closed) instead of buffered and answered.
+#[tokio::test]
+async fn websocket_messages_over_the_body_limit_are_refused() {
+    let server = TestServer::start_with(|c| c.limits.max_body_bytes = 1024).await;
+    let url = server.url("/rpc").replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let call = |padding: usize| {
+        format!(
+            r#"{{"jsonrpc":"2.0","method":"ping","id":1,"pad":"{}"}}"#,
+            "x".repeat(padding)
+        )
+    };
+    let wait = std::time::Duration::from_secs(10);
+    ws.send(Message::Text(call(900))).await.unwrap();
+    match tokio::time::timeout(wait, ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => assert!(t.contains("pong"), "{t}"),
+        other => panic!("a message under the limit is answered: {other:?}"),
+    }
+    // The server may close before the whole message is written.
+    let _ = ws.send(Message::Text(call(64 * 1024))).await;
+    loop {
+        match tokio::time::timeout(wait, ws.next()).await {
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => break,
+            Ok(Some(Ok(Message::Text(t)))) => panic!("an over-limit message was answered: {t}"),
+            Ok(Some(Ok(_))) => continue,
+            Err(_) => panic!("the connection is still open"),
+        }
+    }
+    server.shutdown().await;
+}

@@ -333,8 +333,14 @@ async fn rpc_endpoint(State(state): State<AppState>, request: Request) -> Respon
             Ok(caller) => caller,
             Err(response) => return response,
         };
+        // A message (and so a frame) is held to the limit of an HTTP body: a longer
+        // one is refused when its frame header says so, and the connection closed.
+        let limit = state.config.limits.max_body_bytes;
         return match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
-            Ok(ws) => ws.on_upgrade(move |socket| serve_socket(socket, state, caller)),
+            Ok(ws) => ws
+                .max_message_size(limit)
+                .max_frame_size(limit)
+                .on_upgrade(move |socket| serve_socket(socket, state, caller)),
             Err(rejection) => rejection.into_response(),
         };
     }
