@@ -1,4 +1,7 @@
-//! Request bodies that end as soon as their whole declared length has arrived.
+//! Reading request bodies: [`read`] takes a whole body against a limit and says why
+//! it could not ([`BodyError`]), so each face answers in its own error shape; and
+//! [`EndsWhenComplete`], a body that ends as soon as its whole declared length has
+//! arrived.
 //!
 //! hyper hands an HTTP/1 request body to the handler through a channel, and closes the
 //! channel only once its connection task has gone round again and read the body's end.
@@ -16,7 +19,7 @@ use std::task::{Context, Poll};
 
 use axum::body::Body;
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 
 /// A body that reports its end as soon as its inner body knows it has ended.
 pub struct EndsWhenComplete(Body);
@@ -51,6 +54,85 @@ impl http_body::Body for EndsWhenComplete {
     }
 }
 
+/// Why a request body could not be read whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// It is longer than the limit, by its `Content-Length` or by what arrived: 413.
+    TooLarge { limit: usize },
+    /// It broke off, or its framing is invalid (a malformed chunked encoding): the
+    /// client's request is bad, 400.
+    Malformed(String),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge { limit } => {
+                write!(f, "the request body is larger than {limit} bytes")
+            }
+            BodyError::Malformed(reason) => {
+                write!(f, "the request body could not be read: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+/// Reads a whole request body of at most `limit` bytes. A body whose declared length
+/// is over the limit is refused before any of it is read.
+pub async fn read(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let too_large = || BodyError::TooLarge { limit };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let mut body = body;
+    // Most bodies are one frame: that one is handed on without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut more: Option<bytes::BytesMut> = None;
+    let mut length = 0usize;
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame.map_err(|e| BodyError::Malformed(reasons(&e)))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        length = length.saturating_add(data.len());
+        if length > limit {
+            return Err(too_large());
+        }
+        match (&mut first, &mut more) {
+            (None, _) => first = Some(data),
+            (Some(head), None) => {
+                let mut joined = bytes::BytesMut::with_capacity(length);
+                joined.extend_from_slice(head);
+                joined.extend_from_slice(&data);
+                more = Some(joined);
+            }
+            (Some(_), Some(joined)) => joined.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, more) {
+        (_, Some(joined)) => joined.freeze(),
+        (Some(only), None) => only,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// An error with its causes, `outer: inner`, each said once (the body wrappers
+/// repeat the text of what they wrap).
+fn reasons(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut said: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if said.last() != Some(&text) {
+            said.push(text);
+        }
+        next = e.source();
+    }
+    said.join(": ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +148,39 @@ mod tests {
         ] {
             let read = axum::body::to_bytes(EndsWhenComplete::wrap(body), 100).await;
             assert!(matches!(read.as_deref(), Ok(b"abc" | b"")), "{read:?}");
+        }
+    }
+
+    fn chunks(parts: &[&'static str]) -> Body {
+        Body::from_stream(futures::stream::iter(
+            parts
+                .iter()
+                .map(|s| Ok::<_, std::io::Error>(Bytes::from_static(s.as_bytes())))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn read_takes_bodies_up_to_the_limit() {
+        assert_eq!(read(Body::from("abc"), 3).await.unwrap(), "abc");
+        assert_eq!(read(chunks(&["a", "b", "c"]), 3).await.unwrap(), "abc");
+        assert_eq!(read(Body::empty(), 0).await.unwrap(), "");
+        for body in [Body::from("abcd"), chunks(&["ab", "cd"])] {
+            assert_eq!(read(body, 3).await, Err(BodyError::TooLarge { limit: 3 }));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_is_malformed_not_too_large() {
+        let broken = Body::from_stream(futures::stream::iter([
+            Ok(Bytes::from_static(b"ab")),
+            Err(std::io::Error::other("invalid chunk size line")),
+        ]));
+        match read(broken, 100).await {
+            Err(BodyError::Malformed(reason)) => {
+                assert!(reason.contains("invalid chunk size line"), "{reason}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use axum::Router;
 use opsbox_core::{Core, CoreConfig, CoreError};
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::map_request_body::MapRequestBodyLayer;
 use tower_http::trace::TraceLayer;
 
@@ -76,11 +75,15 @@ pub enum ServerError {
 /// The whole router: every face, with the request body limit and, when its events
 /// would be recorded, request tracing.
 ///
+/// The body limit is applied where a body is read, not in front of the routes, so
+/// that each face refuses an over-limit body in its own error shape and after its own
+/// auth check: extractors (`Bytes`) take the limit from `DefaultBodyLimit`, and the
+/// faces with their own error shapes read with [`body::read`].
+///
 /// Layers cost on every request (a JSON-RPC call is ~15 µs of server CPU in all, and
-/// each layer a few percent of it), so each covers only what needs it: `/rpc` reads its
-/// body against the limit itself, to answer 413 in JSON-RPC form, and never goes
-/// through the root's WebSocket check; the trace layer is left out when its events are
-/// filtered away anyway.
+/// each layer a few percent of it), so each covers only what needs it: `/rpc` never
+/// goes through the root's WebSocket check; the trace layer is left out when its
+/// events are filtered away anyway.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.limits.max_body_bytes;
     let tracing = tracing::enabled!(target: "tower_http::trace::on_request", tracing::Level::DEBUG)
@@ -100,7 +103,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             faces::juju::on_root,
         ))
-        .layer(RequestBodyLimitLayer::new(limit))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(error::native_json_errors))
         .merge(faces::jsonrpc::routes(state.clone()))
         .layer(MapRequestBodyLayer::new(body::EndsWhenComplete::wrap));

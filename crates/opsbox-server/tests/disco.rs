@@ -461,3 +461,25 @@ async fn clients_without_credentials_only_by_policy() {
     assert_eq!(r.status().as_u16(), 401);
     open.shutdown().await;
 }
+
+/// A body over `max_body_bytes` gets Disco's 413 with a JSON string, declared or
+/// chunked.
+#[tokio::test]
+async fn bodies_over_the_limit_get_a_disco_413() {
+    let server = TestServer::start_with(|c| c.limits.max_body_bytes = 1024).await;
+    let big = json!("x".repeat(4096));
+    for path in ["/disco/ctrl/kill_job", "/disco/job/new"] {
+        let (status, body) = post(&server, path, big.clone()).await;
+        assert_eq!(
+            (status, body),
+            (413, json!("Job packet too large")),
+            "{path}"
+        );
+        let (status, headers, body) =
+            common::raw_http(&server.base, &common::chunked_post(path, "", 4096)).await;
+        assert_eq!(status, 413, "{path}");
+        assert!(headers.contains("application/json"), "{headers}");
+        assert_eq!(body, r#""Job packet too large""#, "{path}");
+    }
+    server.shutdown().await;
+}

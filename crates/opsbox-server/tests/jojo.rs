@@ -449,3 +449,41 @@ async fn unix_socket_listener() {
     );
     server.shutdown().await;
 }
+
+/// A body over `max_body_bytes` gets Jojo's JSON error (§4.3) with 413, declared or
+/// chunked; once the server needs credentials, a caller without them gets 401 first.
+#[tokio::test]
+async fn bodies_over_the_limit_get_a_jojo_413_after_auth() {
+    let server = TestServer::start_with(|c| c.limits.max_body_bytes = 1024).await;
+    let big = json!({"text": "x".repeat(4096)}).to_string();
+    let (status, body, _) = send(&server, "POST", "/scripts/echo", Some(&big)).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"]["code"], 413, "{body}");
+    assert_eq!(body["error"]["type"], "Payload Too Large", "{body}");
+    let (status, _, body) = common::raw_http(
+        &server.base,
+        &common::chunked_post("/scripts/echo", "Content-Type: application/json\r\n", 4096),
+    )
+    .await;
+    assert_eq!(status, 413);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], 413, "{body}");
+
+    server.add_admin().await;
+    let (status, body, headers) = send(&server, "POST", "/scripts/echo", Some(&big)).await;
+    assert_eq!(status, 401);
+    assert_eq!(body, json!(""));
+    assert_eq!(headers["www-authenticate"], "Basic realm=pyjojo");
+    let response = client()
+        .post(server.url("/scripts/echo"))
+        .basic_auth("admin", Some("pw"))
+        .header("Content-Type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], 413, "{body}");
+    server.shutdown().await;
+}

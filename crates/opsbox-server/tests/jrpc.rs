@@ -267,3 +267,35 @@ async fn dedicated_listener_owns_every_path() {
         .starts_with("HTTP/1.1 200"));
     server.shutdown().await;
 }
+
+/// A body over `max_body_bytes` gets py-jrpc's error form with 413 (D12), on the main
+/// listener and on a dedicated one, declared or chunked.
+#[tokio::test]
+async fn bodies_over_the_limit_get_a_jrpc_413() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let server = TestServer::start_with(|c| {
+        c.limits.max_body_bytes = 1024;
+        c.rpc.jrpc_listen = vec![format!("127.0.0.1:{port}")];
+    })
+    .await;
+    let big = format!(r#"{{"ping": ["{}"]}}"#, "x".repeat(4096));
+    for base in [server.base.clone(), format!("http://127.0.0.1:{port}")] {
+        assert_eq!(
+            post(&base, "/", &big).await,
+            (
+                "HTTP/1.1 413 Request Entity Too Large".into(),
+                r#"{"error": "Request Entity Too Large"}"#.into()
+            ),
+            "{base}"
+        );
+        let (status, headers, body) =
+            common::raw_http(&base, &common::chunked_post("/", "", 4096)).await;
+        assert_eq!(status, 413, "{base}");
+        assert!(headers.contains("application/json"), "{headers}");
+        assert_eq!(body, r#"{"error": "Request Entity Too Large"}"#, "{base}");
+    }
+    server.shutdown().await;
+}

@@ -645,3 +645,46 @@ async fn update_and_delete_follow_each_dialects_rules() {
     );
     s.shutdown().await;
 }
+
+/// A body over the server's `max_body_bytes` (below the face's own 100 KiB) is refused
+/// as Scirocco refuses one (§8), whether its length is declared or it is chunked.
+#[tokio::test]
+async fn bodies_over_the_server_limit_get_scirocco_413() {
+    let s = TestServer::start_with(|c| {
+        c.scirocco.shared_token = Some(TOKEN.into());
+        c.limits.max_body_bytes = 1024;
+    })
+    .await;
+    let big = format!("{{\"a\": \"{}\"}}", "x".repeat(4096));
+    let r = push(&s, false, "aa", "bb", "application/json", big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        h(&r, "content-type").as_deref(),
+        Some("application/json; charset=utf-8")
+    );
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"message": "request entity too large"})
+    );
+    let headers = format!(
+        "Authorization: {TOKEN}\r\nScirocco-Node-Source: aa\r\nScirocco-Node-Destination: bb\r\nContent-Type: text/plain\r\n"
+    );
+    let (status, _, body) = common::raw_http(
+        &s.base,
+        &common::chunked_post("/messageQueue", &headers, 4096),
+    )
+    .await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"message": "request entity too large"})
+    );
+    let small = push(&s, false, "aa", "bb", "text/plain", "x".repeat(1000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), StatusCode::CREATED);
+}

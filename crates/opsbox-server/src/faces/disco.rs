@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,6 +29,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
+use crate::body::BodyError;
 use crate::AppState;
 
 /// What `GET /disco/version` says: the client generation whose wire this face follows.
@@ -124,6 +125,25 @@ impl From<CoreError> for DiscoError {
 }
 
 type DiscoResult<T> = Result<T, DiscoError>;
+
+/// A POST body, read against the server's body limit; a refusal is a Disco error
+/// (`413 "Job packet too large"`, as the master answered an oversized job pack).
+struct DiscoBody(Bytes);
+
+impl FromRequest<AppState> for DiscoBody {
+    type Rejection = DiscoError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, DiscoError> {
+        match crate::body::read(request.into_body(), state.config.limits.max_body_bytes).await {
+            Ok(body) => Ok(DiscoBody(body)),
+            Err(BodyError::TooLarge { .. }) => Err(DiscoError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Job packet too large".into(),
+            )),
+            Err(e @ BodyError::Malformed(_)) => Err(bad(e.to_string())),
+        }
+    }
+}
 
 fn bad(message: impl Into<String>) -> DiscoError {
     DiscoError(StatusCode::BAD_REQUEST, message.into())
@@ -332,7 +352,7 @@ async fn version() -> Json<&'static str> {
 }
 
 /// Job packs and netstring submissions: opsbox runs scripts, not Disco workers.
-async fn submit(body: Bytes) -> Response {
+async fn submit(DiscoBody(body): DiscoBody) -> Response {
     let message = "opsbox runs scripts from its scripts directory, not Disco job packs: submit \
                    with `opsbox jobs submit --map SCRIPT --input ... [--reduce SCRIPT]` or POST \
                    /v1/jobs {\"map\": ..., \"inputs\": [...], \"reduce\": ...}";
@@ -514,7 +534,7 @@ async fn results_v1(
 async fn results(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    DiscoBody(body): DiscoBody,
 ) -> DiscoResult<Json<Value>> {
     let (timeout_ms, names): (u64, Vec<String>) =
         serde_json::from_slice(&body).map_err(|_| bad("expected [timeout_ms, [job names]]"))?;
@@ -554,7 +574,7 @@ async fn results(
 async fn kill(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    DiscoBody(body): DiscoBody,
 ) -> DiscoResult<Json<&'static str>> {
     require(&caller, Role::Operator)?;
     let name = name_body(&body)?;
@@ -569,7 +589,7 @@ async fn kill(
 async fn clean(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    DiscoBody(body): DiscoBody,
 ) -> DiscoResult<Json<&'static str>> {
     require(&caller, Role::Operator)?;
     let name = name_body(&body)?;
@@ -772,7 +792,7 @@ async fn load_config(State(state): State<AppState>) -> DiscoResult<Json<Value>> 
 async fn save_config(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    DiscoBody(body): DiscoBody,
 ) -> DiscoResult<Json<&'static str>> {
     require(&caller, Role::Operator)?;
     let rows: Vec<(String, String)> =
@@ -803,7 +823,7 @@ async fn save_config(
 async fn blacklist(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    DiscoBody(body): DiscoBody,
 ) -> DiscoResult<Json<&'static str>> {
     require(&caller, Role::Operator)?;
     // Hosts opsbox does not know are ignored, as Disco did with hosts not configured.
@@ -816,7 +836,7 @@ async fn blacklist(
 async fn whitelist(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    DiscoBody(body): DiscoBody,
 ) -> DiscoResult<Json<&'static str>> {
     require(&caller, Role::Operator)?;
     match state.core.nodes.whitelist(&name_body(&body)?).await {

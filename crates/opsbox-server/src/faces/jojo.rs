@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::body::{to_bytes, Body, Bytes};
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -26,6 +26,7 @@ use opsbox_core::CoreError;
 use serde_json::{json, Value};
 
 use crate::auth::{authenticate, Caller, Refusal};
+use crate::body::BodyError;
 use crate::faces::pyjson;
 use crate::AppState;
 
@@ -79,15 +80,18 @@ async fn gate(State(state): State<AppState>, request: Request, next: Next) -> Re
         }
     }
     let (mut parts, body) = request.into_parts();
-    let bytes = match to_bytes(body, state.config.limits.max_body_bytes).await {
+    let bytes = match crate::body::read(body, state.config.limits.max_body_bytes).await {
         Ok(bytes) => bytes,
-        Err(_) => {
+        Err(e @ BodyError::TooLarge { .. }) => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, json!(e.to_string()))
+        }
+        Err(BodyError::Malformed(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                json!(format!(
-                    "the body is larger than {} bytes",
-                    state.config.limits.max_body_bytes
-                )),
+                json!(BodyError::TooLarge {
+                    limit: state.config.limits.max_body_bytes
+                }
+                .to_string()),
             )
         }
     };

@@ -17,7 +17,7 @@
 //! - Anonymous callers (the client cannot send credentials) are let in only while the
 //!   server is open, or with the role of `rpc.jrpc_anonymous_role` (D1).
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -43,10 +43,8 @@ pub fn routes(_state: AppState) -> Router<AppState> {
 /// The router of a dedicated jrpc listener (`--jrpc-listen`): every GET path is a jrpc
 /// name, every POST a jrpc (or JSON-RPC) call, as on py-jrpc's own port.
 pub fn dedicated(state: AppState) -> Router {
-    let limit = state.config.limits.max_body_bytes;
     Router::new()
         .fallback(any(on_any))
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(limit))
         .layer(tower_http::map_request_body::MapRequestBodyLayer::new(
             crate::body::EndsWhenComplete::wrap,
         ))
@@ -211,7 +209,7 @@ async fn post_body(state: AppState, request: Request) -> Response {
         return failure(StatusCode::LENGTH_REQUIRED, "Length Required");
     }
     let limit = state.config.limits.max_body_bytes;
-    let body: Bytes = match axum::body::to_bytes(Body::new(request.into_body()), limit).await {
+    let body: Bytes = match crate::body::read(request.into_body(), limit).await {
         Ok(b) => b,
         Err(_) => return failure(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large"),
     };

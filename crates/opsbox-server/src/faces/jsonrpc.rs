@@ -360,7 +360,7 @@ async fn rpc_endpoint(State(state): State<AppState>, request: Request) -> Respon
         Err(response) => return response,
     };
     let limit = state.config.limits.max_body_bytes;
-    let body = match axum::body::to_bytes(body, limit).await {
+    let body = match crate::body::read(body, limit).await {
         Ok(body) => body,
         Err(_) => {
             return too_big(limit);

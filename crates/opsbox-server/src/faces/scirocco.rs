@@ -19,7 +19,6 @@
 // Helpers fail with the finished answer; boxing it would buy nothing.
 #![allow(clippy::result_large_err)]
 
-use axum::body::to_bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -35,6 +34,7 @@ use opsbox_core::store::MessageRecord;
 use opsbox_core::CoreError;
 use serde_json::{json, Map, Value};
 
+use crate::body::BodyError;
 use crate::AppState;
 
 /// Scirocco's routes (no fallback: unknown paths belong to the other faces).
@@ -402,7 +402,7 @@ async fn message_queue(State(state): State<AppState>, request: Request) -> Respo
     }
 }
 
-/// Reads the body, up to the limit of its kind.
+/// Reads the body, up to the limit of its kind (and the server's body limit).
 async fn read_body(
     state: &AppState,
     request: Request,
@@ -415,10 +415,11 @@ async fn read_body(
             PayloadKind::Text => limits.max_text_kib,
             PayloadKind::Binary => limits.max_raw_kib,
         };
+    let limit = limit.min(state.config.limits.max_body_bytes);
     let (parts, body) = request.into_parts();
-    match to_bytes(body, limit).await {
+    match crate::body::read(body, limit).await {
         Ok(bytes) => Ok((parts.headers, bytes.to_vec())),
-        Err(_) => Err(too_large()),
+        Err(BodyError::TooLarge { .. } | BodyError::Malformed(_)) => Err(too_large()),
     }
 }
 

@@ -169,3 +169,41 @@ pub fn alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Sends raw HTTP/1.1 bytes (the request should say `Connection: close`) and returns
+/// (status code, headers, body) of the answer, with the headers as text.
+pub async fn raw_http(base: &str, request: &[u8]) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    // The server may close with part of the request unread: keep what came before.
+    let _ = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    let code = status
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (code, headers.to_owned(), body.to_owned())
+}
+
+/// A `POST` with a chunked body of `size` bytes of `x` in 512-byte chunks, and the
+/// given extra header lines (each ending `\r\n`).
+pub fn chunked_post(path: &str, headers: &str, size: usize) -> Vec<u8> {
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .into_bytes();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(512);
+        request.extend_from_slice(format!("{n:x}\r\n{}\r\n", "x".repeat(n)).as_bytes());
+        left -= n;
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    request
+}
