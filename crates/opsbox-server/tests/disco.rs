@@ -483,3 +483,22 @@ async fn bodies_over_the_limit_get_a_disco_413() {
     }
     server.shutdown().await;
 }
+
+/// A chunked body that breaks its framing is a bad request: 400 with a JSON string.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400() {
+    let server = TestServer::start().await;
+    let (status, headers, body) = common::raw_http(
+        &server.base,
+        &common::malformed_chunked_post("/disco/ctrl/kill_job", ""),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(headers.contains("application/json"), "{headers}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        body.as_str().unwrap().contains("could not be read"),
+        "{body}"
+    );
+    server.shutdown().await;
+}

@@ -487,3 +487,19 @@ async fn bodies_over_the_limit_get_a_jojo_413_after_auth() {
     assert_eq!(body["error"]["code"], 413, "{body}");
     server.shutdown().await;
 }
+
+/// A chunked body that breaks its framing is a bad request: 400 in Jojo's error form.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400() {
+    let server = TestServer::start().await;
+    let (status, _, body) = common::raw_http(
+        &server.base,
+        &common::malformed_chunked_post("/scripts/echo", "Content-Type: application/json\r\n"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], 400, "{body}");
+    assert_eq!(body["error"]["type"], "Bad Request", "{body}");
+    server.shutdown().await;
+}

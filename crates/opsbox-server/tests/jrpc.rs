@@ -299,3 +299,28 @@ async fn bodies_over_the_limit_get_a_jrpc_413() {
     }
     server.shutdown().await;
 }
+
+/// A chunked body that breaks its framing is a bad request: 400 in py-jrpc's error
+/// form on `POST /`, and a JSON-RPC parse error with 400 on `/rpc`.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400() {
+    let server = TestServer::start().await;
+    let (status, _, body) =
+        common::raw_http(&server.base, &common::malformed_chunked_post("/", "")).await;
+    assert_eq!(status, 400, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not be read"),
+        "{body}"
+    );
+    let (status, _, body) =
+        common::raw_http(&server.base, &common::malformed_chunked_post("/rpc", "")).await;
+    assert_eq!(status, 400, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], -32700, "{body}");
+    assert_eq!(body["id"], serde_json::Value::Null, "{body}");
+    server.shutdown().await;
+}

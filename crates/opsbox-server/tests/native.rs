@@ -655,3 +655,29 @@ async fn websocket_streams_for_events_and_logs() {
     );
     server.shutdown().await;
 }
+
+/// Chunked bodies: one over `max_body_bytes` is a 413, one that breaks its framing a
+/// 400, both in the API's error form.
+#[tokio::test]
+async fn chunked_bodies_over_the_limit_or_malformed() {
+    let server = TestServer::start_with(|c| c.limits.max_body_bytes = 1024).await;
+    let json = "Content-Type: application/json\r\n";
+    for (request, status, code) in [
+        (
+            common::chunked_post("/v1/scripts/echo/run", json, 4096),
+            413,
+            "payload_too_large",
+        ),
+        (
+            common::malformed_chunked_post("/v1/scripts/echo/run", json),
+            400,
+            "bad_request",
+        ),
+    ] {
+        let (got, _, body) = common::raw_http(&server.base, &request).await;
+        assert_eq!(got, status, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], code, "{body}");
+    }
+    server.shutdown().await;
+}

@@ -688,3 +688,28 @@ async fn bodies_over_the_server_limit_get_scirocco_413() {
         .unwrap();
     assert_eq!(small.status(), StatusCode::CREATED);
 }
+
+/// A chunked body that breaks its framing is a bad request (400 in §8's form), not an
+/// over-limit one.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400() {
+    let s = server().await;
+    let headers = format!(
+        "Authorization: {TOKEN}\r\nScirocco-Node-Source: aa\r\nScirocco-Node-Destination: bb\r\nContent-Type: application/json\r\n"
+    );
+    let (status, headers, body) = common::raw_http(
+        &s.base,
+        &common::malformed_chunked_post("/messageQueue", &headers),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(headers.contains("application/json"), "{headers}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be read"),
+        "{body}"
+    );
+}

@@ -85,14 +85,8 @@ async fn gate(State(state): State<AppState>, request: Request, next: Next) -> Re
         Err(e @ BodyError::TooLarge { .. }) => {
             return error(StatusCode::PAYLOAD_TOO_LARGE, json!(e.to_string()))
         }
-        Err(BodyError::Malformed(_)) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                json!(BodyError::TooLarge {
-                    limit: state.config.limits.max_body_bytes
-                }
-                .to_string()),
-            )
+        Err(e @ BodyError::Malformed(_)) => {
+            return error(StatusCode::BAD_REQUEST, json!(e.to_string()))
         }
     };
     let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {

@@ -29,6 +29,7 @@ use serde_json::{json, Map, Value};
 
 use super::{jsonrpc, pyjson};
 use crate::auth::Refusal;
+use crate::body::BodyError;
 use crate::AppState;
 
 /// Routes on the main listener: `POST /` (shared with JSON-RPC, §10) and `GET /{name}`.
@@ -211,7 +212,12 @@ async fn post_body(state: AppState, request: Request) -> Response {
     let limit = state.config.limits.max_body_bytes;
     let body: Bytes = match crate::body::read(request.into_body(), limit).await {
         Ok(b) => b,
-        Err(_) => return failure(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large"),
+        Err(BodyError::TooLarge { .. }) => {
+            return failure(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large")
+        }
+        Err(e @ BodyError::Malformed(_)) => {
+            return failure(StatusCode::BAD_REQUEST, &e.to_string())
+        }
     };
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,

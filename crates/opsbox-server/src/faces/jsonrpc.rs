@@ -39,6 +39,7 @@ use std::borrow::Cow;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{authenticate, Refusal};
+use crate::body::BodyError;
 use crate::AppState;
 
 /// Standard and opsbox error codes.
@@ -362,9 +363,8 @@ async fn rpc_endpoint(State(state): State<AppState>, request: Request) -> Respon
     let limit = state.config.limits.max_body_bytes;
     let body = match crate::body::read(body, limit).await {
         Ok(body) => body,
-        Err(_) => {
-            return too_big(limit);
-        }
+        Err(BodyError::TooLarge { .. }) => return too_big(limit),
+        Err(e @ BodyError::Malformed(_)) => return unreadable(&e),
     };
     answer_http(&state, &caller, &body).await
 }
@@ -380,6 +380,24 @@ pub fn too_big(limit: usize) -> Response {
                 -32007,
                 "Request is too big".into(),
                 Some(json!(format!("Exceeded max limit of {limit}"))),
+            )),
+        ),
+    )
+        .into_response()
+}
+
+/// 400 with a parse error, for a body that could not be read at all (bad chunking):
+/// like jsonrpsee's answer to a body it refuses before parsing.
+fn unreadable(error: &BodyError) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, "application/json")],
+        response(
+            NULL_ID,
+            Err((
+                code::PARSE_ERROR,
+                "Parse error".into(),
+                Some(json!(error.to_string())),
             )),
         ),
     )

@@ -419,7 +419,10 @@ async fn read_body(
     let (parts, body) = request.into_parts();
     match crate::body::read(body, limit).await {
         Ok(bytes) => Ok((parts.headers, bytes.to_vec())),
-        Err(BodyError::TooLarge { .. } | BodyError::Malformed(_)) => Err(too_large()),
+        Err(BodyError::TooLarge { .. }) => Err(too_large()),
+        Err(e @ BodyError::Malformed(_)) => {
+            Err(message_error(StatusCode::BAD_REQUEST, &e.to_string()))
+        }
     }
 }
 

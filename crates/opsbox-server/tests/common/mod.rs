@@ -207,3 +207,12 @@ pub fn chunked_post(path: &str, headers: &str, size: usize) -> Vec<u8> {
     request.extend_from_slice(b"0\r\n\r\n");
     request
 }
+
+/// A `POST` whose chunked body breaks off with a chunk size that is not hex, after the
+/// given extra header lines (each ending `\r\n`).
+pub fn malformed_chunked_post(path: &str, headers: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n{headers}\r\n2\r\n{{}}\r\nzz\r\n"
+    )
+    .into_bytes()
+}
