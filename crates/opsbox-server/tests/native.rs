@@ -681,3 +681,39 @@ async fn chunked_bodies_over_the_limit_or_malformed() {
     }
     server.shutdown().await;
 }
+
+/// A log `since` past i64::MAX is after every chunk: it once wrapped to a negative in
+/// the SQLite store and replayed them all.
+#[tokio::test]
+async fn a_log_since_past_every_chunk_follows_only_the_end() {
+    let server = TestServer::start().await;
+    let run: RunResponse = server
+        .post_json(
+            "/v1/scripts/echo/run",
+            Some(json!({"params": {"text": "once"}})),
+        )
+        .await;
+    let name = seg(&run.job.name);
+    for since in ["0", "9223372036854775808", "18446744073709551615"] {
+        let body = client()
+            .get(server.url(&format!("/v1/jobs/{name}/log?follow=true&since={since}")))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let kinds: Vec<String> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap()["type"].to_string())
+            .collect();
+        let expected = if since == "0" {
+            vec![r#""output""#, r#""end""#]
+        } else {
+            vec![r#""end""#]
+        };
+        assert_eq!(kinds, expected, "since={since}: {body}");
+    }
+    server.shutdown().await;
+}

@@ -630,12 +630,15 @@ impl Store for SqliteStore {
     }
 
     async fn output_since(&self, job: &str, after: u64, limit: u32) -> StoreResult<Vec<LogChunk>> {
+        // SQLite integers are i64: an `after` beyond that range is after every chunk,
+        // never a negative one (which would replay them all).
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
         let rows = sqlx::query(
             "SELECT seq, stream, data FROM job_output WHERE job = ? AND seq > ?
              ORDER BY seq LIMIT ?",
         )
         .bind(job)
-        .bind(after as i64)
+        .bind(after)
         .bind(limit as i64)
         .fetch_all(&self.read)
         .await?;
