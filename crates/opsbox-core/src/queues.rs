@@ -392,11 +392,17 @@ impl Queues {
         Ok(records)
     }
 
-    /// Claims up to `options.max` of `node`'s oldest deliverable messages, waiting up
-    /// to `options.wait` for one. Empty when there is none.
+    /// Claims up to `options.max` (at least 1, at most the batch limit) of `node`'s
+    /// oldest deliverable messages, waiting up to `options.wait` for one. Empty when
+    /// there is none.
     pub async fn pull(&self, node: &str, options: PullOptions) -> CoreResult<Vec<MessageRecord>> {
         check_node(node)?;
-        let max = options.max.clamp(1, self.config.max_batch as u32);
+        if options.max == 0 {
+            return Err(CoreError::Invalid(
+                "max must be at least 1: a pull claims the messages it returns".into(),
+            ));
+        }
+        let max = options.max.min(self.config.max_batch as u32);
         let deadline = tokio::time::Instant::now() + options.wait;
         let mut changes = self.store.changes();
         // The first try claims at once: a pull usually finds a message. Wake-ups come

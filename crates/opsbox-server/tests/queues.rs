@@ -274,3 +274,26 @@ async fn node_tokens_act_only_as_their_nodes() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     s.shutdown().await;
 }
+
+/// A pull of `max: 0` is refused (a pull claims what it returns, so it cannot ask for
+/// none) and claims nothing.
+#[tokio::test]
+async fn a_pull_of_max_zero_is_refused_and_claims_nothing() {
+    let s = TestServer::start().await;
+    let r = push(&s, "n1", "boss", json!([{"payload": "only"}])).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = client()
+        .post(s.url("/v1/queues/n1/pull"))
+        .json(&json!({"max": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "bad_request", "{body}");
+    let got = pull(&s, "n1", json!({})).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, json!("only"));
+    assert_eq!(got[0].tries, 1);
+    s.shutdown().await;
+}
