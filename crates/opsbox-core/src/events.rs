@@ -27,15 +27,12 @@ impl Events {
         Ok(self.store.current_revision().await?)
     }
 
-    /// One page of events after `since`.
+    /// One page of at most `limit` events after `since` (at most 10,000; 0 gives none,
+    /// only the current revision).
     pub async fn page(&self, since: u64, limit: u32) -> CoreResult<EventPage> {
         let current = self.store.current_revision().await?;
         ahead(since, current)?;
-        match self
-            .store
-            .events_since(since, limit.clamp(1, 10_000))
-            .await?
-        {
+        match self.store.events_since(since, limit.min(10_000)).await? {
             EventsSince::Events(events) => Ok(EventPage {
                 events,
                 current_revision: current,

@@ -717,3 +717,21 @@ async fn a_log_since_past_every_chunk_follows_only_the_end() {
     }
     server.shutdown().await;
 }
+
+/// `limit=0` pages no events, only the current revision (it once gave one).
+#[tokio::test]
+async fn events_with_limit_zero_give_only_the_revision() {
+    let server = TestServer::start().await;
+    let _: RunResponse = server
+        .post_json(
+            "/v1/scripts/echo/run",
+            Some(json!({"params": {"text": "x"}})),
+        )
+        .await;
+    let none: EventPage = server.get_json("/v1/events?since=0&limit=0").await;
+    assert!(none.events.is_empty(), "{:?}", none.events);
+    assert!(none.current_revision > 0);
+    let one: EventPage = server.get_json("/v1/events?since=0&limit=1").await;
+    assert_eq!(one.events.len(), 1);
+    server.shutdown().await;
+}

@@ -370,7 +370,8 @@ struct EventsQuery {
     since: Option<u64>,
     /// Stream as Server-Sent Events, live.
     follow: Option<bool>,
-    /// Page size without `follow` (default 1000).
+    /// Page size without `follow` (default 1000, at most 10000; 0 gives no events,
+    /// only the current revision).
     limit: Option<u32>,
 }
 
