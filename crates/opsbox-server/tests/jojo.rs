@@ -503,3 +503,39 @@ async fn a_malformed_chunked_body_is_a_400() {
     assert_eq!(body["error"]["type"], "Bad Request", "{body}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn params_that_are_not_strings_keep_their_json_text() {
+    let server = jojo_server().await;
+    // Numbers and booleans are their JSON text as sent, however big; null is empty
+    // (an empty line, which Jojo's output lines drop).
+    for (sent, seen) in [
+        (
+            "123000000000000000000000000000",
+            json!(["123000000000000000000000000000"]),
+        ),
+        ("1.50", json!(["1.50"])),
+        ("-2e3", json!(["-2e3"])),
+        ("true", json!(["true"])),
+        ("null", json!([])),
+    ] {
+        let (status, result, _) = send(
+            &server,
+            "POST",
+            "/scripts/echo",
+            Some(&format!(r#"{{"text": {sent}}}"#)),
+        )
+        .await;
+        assert_eq!(status, 200, "{sent}: {result}");
+        assert_eq!(result["stdout"], seen, "{sent}");
+    }
+    let (status, refused, _) =
+        send(&server, "POST", "/scripts/echo", Some(r#"{"text": [1]}"#)).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        refused["error"]["message"],
+        "param 'text' must be a string, not an array"
+    );
+
+    server.shutdown().await;
+}

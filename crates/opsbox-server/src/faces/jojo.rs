@@ -44,9 +44,11 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .layer(axum::middleware::from_fn_with_state(state, gate))
 }
 
-/// The JSON body of a request, parsed once by [`gate`]; `None` when empty.
+/// The body of a request, checked to be JSON once by [`gate`]; `None` when empty. Kept
+/// as text so a run's params keep numbers exactly as sent (a `Value` would turn
+/// `123000000000000000000000000000` into `1.23e29`).
 #[derive(Debug, Clone)]
-struct JojoBody(Option<Value>);
+struct JojoBody(Option<Bytes>);
 
 /// Auth first, then Pyjojo's request rules: a present `Content-Type` must start with
 /// `application/json` (unless `force_json`), and a non-empty body must be JSON, on every
@@ -92,8 +94,8 @@ async fn gate(State(state): State<AppState>, request: Request, next: Next) -> Re
     let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(value) => Some(value),
+        match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            Ok(_) => Some(bytes),
             Err(e) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -214,7 +216,7 @@ async fn script(
     if let Err(e) = caller.require(opsbox_api::Role::Operator) {
         return forbidden(e);
     }
-    let params = match run_params(&script, body) {
+    let params = match run_params(&script, body.as_deref()) {
         Ok(params) => params,
         Err(message) => return error(StatusCode::BAD_REQUEST, json!(message)),
     };
@@ -283,34 +285,37 @@ fn meta(script: &Script) -> Value {
 }
 
 /// The declared params of a run body. Undeclared keys are ignored, as Pyjojo did;
-/// numbers and booleans become their JSON text and null the empty string, where
-/// Pyjojo answered 500; arrays and objects cannot be an environment value.
-fn run_params(script: &Script, body: Option<Value>) -> Result<BTreeMap<String, String>, String> {
-    let object = match body {
-        None => return Ok(BTreeMap::new()),
-        Some(Value::Object(object)) => object,
-        Some(_) => return Err("the body must be a JSON object of parameters".into()),
+/// numbers and booleans become their JSON text exactly as sent and null the empty
+/// string, where Pyjojo answered 500; arrays and objects cannot be an environment value.
+fn run_params(script: &Script, body: Option<&[u8]>) -> Result<BTreeMap<String, String>, String> {
+    let Some(body) = body else {
+        return Ok(BTreeMap::new());
     };
+    let object: std::collections::HashMap<String, &serde_json::value::RawValue> =
+        serde_json::from_slice(body)
+            .map_err(|_| "the body must be a JSON object of parameters".to_owned())?;
     let mut params = BTreeMap::new();
     for param in &script.params {
-        let Some(value) = object.get(&param.name) else {
+        let Some(raw) = object.get(&param.name) else {
             continue;
         };
-        let text = match value {
-            Value::String(s) => s.clone(),
-            Value::Null => String::new(),
-            Value::Bool(_) | Value::Number(_) => value.to_string(),
-            Value::Array(_) | Value::Object(_) => {
+        let raw = raw.get();
+        let text = match raw.as_bytes().first() {
+            Some(b'"') => serde_json::from_str::<String>(raw).map_err(|e| e.to_string())?,
+            Some(b'n') => String::new(),
+            Some(kind @ (b'[' | b'{')) => {
                 return Err(format!(
                     "param '{}' must be a string, not {}",
                     param.name,
-                    if value.is_array() {
+                    if *kind == b'[' {
                         "an array"
                     } else {
                         "an object"
                     }
                 ))
             }
+            // A number, `true` or `false`: its text.
+            _ => raw.to_owned(),
         };
         params.insert(param.name.clone(), text);
     }
