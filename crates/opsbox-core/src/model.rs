@@ -137,6 +137,15 @@ enum HookKind {
 }
 
 impl HookKind {
+    /// Whether the hook belongs to a unit's way out once it is destroyed: its departed
+    /// and broken hooks, its stop hook and its removal.
+    fn is_way_out(self) -> bool {
+        matches!(
+            self,
+            HookKind::Departed | HookKind::Broken | HookKind::Stop | HookKind::Remove
+        )
+    }
+
     fn word(self) -> &'static str {
         match self {
             HookKind::Install => "install",
@@ -1010,10 +1019,16 @@ impl Model {
                 queue.pop_front();
             }
         }
+        // A dying unit is on its way out: it stops rather than starts again.
+        let going_on = if unit.life == Life::Alive {
+            UnitStatus::Started
+        } else {
+            UnitStatus::Stopping
+        };
         unit.status = match (retry, failed) {
-            (false, Some(kind)) => status_after(kind).unwrap_or(UnitStatus::Started),
+            (false, Some(kind)) => status_after(kind).unwrap_or(going_on),
             (true, Some(HookKind::Install)) => UnitStatus::Installing,
-            _ => UnitStatus::Started,
+            _ => going_on,
         };
         unit.status_info.clear();
         unit.failed_hook = None;
@@ -1410,7 +1425,8 @@ impl Model {
 
     /// Runs a unit's queued hooks in order, each until it worked. After a failed hook
     /// the unit waits in `error` for `resolved`, but a destroy still gets through (its
-    /// departed, broken, stop and removal).
+    /// departed, broken, stop and removal); a failed hook of that way out waits for
+    /// `resolved` too (see [`Self::next_hook`]).
     async fn uniter(self, unit: String, wake: Arc<Notify>) {
         loop {
             let next = match self.next_hook(&unit).await {
@@ -1456,8 +1472,11 @@ impl Model {
         }
     }
 
-    /// The hook to run next, if any: none while the unit is in error, unless a destroy
-    /// is queued (then only the way out is kept).
+    /// The hook to run next, if any: none while the unit is in error (it waits for
+    /// `resolved`), unless the hook that failed came before a destroy that is queued:
+    /// then the unit leaves that hook and the rest behind and takes only the way out. A
+    /// hook of the way out itself (departed, broken, stop) that failed waits for
+    /// `resolved` like any other; running it again unasked would only fail again.
     async fn next_hook(&self, name: &str) -> CoreResult<Option<Hook>> {
         let mut state = self.inner.state.lock().await;
         let Some(unit) = state.units.get(name).cloned() else {
@@ -1469,17 +1488,13 @@ impl Model {
         if unit.status != UnitStatus::Error {
             return Ok(queue.front().cloned());
         }
-        if !queue.iter().any(|h| h.kind == HookKind::Stop) {
+        let failed_on_the_way_out = queue.front().is_some_and(|h| h.kind.is_way_out());
+        if failed_on_the_way_out || !queue.iter().any(|h| h.kind == HookKind::Stop) {
             return Ok(None);
         }
         let mut change = Change::new(&state);
         if let Some(queue) = change.state.hooks.get_mut(name) {
-            queue.retain(|h| {
-                matches!(
-                    h.kind,
-                    HookKind::Departed | HookKind::Broken | HookKind::Stop | HookKind::Remove
-                )
-            });
+            queue.retain(|h| h.kind.is_way_out());
         }
         change.queues.insert(name.to_owned());
         let mut unit = unit;
@@ -1730,8 +1745,12 @@ impl Model {
             if let Some(status) = status_after(hook.kind) {
                 unit.status = status;
             } else if unit.status == UnitStatus::Error {
-                // A retried hook worked: the unit is back to running.
-                unit.status = UnitStatus::Started;
+                // A retried hook worked: the unit is back to running (or to leaving).
+                unit.status = if unit.life == Life::Alive {
+                    UnitStatus::Started
+                } else {
+                    UnitStatus::Stopping
+                };
             }
             unit.status_info.clear();
         } else {

@@ -574,3 +574,87 @@ async fn size_constraints_take_juju_suffixes_and_are_kept_in_megabytes() {
     let machine = status.machines.iter().find(|m| m.id == machine).unwrap();
     assert_eq!(machine.constraints["mem"], 512);
 }
+
+/// Writes a charm `name` under `charms`: its metadata and `#!/bin/sh` hooks.
+fn write_charm(charms: &std::path::Path, name: &str, hooks: &[(&str, &str)]) {
+    let dir = charms.join(name);
+    std::fs::create_dir_all(dir.join("hooks")).unwrap();
+    std::fs::write(
+        dir.join("metadata.yaml"),
+        format!("name: {name}\nsummary: {name}\n"),
+    )
+    .unwrap();
+    for (hook, body) in hooks {
+        let path = dir.join("hooks").join(hook);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+}
+
+/// A core whose charms directory holds the charms `write` puts in it.
+async fn open_with_charms(write: impl FnOnce(&std::path::Path)) -> (TestCore, tempfile::TempDir) {
+    let charms = tempfile::tempdir().unwrap();
+    write(charms.path());
+    let dir = charms.path().to_path_buf();
+    (open_with(&[], |c| c.model.charms_dir = dir).await, charms)
+}
+
+/// How many jobs of a unit's hook there were (`hook-s-0-stop` for s/0's stop).
+async fn hook_runs(t: &TestCore, unit: &str, hook: &str) -> usize {
+    let script = format!("hook-{}-{hook}", unit.replace('/', "-"));
+    let jobs = t.core.jobs.list(&Default::default()).await.unwrap();
+    jobs.iter().filter(|j| j.script == script).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_stop_hook_waits_in_error_for_resolved_instead_of_running_again() {
+    // QA: a dying unit's failing stop hook ran about 8 times a second, forever.
+    let (t, _charms) = open_with_charms(|dir| {
+        write_charm(dir, "stubborn", &[("stop", "echo cannot stop >&2; exit 1")])
+    })
+    .await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("s", "stubborn", 1), "admin")
+        .await
+        .unwrap();
+    until_status(&t, "s/0", UnitStatus::Started).await;
+    model.destroy_units(&["s/0".into()]).await.unwrap();
+    until_status(&t, "s/0", UnitStatus::Error).await;
+    let unit = model.unit("s/0").await.unwrap();
+    assert_eq!(unit.status_info, "hook failed: \"stop\"");
+    assert_eq!(unit.life, opsbox_api::model::Life::Dying);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(
+        hook_runs(&t, "s/0", "stop").await,
+        1,
+        "the stop hook ran again"
+    );
+    assert_eq!(model.unit("s/0").await.unwrap().status, UnitStatus::Error);
+
+    // Resolved with retry runs it once more; it fails again and waits again.
+    model.resolved("s/0", true).await.unwrap();
+    eventually("the retried stop hook to run", 20, || async {
+        (hook_runs(&t, "s/0", "stop").await == 2).then_some(())
+    })
+    .await;
+    until_status(&t, "s/0", UnitStatus::Error).await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(
+        hook_runs(&t, "s/0", "stop").await,
+        2,
+        "the stop hook ran again"
+    );
+
+    // Resolved without retry takes the stop as done: the unit goes on dying, and goes.
+    model.resolved("s/0", false).await.unwrap();
+    until_gone(&t, "s/0").await;
+    assert_eq!(hook_runs(&t, "s/0", "stop").await, 2);
+    let status = model.status().await;
+    assert_eq!(
+        status.machines.len(),
+        1,
+        "only machine 0 is left: {status:?}"
+    );
+}
