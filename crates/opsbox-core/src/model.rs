@@ -1059,7 +1059,10 @@ impl Model {
         Ok(ids)
     }
 
-    /// Removes machines that host no units (not machine 0).
+    /// Removes machines that host no units (not machine 0). A unit on the way out
+    /// (dying, its stop hook still to run or failed) is still on its machine, as in
+    /// Juju. With `force` the machine's units are destroyed and the machine goes with
+    /// the last of them; it takes no new units meanwhile.
     pub async fn destroy_machines(&self, ids: &[String], force: bool) -> CoreResult<()> {
         let mut state = self.inner.state.lock().await;
         let mut change = Change::new(&state);
@@ -1069,27 +1072,34 @@ impl Model {
                     "machine 0 is the server itself and cannot be destroyed".into(),
                 ));
             }
-            if !change.state.machines.contains_key(id) {
+            let Some(mut machine) = change.state.machines.get(id).cloned() else {
                 return Err(CoreError::NotFound(format!("machine {id}")));
-            }
-            let units: Vec<String> = change
-                .state
-                .units
-                .values()
-                .filter(|u| &u.machine == id && u.life == Life::Alive)
-                .map(|u| u.name.clone())
-                .collect();
-            if !units.is_empty() && !force {
+            };
+            let units: Vec<Unit> = sorted_units(
+                change
+                    .state
+                    .units
+                    .values()
+                    .filter(|u| &u.machine == id)
+                    .cloned()
+                    .collect(),
+            );
+            if let (Some(unit), false) = (units.first(), force) {
                 return Err(CoreError::Invalid(format!(
                     "machine {id} has unit \"{}\" assigned",
-                    units[0]
+                    unit.name
                 )));
-            }
-            for unit in &units {
-                self.destroy_unit(&mut change, unit);
             }
             if units.is_empty() {
                 change.remove_machine(id);
+                continue;
+            }
+            if machine.life == Life::Alive {
+                machine.life = Life::Dying;
+                change.put_machine(machine);
+            }
+            for unit in units.iter().filter(|u| u.life == Life::Alive) {
+                self.destroy_unit(&mut change, &unit.name);
             }
         }
         self.commit(&mut state, change).await

@@ -658,3 +658,72 @@ async fn a_failed_stop_hook_waits_in_error_for_resolved_instead_of_running_again
         "only machine 0 is left: {status:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_with_a_dying_unit_on_it_is_not_destroyed_unless_forced() {
+    let (t, _charms) = open_with_charms(|dir| {
+        write_charm(dir, "stubborn", &[("stop", "echo cannot stop >&2; exit 1")])
+    })
+    .await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("s", "stubborn", 1), "admin")
+        .await
+        .unwrap();
+    until_status(&t, "s/0", UnitStatus::Started).await;
+    let machine = model.unit("s/0").await.unwrap().machine;
+    let err = model
+        .destroy_machines(std::slice::from_ref(&machine), false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, format!("machine {machine} has unit \"s/0\" assigned"));
+
+    // Dying, its stop hook failed: still on the machine.
+    model.destroy_units(&["s/0".into()]).await.unwrap();
+    until_status(&t, "s/0", UnitStatus::Error).await;
+    let err = model
+        .destroy_machines(std::slice::from_ref(&machine), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CoreError::Invalid(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("machine {machine} has unit \"s/0\" assigned")
+    );
+    let status = model.status().await;
+    assert!(
+        status.machines.iter().any(|m| m.id == machine),
+        "{status:?}"
+    );
+
+    // Forced: the machine is dying, takes no new unit, and goes with its last unit.
+    model
+        .destroy_machines(std::slice::from_ref(&machine), true)
+        .await
+        .unwrap();
+    let status = model.status().await;
+    let dying = status.machines.iter().find(|m| m.id == machine).unwrap();
+    assert_eq!(dying.life, opsbox_api::model::Life::Dying);
+    let err = model
+        .add_units(
+            "s",
+            AddUnitsRequest {
+                num_units: 1,
+                to: Some(machine.clone()),
+            },
+        )
+        .await;
+    assert!(matches!(err, Err(CoreError::NotFound(_))), "{err:?}");
+    model.resolved("s/0", false).await.unwrap();
+    until_gone(&t, "s/0").await;
+    eventually("the machine to go with its unit", 10, || async {
+        let status = model.status().await;
+        status
+            .machines
+            .iter()
+            .all(|m| m.id != machine)
+            .then_some(())
+    })
+    .await;
+}
