@@ -102,6 +102,12 @@ pub struct Unit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_hook_job: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The unit's node is gone (disconnected, or lost after its heartbeats stopped):
+    /// nothing can be heard from the unit, whatever its `status` last was. Juju shows
+    /// such a unit `down`, its agent `lost`. Worked out from the nodes when the model
+    /// reports (status, watch), never stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent_lost: bool,
 }
 
 /// A machine units live on; machine `0` is the server itself.
@@ -110,7 +116,8 @@ pub struct Machine {
     pub id: String,
     /// The opsbox node behind it.
     pub node: String,
-    /// `pending`, `started`, `stopped`, `error` or `down`.
+    /// `pending`, `started`, `stopped`, `error` or `down` (its node is gone, see
+    /// `agent_lost`).
     pub status: String,
     pub series: String,
     #[serde(default)]
@@ -119,6 +126,11 @@ pub struct Machine {
     pub jobs: Vec<String>,
     #[serde(default)]
     pub constraints: BTreeMap<String, serde_json::Value>,
+    /// The machine's node is gone (disconnected, or lost after its heartbeats
+    /// stopped); its `status` then reads `down`. Worked out from the nodes when the
+    /// model reports (status, watch), never stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent_lost: bool,
 }
 
 /// The role an endpoint plays in a relation.

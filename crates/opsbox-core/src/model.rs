@@ -425,6 +425,7 @@ impl Model {
                 life: Life::Alive,
                 jobs: vec!["JobManageEnviron".into()],
                 constraints: BTreeMap::new(),
+                agent_lost: false,
             };
             change.write.put.push(ModelDoc {
                 kind: "machine".into(),
@@ -528,18 +529,54 @@ impl Model {
     // Reading
     // -----------------------------------------------------------------------------------
 
-    /// Everything in the model now.
+    /// Everything in the model now; units and machines whose node is gone are
+    /// `agent_lost` (a machine's status then reads `down`).
     pub async fn status(&self) -> ModelStatus {
+        let lost = self.lost_nodes().await;
         let state = self.inner.state.lock().await;
+        let mut units = sorted_units(state.units.values().cloned().collect());
+        for unit in &mut units {
+            unit.agent_lost = lost.contains(&unit.node);
+        }
+        let mut machines = sorted_machines(state.machines.values().cloned().collect());
+        for machine in &mut machines {
+            mark_lost(machine, &lost);
+        }
         ModelStatus {
             name: self.inner.config.name.clone(),
             uuid: self.inner.uuid.clone(),
             applications: state.apps.values().cloned().collect(),
-            units: sorted_units(state.units.values().cloned().collect()),
-            machines: sorted_machines(state.machines.values().cloned().collect()),
+            units,
+            machines,
             relations: state.relations.values().cloned().collect(),
             revision: state.revision,
         }
+    }
+
+    /// The nodes of the model's machines that are gone: not connected (to this server
+    /// or, with a shared store, another), or forgotten. The server's own node never is.
+    async fn lost_nodes(&self) -> HashSet<String> {
+        let connected: HashSet<String> = match self.inner.nodes.list().await {
+            Ok(nodes) => nodes
+                .into_iter()
+                .filter(|n| n.connected)
+                .map(|n| n.id)
+                .collect(),
+            Err(e) => {
+                // Better no news than every unit reported down on a store hiccup.
+                tracing::warn!(error = %e, "cannot list the nodes: units shown as last known");
+                return HashSet::new();
+            }
+        };
+        let local = self.inner.nodes.local_id();
+        let state = self.inner.state.lock().await;
+        state
+            .machines
+            .values()
+            .map(|m| &m.node)
+            .filter(|node| node.as_str() != local && !connected.contains(*node))
+            .cloned()
+            .collect()
     }
 
     pub async fn application(&self, name: &str) -> CoreResult<Application> {
@@ -706,6 +743,7 @@ impl Model {
             failed_hook: None,
             last_hook_job: None,
             created_at: Utc::now(),
+            agent_lost: false,
         });
         for kind in [HookKind::Install, HookKind::ConfigChanged, HookKind::Start] {
             change.hook(&name, Hook::plain(kind));
@@ -799,6 +837,7 @@ impl Model {
             life: Life::Alive,
             jobs: vec!["JobHostUnits".into()],
             constraints: constraints.clone(),
+            agent_lost: false,
         };
         change.put_machine(machine.clone());
         Ok(machine)
@@ -1938,6 +1977,7 @@ impl ModelWatcher {
 
     /// Everything now, as changes; entities seen before and gone now as removals.
     async fn snapshot(&mut self) -> Vec<Delta> {
+        let lost = self.model.lost_nodes().await;
         let state = self.model.inner.state.lock().await;
         let mut deltas = Vec::new();
         let mut now = HashSet::new();
@@ -1953,10 +1993,12 @@ impl ModelWatcher {
         for app in state.apps.values() {
             add("application", serde_json::to_value(app).unwrap_or_default());
         }
-        for machine in sorted_machines(state.machines.values().cloned().collect()) {
+        for mut machine in sorted_machines(state.machines.values().cloned().collect()) {
+            mark_lost(&mut machine, &lost);
             add("machine", serde_json::to_value(machine).unwrap_or_default());
         }
-        for unit in sorted_units(state.units.values().cloned().collect()) {
+        for mut unit in sorted_units(state.units.values().cloned().collect()) {
+            unit.agent_lost = lost.contains(&unit.node);
             add("unit", serde_json::to_value(unit).unwrap_or_default());
         }
         for relation in state.relations.values() {
@@ -1989,11 +2031,15 @@ impl ModelWatcher {
         deltas
     }
 
-    /// The model events after the watcher's revision, folded per entity.
+    /// The model events after the watcher's revision, folded per entity. A node that
+    /// came or went changes how its machines and units read (`agent_lost`), so they
+    /// are reported again.
     async fn since(&mut self) -> CoreResult<Vec<Delta>> {
         // (kind, id) → (revision of the latest event, removed, data)
         type Latest = ((String, String), (u64, bool, Value));
         let mut latest: BTreeMap<(String, String), (u64, bool, Value)> = BTreeMap::new();
+        // Nodes that connected or disconnected → the revision of the latest such event.
+        let mut nodes: BTreeMap<String, u64> = BTreeMap::new();
         loop {
             let store = &self.model.inner.store;
             match store.events_since(self.revision, 1000).await? {
@@ -2002,6 +2048,10 @@ impl ModelWatcher {
                     let count = events.len();
                     for event in events {
                         self.revision = event.rev;
+                        if matches!(event.kind.as_str(), "node.connected" | "node.disconnected") {
+                            nodes.insert(event.subject.clone(), event.rev);
+                            continue;
+                        }
                         let Some(rest) = event.kind.strip_prefix("model.") else {
                             continue;
                         };
@@ -2019,10 +2069,45 @@ impl ModelWatcher {
                 }
             }
         }
+        if !nodes.is_empty() {
+            let state = self.model.inner.state.lock().await;
+            let on_nodes = state
+                .machines
+                .values()
+                .filter_map(|m| {
+                    let rev = nodes.get(&m.node)?;
+                    Some((("machine", m.id.clone()), *rev, serde_json::to_value(m)))
+                })
+                .chain(state.units.values().filter_map(|u| {
+                    let rev = nodes.get(&u.node)?;
+                    Some((("unit", u.name.clone()), *rev, serde_json::to_value(u)))
+                }));
+            for ((kind, id), rev, data) in on_nodes {
+                latest
+                    .entry((kind.to_owned(), id))
+                    .and_modify(|(last, removed, _)| {
+                        if !*removed && *last < rev {
+                            *last = rev;
+                        }
+                    })
+                    .or_insert((rev, false, data.unwrap_or_default()));
+            }
+        }
+        let lost = if latest
+            .iter()
+            .any(|((kind, _), (_, removed, _))| !removed && (kind == "unit" || kind == "machine"))
+        {
+            self.model.lost_nodes().await
+        } else {
+            HashSet::new()
+        };
         let mut ordered: Vec<Latest> = latest.into_iter().collect();
         ordered.sort_by_key(|(_, (rev, _, _))| *rev);
         let mut deltas = Vec::new();
-        for ((kind, _), (_, removed, data)) in ordered {
+        for ((kind, _), (_, removed, mut data)) in ordered {
+            if !removed {
+                mark_lost_data(&kind, &mut data, &lost);
+            }
             let delta = Delta {
                 kind: kind.clone(),
                 removed,
@@ -2094,6 +2179,30 @@ fn sorted_units(mut units: Vec<Unit>) -> Vec<Unit> {
         (app.to_owned(), n.parse::<u64>().unwrap_or(0))
     });
     units
+}
+
+/// A machine whose node is gone reads `down`.
+fn mark_lost(machine: &mut Machine, lost: &HashSet<String>) {
+    if lost.contains(&machine.node) {
+        machine.agent_lost = true;
+        machine.status = "down".into();
+    }
+}
+
+/// [`mark_lost`] for a unit or machine record of the event log.
+fn mark_lost_data(kind: &str, data: &mut Value, lost: &HashSet<String>) {
+    let node = data.get("node").and_then(Value::as_str).unwrap_or_default();
+    if !lost.contains(node) {
+        return;
+    }
+    match kind {
+        "unit" => data["agent_lost"] = Value::Bool(true),
+        "machine" => {
+            data["agent_lost"] = Value::Bool(true);
+            data["status"] = Value::from("down");
+        }
+        _ => {}
+    }
 }
 
 fn sorted_machines(mut machines: Vec<Machine>) -> Vec<Machine> {

@@ -727,3 +727,84 @@ async fn a_machine_with_a_dying_unit_on_it_is_not_destroyed_unless_forced() {
     })
     .await;
 }
+
+/// A node that says hello as an agent would (nothing runs its tasks).
+async fn connect_node(t: &TestCore, id: &str, label: &str) -> opsbox_core::nodes::Connection {
+    t.core
+        .nodes
+        .connect(opsbox_api::AgentMessage::Hello {
+            node_id: id.into(),
+            labels: vec![label.into()],
+            slots: 1,
+            hostname: None,
+            version: None,
+            running: vec![],
+            instance: Some(format!("{id}-agent")),
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_and_machines_on_a_node_that_is_gone_read_down_in_status_and_watcher() {
+    let t = open().await;
+    let model = &t.core.model;
+    let far = connect_node(&t, "far", "far").await;
+    let machines = model
+        .add_machines(vec![[("tags".to_string(), "far".into())].into()])
+        .await
+        .unwrap();
+    let machine = machines[0].clone();
+    let mut request = deploy("db", "mysql", 1);
+    request.to = Some(machine.clone());
+    model.deploy(request, "admin").await.unwrap();
+    let status = model.status().await;
+    let m = status.machines.iter().find(|m| m.id == machine).unwrap();
+    assert_eq!((m.node.as_str(), m.agent_lost), ("far", false));
+    assert_eq!(m.status, "started");
+    assert!(!status.units[0].agent_lost);
+    let mut watcher = model.watcher();
+    watcher.next().await.unwrap();
+
+    // The node goes: its machine and unit read down, the server's machine 0 does not.
+    t.core.nodes.disconnect("far", far.session).await.unwrap();
+    let status = model.status().await;
+    let m = status.machines.iter().find(|m| m.id == machine).unwrap();
+    assert!(m.agent_lost);
+    assert_eq!(m.status, "down");
+    assert!(status.units[0].agent_lost, "{status:?}");
+    let zero = status.machines.iter().find(|m| m.id == "0").unwrap();
+    assert!(!zero.agent_lost);
+    assert_eq!(zero.status, "started");
+    let deltas = watcher.next().await.unwrap();
+    let unit = deltas
+        .iter()
+        .find(|d| d.kind == "unit" && d.id() == "db/0")
+        .unwrap_or_else(|| panic!("no unit delta: {deltas:?}"));
+    assert_eq!(unit.data["agent_lost"], true);
+    let m = deltas
+        .iter()
+        .find(|d| d.kind == "machine" && d.id() == machine)
+        .unwrap_or_else(|| panic!("no machine delta: {deltas:?}"));
+    assert_eq!(m.data["status"], "down");
+    assert_eq!(m.data["agent_lost"], true);
+    assert!(deltas.iter().all(|d| d.id() != "0"), "{deltas:?}");
+    // A watcher from scratch sees the same.
+    let snapshot = model.watcher().next().await.unwrap();
+    let unit = snapshot.iter().find(|d| d.kind == "unit").unwrap();
+    assert_eq!(unit.data["agent_lost"], true);
+
+    // It comes back: they are up again, as last known.
+    let _far = connect_node(&t, "far", "far").await;
+    let status = model.status().await;
+    assert!(!status.units[0].agent_lost);
+    let m = status.machines.iter().find(|m| m.id == machine).unwrap();
+    assert_eq!((m.status.as_str(), m.agent_lost), ("started", false));
+    let deltas = watcher.next().await.unwrap();
+    let m = deltas
+        .iter()
+        .find(|d| d.kind == "machine" && d.id() == machine)
+        .unwrap_or_else(|| panic!("no machine delta: {deltas:?}"));
+    assert_eq!(m.data["status"], "started");
+    assert!(m.data.get("agent_lost").is_none(), "{m:?}");
+}

@@ -380,3 +380,92 @@ async fn juju_face_refuses_bad_service_names_and_reports_sizes_in_megabytes() {
     assert_eq!(bad["ErrorCode"], "bad request");
     server.shutdown().await;
 }
+
+/// A Juju API socket, logged in as `user` with `password`.
+async fn juju_login(server: &TestServer, user: &str, password: &str) -> (Socket, Value) {
+    let url = server.url("/").replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let login = call(
+        &mut ws,
+        json!({"Type": "Admin", "Request": "Login", "Version": 0, "RequestId": 1,
+               "Params": {"AuthTag": format!("user-{user}"), "Password": password}}),
+    )
+    .await;
+    (ws, login)
+}
+
+fn client_call(request: &str, params: Value) -> Value {
+    json!({"Type": "Client", "Request": request, "Version": 0, "RequestId": 2, "Params": params})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn juju_face_shows_units_and_machines_of_a_gone_node_down() {
+    let server = start().await;
+    let core = &server.core;
+    let far = core
+        .nodes
+        .connect(opsbox_api::AgentMessage::Hello {
+            node_id: "far".into(),
+            labels: vec!["far".into()],
+            slots: 1,
+            hostname: None,
+            version: None,
+            running: vec![],
+            instance: Some("far-agent".into()),
+        })
+        .await
+        .unwrap();
+    let (mut ws, login) = juju_login(&server, "admin", "any").await;
+    assert!(login.get("Error").is_none(), "{login}");
+    let added = call(
+        &mut ws,
+        client_call(
+            "AddMachines",
+            json!({"MachineParams": [{"Constraints": {"tags": "far"}, "Jobs": ["JobHostUnits"]}]}),
+        ),
+    )
+    .await;
+    let machine = added["Response"]["Machines"][0]["Machine"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deployed = call(
+        &mut ws,
+        client_call(
+            "ServiceDeploy",
+            json!({"ServiceName": "db", "CharmURL": "cs:precise/mysql", "NumUnits": 1,
+                   "Config": {}, "Constraints": {}, "ToMachineSpec": machine}),
+        ),
+    )
+    .await;
+    assert_eq!(deployed["Response"], json!({}), "{deployed}");
+    let watch = call(&mut ws, client_call("WatchAll", json!({}))).await;
+    let watcher = watch["Response"]["AllWatcherId"].clone();
+    let next = json!({"Type": "AllWatcher", "Request": "Next", "Id": watcher, "RequestId": 3,
+                      "Params": {}});
+    call(&mut ws, next.clone()).await;
+
+    core.nodes.disconnect("far", far.session).await.unwrap();
+    let status = call(&mut ws, client_call("FullStatus", json!({"Patterns": []}))).await;
+    let unit = &status["Response"]["Services"]["db"]["Units"]["db/0"];
+    assert_eq!(unit["AgentState"], "down", "{status:#}");
+    assert_eq!(unit["UnitAgent"]["Status"], "lost");
+    let m = &status["Response"]["Machines"][machine.as_str()];
+    assert_eq!(m["AgentState"], "down", "{status:#}");
+    assert_eq!(status["Response"]["Machines"]["0"]["AgentState"], "started");
+    let deltas = call(&mut ws, next).await;
+    let deltas = deltas["Response"]["Deltas"].as_array().unwrap();
+    let unit = deltas
+        .iter()
+        .find(|d| d[0] == "unit" && d[2]["Name"] == "db/0")
+        .unwrap_or_else(|| panic!("{deltas:?}"));
+    assert_eq!(unit[2]["Status"], "down");
+    let m = deltas
+        .iter()
+        .find(|d| d[0] == "machine" && d[2]["Id"] == machine.as_str())
+        .unwrap_or_else(|| panic!("{deltas:?}"));
+    assert_eq!(m[2]["Status"], "down");
+    server.shutdown().await;
+}

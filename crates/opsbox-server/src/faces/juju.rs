@@ -1622,9 +1622,13 @@ fn status_life(l: Life) -> &'static str {
     }
 }
 
-/// The legacy agent-state words of juju 1.2x (see the reference's addendum).
-fn unit_state(status: UnitStatus) -> &'static str {
-    match status {
+/// The legacy agent-state word of juju 1.2x for a unit (see the reference's
+/// addendum): `down` when its node is gone, whatever it last did.
+fn unit_state(unit: &Unit) -> &'static str {
+    if unit.agent_lost {
+        return "down";
+    }
+    match unit.status {
         UnitStatus::Pending | UnitStatus::Installing => "pending",
         UnitStatus::Installed => "installed",
         UnitStatus::Started => "started",
@@ -1704,7 +1708,7 @@ fn unit_fields(u: &Unit, uuid: &str, series: &str) -> Value {
         "PrivateAddress": "",
         "MachineId": u.machine,
         "Ports": ports(u),
-        "Status": unit_state(u.status),
+        "Status": unit_state(u),
         "StatusInfo": u.status_info,
         "StatusData": {},
         "Subordinate": false,
@@ -1823,18 +1827,37 @@ fn full_status(
             .iter()
             .filter(|u| u.application == app.name && matches(&u.name))
             .map(|u| {
-                let state = unit_state(u.status);
-                let err = (u.status == UnitStatus::Error).then(|| json!({ "Message": u.status_info }));
+                let state = unit_state(u);
+                let err =
+                    (u.status == UnitStatus::Error).then(|| json!({ "Message": u.status_info }));
+                let (info, workload, agent) = if u.agent_lost {
+                    // Juju's words for a unit whose agent is gone; the state it was
+                    // last known in stays readable in brackets, as juju 1.2x did.
+                    let lost =
+                        format!("agent is lost, sorry! See 'juju status-history {}'", u.name);
+                    let known = UnitStatus::as_str(u.status);
+                    (
+                        format!("({known})"),
+                        json!({ "Status": "unknown", "Info": lost }),
+                        json!({ "Status": "lost", "Info": lost }),
+                    )
+                } else {
+                    (
+                        u.status_info.clone(),
+                        json!({ "Status": if state == "started" { "active" } else { "maintenance" },
+                                "Info": u.status_info }),
+                        json!({ "Status": if state == "error" { "failed" } else { "idle" } }),
+                    )
+                };
                 (
                     u.name.clone(),
                     json!({
-                        "AgentState": state, "AgentStateInfo": u.status_info,
+                        "AgentState": state, "AgentStateInfo": info,
                         "AgentVersion": AGENT_VERSION, "Life": status_life(u.life), "Err": err,
                         "Machine": u.machine, "OpenedPorts": u.ports,
                         "PublicAddress": host(&u.node), "Charm": "", "Subordinates": {},
-                        "Workload": { "Status": if state == "started" { "active" } else { "maintenance" },
-                                      "Info": u.status_info },
-                        "UnitAgent": { "Status": if state == "error" { "failed" } else { "idle" } },
+                        "Workload": workload,
+                        "UnitAgent": agent,
                     }),
                 )
             })
