@@ -553,6 +553,21 @@ impl Model {
         }
     }
 
+    /// The part of the model that `patterns` name, as Juju's `status PATTERN...` shows
+    /// it (everything when there are none). A pattern names an application (`blog`),
+    /// a unit (`blog/0`) or a machine (`1`), and may hold `*` and `?` wildcards
+    /// (`blog/*`). Kept: the units named, all units of the applications named and of
+    /// the machines named; the applications of those units and those named; the
+    /// machines those units are on and those named; the relations of the applications
+    /// kept.
+    pub async fn status_matching(&self, patterns: &[String]) -> ModelStatus {
+        let status = self.status().await;
+        if patterns.is_empty() {
+            return status;
+        }
+        filter_status(status, patterns)
+    }
+
     /// The nodes of the model's machines that are gone: not connected (to this server
     /// or, with a shared store, another), or forgotten. The server's own node never is.
     async fn lost_nodes(&self) -> HashSet<String> {
@@ -2181,6 +2196,61 @@ fn sorted_units(mut units: Vec<Unit>) -> Vec<Unit> {
     units
 }
 
+/// See [`Model::status_matching`].
+fn filter_status(mut status: ModelStatus, patterns: &[String]) -> ModelStatus {
+    let named = |name: &str| patterns.iter().any(|p| glob(p, name));
+    let units: Vec<Unit> = status
+        .units
+        .into_iter()
+        .filter(|u| named(&u.name) || named(&u.application) || named(&u.machine))
+        .collect();
+    let apps: HashSet<String> = units.iter().map(|u| u.application.clone()).collect();
+    let machines: HashSet<String> = units.iter().map(|u| u.machine.clone()).collect();
+    status
+        .applications
+        .retain(|a| apps.contains(&a.name) || named(&a.name));
+    status
+        .machines
+        .retain(|m| machines.contains(&m.id) || named(&m.id));
+    let kept: HashSet<&str> = status
+        .applications
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    status.relations.retain(|r| {
+        r.endpoints
+            .iter()
+            .any(|e| kept.contains(e.application.as_str()))
+    });
+    status.units = units;
+    status
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of characters and
+/// `?` for any one (a unit's `/` included, so `blog*` matches `blog/0`).
+fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Iterative matching with one backtrack point for the last `*` seen.
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == '*')
+}
+
 /// A machine whose node is gone reads `down`.
 fn mark_lost(machine: &mut Machine, lost: &HashSet<String>) {
     if lost.contains(&machine.node) {
@@ -2577,6 +2647,19 @@ mod tests {
             .to_string();
         assert!(err.contains("bad \"mem\" constraint"), "{err}");
         assert!(err.contains("M, G, T or P suffix"), "{err}");
+    }
+
+    #[test]
+    fn status_patterns_are_globs() {
+        assert!(glob("blog", "blog"));
+        assert!(!glob("blog", "blog/0"));
+        assert!(glob("blog/*", "blog/0"));
+        assert!(glob("b*g", "blog"));
+        assert!(glob("blog/?", "blog/1"));
+        assert!(!glob("blog/?", "blog/10"));
+        assert!(glob("*", "anything"));
+        assert!(!glob("db", "blog"));
+        assert!(!glob("", "blog"));
     }
 
     #[test]

@@ -808,3 +808,76 @@ async fn units_and_machines_on_a_node_that_is_gone_read_down_in_status_and_watch
     assert_eq!(m.data["status"], "started");
     assert!(m.data.get("agent_lost").is_none(), "{m:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_patterns_name_applications_units_or_machines_and_bring_their_machines_and_relations(
+) {
+    let t = open().await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("db", "mysql", 1), "admin")
+        .await
+        .unwrap();
+    model
+        .deploy(deploy("blog", "wordpress", 2), "admin")
+        .await
+        .unwrap();
+    model
+        .deploy(deploy("lb", "haproxy", 0), "admin")
+        .await
+        .unwrap();
+    model.relate(&["blog".into(), "db".into()]).await.unwrap();
+    let machine_of = |unit: &str| {
+        let unit = unit.to_owned();
+        async move { model.unit(&unit).await.unwrap().machine }
+    };
+    let (db0, blog0, blog1) = (
+        machine_of("db/0").await,
+        machine_of("blog/0").await,
+        machine_of("blog/1").await,
+    );
+    let names = |patterns: &[&str]| {
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        async move {
+            let s = model.status_matching(&patterns).await;
+            let apps: Vec<String> = s.applications.iter().map(|a| a.name.clone()).collect();
+            let units: Vec<String> = s.units.iter().map(|u| u.name.clone()).collect();
+            let machines: Vec<String> = s.machines.iter().map(|m| m.id.clone()).collect();
+            let relations: Vec<String> = s.relations.iter().map(|r| r.key.clone()).collect();
+            (apps, units, machines, relations)
+        }
+    };
+    // QA: "blog/0" found nothing.
+    assert_eq!(
+        names(&["blog/0"]).await,
+        (
+            vec!["blog".to_string()],
+            vec!["blog/0".to_string()],
+            vec![blog0.clone()],
+            vec!["blog:db db:db".to_string()]
+        )
+    );
+    assert_eq!(
+        names(&["db"]).await,
+        (
+            vec!["db".to_string()],
+            vec!["db/0".to_string()],
+            vec![db0.clone()],
+            vec!["blog:db db:db".to_string()]
+        )
+    );
+    let (_, units, machines, _) = names(&["blog/*"]).await;
+    assert_eq!(units, ["blog/0", "blog/1"]);
+    assert_eq!(machines, [blog0.clone(), blog1]);
+    // A machine brings its units; an application without units comes alone.
+    let (apps, units, machines, _) = names(&[db0.as_str(), "lb"]).await;
+    assert_eq!(apps, ["db", "lb"]);
+    assert_eq!(units, ["db/0"]);
+    assert_eq!(machines, [db0]);
+    let (apps, units, machines, relations) = names(&["nosuch"]).await;
+    assert!(apps.is_empty() && units.is_empty() && machines.is_empty() && relations.is_empty());
+    // No pattern: everything.
+    let (apps, _, machines, _) = names(&[]).await;
+    assert_eq!(apps.len(), 3);
+    assert_eq!(machines.len(), 4);
+}

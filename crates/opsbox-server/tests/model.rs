@@ -469,3 +469,48 @@ async fn juju_face_shows_units_and_machines_of_a_gone_node_down() {
     assert_eq!(m[2]["Status"], "down");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn juju_full_status_filters_by_unit_name_with_its_machine_and_relations() {
+    let server = start().await;
+    let (mut ws, _) = juju_login(&server, "admin", "any").await;
+    for (name, charm, n) in [("db", "cs:precise/mysql", 1), ("blog", "wordpress", 2)] {
+        let r = call(
+            &mut ws,
+            client_call(
+                "ServiceDeploy",
+                json!({"ServiceName": name, "CharmURL": charm, "NumUnits": n,
+                       "Config": {}, "Constraints": {}, "ToMachineSpec": null}),
+            ),
+        )
+        .await;
+        assert_eq!(r["Response"], json!({}), "{r}");
+    }
+    let r = call(
+        &mut ws,
+        client_call("AddRelation", json!({"Endpoints": ["blog", "db"]})),
+    )
+    .await;
+    assert!(r.get("Error").is_none(), "{r}");
+    let status = call(
+        &mut ws,
+        client_call("FullStatus", json!({"Patterns": ["blog/1"]})),
+    )
+    .await;
+    let status = &status["Response"];
+    let services: Vec<&String> = status["Services"].as_object().unwrap().keys().collect();
+    assert_eq!(services, ["blog"], "{status:#}");
+    let units: Vec<&String> = status["Services"]["blog"]["Units"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(units, ["blog/1"]);
+    let machine = status["Services"]["blog"]["Units"]["blog/1"]["Machine"].clone();
+    let machines: Vec<&String> = status["Machines"].as_object().unwrap().keys().collect();
+    assert_eq!(machines, [machine.as_str().unwrap()]);
+    let relations = status["Relations"].as_array().unwrap();
+    assert_eq!(relations.len(), 1, "{status:#}");
+    assert_eq!(relations[0]["Key"], "blog:db db:db");
+    server.shutdown().await;
+}

@@ -1049,13 +1049,13 @@ impl Call<'_> {
             )),
             "AgentVersion" => Ok(json!({ "Version": AGENT_VERSION })),
             "FullStatus" | "Status" => {
-                let status = model.status().await;
+                let status = model.status_matching(&p.strings("Patterns")?).await;
                 let nodes = self.core.nodes.list().await.unwrap_or_default();
                 let hosts: HashMap<String, String> = nodes
                     .into_iter()
                     .map(|n| (n.id.clone(), n.hostname.unwrap_or(n.id)))
                     .collect();
-                Ok(full_status(&status, &hosts, &p.strings("Patterns")?))
+                Ok(full_status(&status, &hosts))
             }
             "PublicAddress" | "PrivateAddress" => {
                 let target = p.str("Target")?;
@@ -1770,22 +1770,9 @@ fn juju_delta(delta: &Delta, uuid: &str, series: &str) -> Option<Value> {
     Some(json!([kind, action, fields]))
 }
 
-/// `Client.FullStatus` in juju 1.2x's shape; `patterns` keep services and units whose
-/// names match (`blog`, `blog/0`, `blog/*`).
-fn full_status(
-    status: &ModelStatus,
-    hosts: &HashMap<String, String>,
-    patterns: &[String],
-) -> Value {
-    let matches = |name: &str| {
-        patterns.is_empty()
-            || patterns.iter().any(|p| {
-                p == name
-                    || p.strip_suffix("/*")
-                        .is_some_and(|prefix| name.split('/').next() == Some(prefix))
-                    || name.split('/').next() == Some(p.as_str())
-            })
-    };
+/// `Client.FullStatus` in juju 1.2x's shape, of a status the model has already cut
+/// down to the patterns asked for (`Model::status_matching`).
+fn full_status(status: &ModelStatus, hosts: &HashMap<String, String>) -> Value {
     let host = |node: &str| hosts.get(node).cloned().unwrap_or_else(|| node.to_owned());
     let machines: Map<String, Value> = status
         .machines
@@ -1808,7 +1795,7 @@ fn full_status(
         })
         .collect();
     let mut services = Map::new();
-    for app in status.applications.iter().filter(|a| matches(&a.name)) {
+    for app in &status.applications {
         let mut relations: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for r in &status.relations {
             let Some(local) = r.endpoints.iter().find(|e| e.application == app.name) else {
@@ -1825,7 +1812,7 @@ fn full_status(
         let units: Map<String, Value> = status
             .units
             .iter()
-            .filter(|u| u.application == app.name && matches(&u.name))
+            .filter(|u| u.application == app.name)
             .map(|u| {
                 let state = unit_state(u);
                 let err =
