@@ -132,6 +132,8 @@ enum HookKind {
     Changed,
     Departed,
     Broken,
+    /// The application moved to another revision of its charm.
+    UpgradeCharm,
     /// Not a hook: the unit's end, once its stop hook ran.
     Remove,
 }
@@ -156,6 +158,7 @@ impl HookKind {
             HookKind::Changed => "relation-changed",
             HookKind::Departed => "relation-departed",
             HookKind::Broken => "relation-broken",
+            HookKind::UpgradeCharm => "upgrade-charm",
             HookKind::Remove => "remove",
         }
     }
@@ -953,7 +956,9 @@ impl Model {
             .await
     }
 
-    /// Switches an application to another charm; its units run upgrade-charm.
+    /// Switches an application to another URL of its charm; each of its units runs
+    /// upgrade-charm then config-changed, on its node, as Juju's do. The URL it
+    /// already has changes nothing.
     pub async fn set_charm(&self, name: &str, url: &str) -> CoreResult<()> {
         let charm = self.inner.charms.resolve(url)?;
         let mut state = self.inner.state.lock().await;
@@ -964,6 +969,9 @@ impl Model {
                 app.charm, charm.name
             )));
         }
+        if app.charm_url == url {
+            return Ok(());
+        }
         app.charm_url = url.to_owned();
         let mut change = Change::new(&state);
         change.put_app(app);
@@ -972,6 +980,7 @@ impl Model {
                 u.charm_url = url.to_owned();
                 change.put_unit(u);
             }
+            change.hook(&unit, Hook::plain(HookKind::UpgradeCharm));
             change.hook(&unit, Hook::plain(HookKind::ConfigChanged));
         }
         self.commit(&mut state, change).await

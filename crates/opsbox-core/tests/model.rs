@@ -881,3 +881,56 @@ async fn status_patterns_name_applications_units_or_machines_and_bring_their_mac
     assert_eq!(apps.len(), 3);
     assert_eq!(machines.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_charm_runs_upgrade_charm_then_config_changed_on_each_unit() {
+    let (t, _charms) = open_with_charms(|dir| {
+        write_charm(
+            dir,
+            "up",
+            &[
+                ("upgrade-charm", "echo \"upgraded $JUJU_UNIT_NAME\""),
+                ("config-changed", "echo configured"),
+            ],
+        )
+    })
+    .await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("u", "cs:precise/up-1", 2), "admin")
+        .await
+        .unwrap();
+    until_status(&t, "u/0", UnitStatus::Started).await;
+    until_status(&t, "u/1", UnitStatus::Started).await;
+    assert_eq!(hook_runs(&t, "u/0", "upgrade-charm").await, 0);
+    model.set_charm("u", "cs:precise/up-2").await.unwrap();
+    for unit in ["u/0", "u/1"] {
+        eventually(
+            &format!("{unit} to run upgrade-charm and config-changed"),
+            20,
+            || async {
+                (hook_runs(&t, unit, "upgrade-charm").await == 1
+                    && hook_runs(&t, unit, "config-changed").await == 2)
+                    .then_some(())
+            },
+        )
+        .await;
+        let u = model.unit(unit).await.unwrap();
+        assert_eq!(u.charm_url, "cs:precise/up-2");
+        let jobs = t.core.jobs.list(&Default::default()).await.unwrap();
+        let job = jobs
+            .iter()
+            .find(|j| j.script == format!("hook-{}-upgrade-charm", unit.replace('/', "-")))
+            .unwrap();
+        assert_eq!(job.state, opsbox_api::JobState::Succeeded, "{job:?}");
+        let output = t.core.jobs.output(&job.name).await.unwrap();
+        assert_eq!(output.stdout, [format!("upgraded {unit}")]);
+        // On the unit's node, like its other hooks.
+        let tasks = t.core.nodes.tasks(&job.name).await.unwrap();
+        assert_eq!(tasks[0].node.as_deref(), Some(u.node.as_str()));
+    }
+    // The URL it has already: nothing to run.
+    model.set_charm("u", "cs:precise/up-2").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(hook_runs(&t, "u/0", "upgrade-charm").await, 1);
+}
