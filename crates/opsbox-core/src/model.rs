@@ -270,18 +270,32 @@ impl Change {
     fn remove_app(&mut self, name: &str) {
         if let Some(app) = self.state.apps.remove(name) {
             self.forget("application", name, &app);
+            self.forget_annotations(&format!("service-{name}"));
         }
     }
 
     fn remove_unit(&mut self, name: &str) {
         if let Some(unit) = self.state.units.remove(name) {
             self.forget("unit", name, &unit);
+            self.forget_annotations(&unit_tag(name));
         }
     }
 
     fn remove_machine(&mut self, id: &str) {
         if let Some(machine) = self.state.machines.remove(id) {
             self.forget("machine", id, &machine);
+            self.forget_annotations(&format!("machine-{id}"));
+        }
+    }
+
+    /// Annotations go with their entity (a new one of the same name starts bare).
+    fn forget_annotations(&mut self, tag: &str) {
+        if let Some(pairs) = self.state.annotations.remove(tag) {
+            self.forget(
+                "annotation",
+                tag,
+                &serde_json::json!({ "tag": tag, "annotations": pairs }),
+            );
         }
     }
 
@@ -1341,22 +1355,25 @@ impl Model {
     // Annotations
     // -----------------------------------------------------------------------------------
 
-    /// The annotations of an entity (by tag: `service-blog`, `unit-blog-0`, `machine-1`,
-    /// `environment-<uuid>`, `charm-<url>`).
+    /// The annotations of an entity (by tag: `service-blog`, `unit-blog-0` or
+    /// `unit-blog/0`, `machine-1`, `environment-<uuid>`, `charm-<url>`), which must
+    /// exist.
     pub async fn annotations(&self, tag: &str) -> CoreResult<BTreeMap<String, String>> {
-        check_tag(tag)?;
         let state = self.inner.state.lock().await;
-        Ok(state.annotations.get(tag).cloned().unwrap_or_default())
+        let tag = self.entity_tag(&state, tag)?;
+        Ok(state.annotations.get(&tag).cloned().unwrap_or_default())
     }
 
-    /// Sets annotations of an entity; an empty value removes the key.
+    /// Sets annotations of an entity, which must exist; an empty value removes the
+    /// key. They go with the entity.
     pub async fn set_annotations(
         &self,
         tag: &str,
         pairs: BTreeMap<String, String>,
     ) -> CoreResult<()> {
-        check_tag(tag)?;
         let mut state = self.inner.state.lock().await;
+        let tag = self.entity_tag(&state, tag)?;
+        let tag = tag.as_str();
         let mut current = state.annotations.get(tag).cloned().unwrap_or_default();
         for (key, value) in pairs {
             if value.is_empty() {
@@ -1376,6 +1393,36 @@ impl Model {
         );
         change.state.annotations.insert(tag.to_owned(), current);
         self.commit(&mut state, change).await
+    }
+
+    /// The tag an existing entity's annotations are kept under (`unit-blog-0` for
+    /// `unit-blog/0` too), or Juju's not-found error for an entity there is not.
+    fn entity_tag(&self, state: &State, tag: &str) -> CoreResult<String> {
+        let invalid = || {
+            CoreError::Invalid(format!(
+                "\"{tag}\" is not a valid tag: use service-NAME, unit-NAME-N, machine-N, environment-UUID or charm-URL"
+            ))
+        };
+        let (kind, id) = tag
+            .split_once('-')
+            .filter(|(_, id)| !id.is_empty())
+            .ok_or_else(invalid)?;
+        match kind {
+            "service" => app_of(state, id).map(|_| tag.to_owned()),
+            "unit" => {
+                let name = unit_of_tag(id).ok_or_else(invalid)?;
+                if !state.units.contains_key(&name) {
+                    return Err(CoreError::NotFound(format!("unit \"{name}\"")));
+                }
+                Ok(unit_tag(&name))
+            }
+            "machine" if state.machines.contains_key(id) => Ok(tag.to_owned()),
+            "machine" => Err(CoreError::NotFound(format!("machine {id}"))),
+            "environment" if id == self.inner.uuid => Ok(tag.to_owned()),
+            "environment" => Err(CoreError::NotFound(format!("environment \"{id}\""))),
+            "charm" => self.inner.charms.resolve(id).map(|_| tag.to_owned()),
+            _ => Err(invalid()),
+        }
     }
 
     // -----------------------------------------------------------------------------------
@@ -2419,15 +2466,19 @@ fn check_app_name(name: &str) -> CoreResult<()> {
     }
 }
 
-/// Entity tags as Juju writes them: `<kind>-<id>`.
-fn check_tag(tag: &str) -> CoreResult<()> {
-    const KINDS: &[&str] = &["service", "unit", "machine", "environment", "charm", "user"];
-    match tag.split_once('-') {
-        Some((kind, id)) if KINDS.contains(&kind) && !id.is_empty() => Ok(()),
-        _ => Err(CoreError::Invalid(format!(
-            "\"{tag}\" is not a valid tag: use service-NAME, unit-NAME-N, machine-N, environment-UUID or charm-URL"
-        ))),
+/// `blog-0` or `blog/0` (the id of a unit's tag) → `blog/0`.
+fn unit_of_tag(id: &str) -> Option<String> {
+    if id.contains('/') {
+        return Some(id.to_owned());
     }
+    let (app, n) = id.rsplit_once('-')?;
+    (!app.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| format!("{app}/{n}"))
+}
+
+/// The tag of a unit's annotations: `unit-blog-0`.
+fn unit_tag(name: &str) -> String {
+    format!("unit-{}", name.replace('/', "-"))
 }
 
 fn check_unit_count(n: u32) -> CoreResult<()> {

@@ -934,3 +934,88 @@ async fn set_charm_runs_upgrade_charm_then_config_changed_on_each_unit() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(hook_runs(&t, "u/0", "upgrade-charm").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotations_need_an_existing_entity_and_go_with_it() {
+    let t = open().await;
+    let model = &t.core.model;
+    let pairs = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+    // QA: annotations on entities that do not exist were kept.
+    for (tag, error) in [
+        ("service-nosuch", "application \"nosuch\" not found"),
+        ("unit-nosuch-0", "unit \"nosuch/0\" not found"),
+        ("machine-42", "machine 42 not found"),
+        ("environment-0000", "environment \"0000\" not found"),
+        (
+            "charm-cs:precise/nosuch",
+            "charm \"cs:precise/nosuch\" not found",
+        ),
+    ] {
+        let err = model
+            .set_annotations(tag, pairs("a", "b"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CoreError::NotFound(_)), "{tag}: {err:?}");
+        assert_eq!(err.to_string(), error);
+        assert!(model.annotations(tag).await.is_err(), "{tag}");
+    }
+    let err = model.set_annotations("bogus", pairs("a", "b")).await;
+    assert!(matches!(err, Err(CoreError::Invalid(_))), "{err:?}");
+
+    model
+        .deploy(deploy("db", "mysql", 1), "admin")
+        .await
+        .unwrap();
+    let machine = model.unit("db/0").await.unwrap().machine;
+    model
+        .set_annotations("service-db", pairs("owner", "team-a"))
+        .await
+        .unwrap();
+    // The client writes a unit's tag both ways; it is one entity.
+    model
+        .set_annotations("unit-db/0", pairs("note", "first"))
+        .await
+        .unwrap();
+    assert_eq!(
+        model.annotations("unit-db-0").await.unwrap(),
+        pairs("note", "first")
+    );
+    model
+        .set_annotations(&format!("machine-{machine}"), pairs("rack", "r1"))
+        .await
+        .unwrap();
+    let env = format!("environment-{}", model.uuid());
+    model.set_annotations(&env, pairs("k", "v")).await.unwrap();
+    model
+        .set_annotations("charm-cs:precise/mysql", pairs("k", "v"))
+        .await
+        .unwrap();
+    let mut watcher = model.watcher();
+    watcher.next().await.unwrap();
+
+    // The entities go: so do their annotations, and the watcher is told.
+    model.destroy_application("db").await.unwrap();
+    let mut removed = Vec::new();
+    while removed.len() < 3 {
+        for delta in watcher.next().await.unwrap() {
+            if delta.kind == "annotation" && delta.removed {
+                removed.push(delta.id());
+            }
+        }
+    }
+    removed.sort();
+    assert_eq!(
+        removed,
+        [
+            format!("machine-{machine}"),
+            "service-db".to_string(),
+            "unit-db-0".to_string()
+        ]
+    );
+    assert_eq!(model.annotations(&env).await.unwrap(), pairs("k", "v"));
+    model
+        .deploy(deploy("db", "mysql", 0), "admin")
+        .await
+        .unwrap();
+    assert!(model.annotations("service-db").await.unwrap().is_empty());
+}

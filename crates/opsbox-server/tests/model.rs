@@ -514,3 +514,36 @@ async fn juju_full_status_filters_by_unit_name_with_its_machine_and_relations() 
     assert_eq!(relations[0]["Key"], "blog:db db:db");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn juju_annotations_of_unknown_entities_are_not_found() {
+    let server = start().await;
+    let (mut ws, _) = juju_login(&server, "admin", "any").await;
+    let set = call(
+        &mut ws,
+        client_call(
+            "SetAnnotations",
+            json!({"Tag": "service-nosuch", "Pairs": {"owner": "me"}}),
+        ),
+    )
+    .await;
+    assert_eq!(set["Error"], "service \"nosuch\" not found", "{set}");
+    assert_eq!(set["ErrorCode"], "not found");
+    let get = call(
+        &mut ws,
+        client_call("GetAnnotations", json!({"Tag": "unit-nosuch-0"})),
+    )
+    .await;
+    assert_eq!(get["Error"], "unit \"nosuch/0\" not found", "{get}");
+    let bulk = call(
+        &mut ws,
+        json!({"Type": "Annotations", "Request": "Set", "Version": 1, "RequestId": 3,
+               "Params": {"Annotations": [{"EntityTag": "machine-9", "Annotations": {"a": "b"}}]}}),
+    )
+    .await;
+    assert_eq!(
+        bulk["Response"]["Results"],
+        json!([{"Message": "machine 9 not found", "Code": "not found"}])
+    );
+    server.shutdown().await;
+}

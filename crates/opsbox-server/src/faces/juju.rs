@@ -1295,8 +1295,11 @@ impl Call<'_> {
                         Ok(pairs) => {
                             json!({ "EntityTag": tag, "Annotations": pairs, "Error": {} })
                         }
-                        Err(e) => json!({ "EntityTag": tag, "Annotations": {},
-                            "Error": { "Error": { "Message": e.to_string(), "Code": "" } } }),
+                        Err(e) => {
+                            let e = JujuError::from(e);
+                            json!({ "EntityTag": tag, "Annotations": {},
+                                "Error": { "Error": { "Message": e.message, "Code": e.code.unwrap_or("") } } })
+                        }
                     });
                 }
                 Ok(json!({ "Results": results }))
@@ -1316,7 +1319,8 @@ impl Call<'_> {
                         .set_annotations(&tag, one.settings("Annotations")?)
                         .await
                     {
-                        errors.push(json!({ "Message": e.to_string(), "Code": "" }));
+                        let e = JujuError::from(e);
+                        errors.push(json!({ "Message": e.message, "Code": e.code.unwrap_or("") }));
                     }
                 }
                 Ok(json!({ "Results": errors }))
