@@ -547,3 +547,46 @@ async fn juju_annotations_of_unknown_entities_are_not_found() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn juju_backups_facade_is_for_admins_only() {
+    let server = start().await;
+    server.add_admin().await;
+    let added = client()
+        .post(server.url("/v1/users"))
+        .basic_auth("admin", Some("pw"))
+        .json(&json!({"name": "ops", "password": "opw", "role": "operator"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(added.status().is_success(), "{}", added.status());
+    let backups = |method: &str| {
+        json!({"Type": "Backups", "Request": method, "Version": 0, "RequestId": 2,
+               "Params": {}})
+    };
+    let has_backups = |login: &Value| {
+        login["Response"]["Facades"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["Name"] == "Backups")
+    };
+
+    let (mut ws, login) = juju_login(&server, "ops", "opw").await;
+    assert!(login.get("Error").is_none(), "{login}");
+    assert!(!has_backups(&login), "{login}");
+    for method in ["List", "Create", "Info"] {
+        let refused = call(&mut ws, backups(method)).await;
+        assert_eq!(refused["Error"], "permission denied", "{method}: {refused}");
+        assert_eq!(refused["ErrorCode"], "unauthorized access");
+    }
+    // The rest of the connection still works.
+    let info = call(&mut ws, client_call("EnvironmentInfo", json!({}))).await;
+    assert!(info.get("Error").is_none(), "{info}");
+
+    let (mut ws, login) = juju_login(&server, "admin", "pw").await;
+    assert!(has_backups(&login), "{login}");
+    let list = call(&mut ws, backups("List")).await;
+    assert_eq!(list["Response"], json!({"List": []}), "{list}");
+    server.shutdown().await;
+}

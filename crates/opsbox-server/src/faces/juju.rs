@@ -653,6 +653,11 @@ impl Conn {
                     "unknown version ({version}) of interface \"{facade}\""
                 )))
             }
+            Some((name, _)) if !may_use(&identity, name) => {
+                return Err(JujuError::from(CoreError::Forbidden(format!(
+                    "the {name} facade is for admins"
+                ))))
+            }
             Some(_) => {}
         }
         let call = Call {
@@ -695,11 +700,12 @@ impl Conn {
             .unwrap_or_else(|| "user-admin".into());
         let password = params.opt_str("Password")?.unwrap_or_default();
         let identity = log_in(core, &tag, &password).await?;
-        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity);
         let facades: Vec<Value> = FACADES
             .iter()
+            .filter(|(name, _)| may_use(&identity, name))
             .map(|(name, version)| json!({ "Name": name, "Versions": [version] }))
             .collect();
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity);
         let port = self
             .state
             .config
@@ -777,6 +783,12 @@ impl Conn {
         let _ = slot.stop.send(true);
         Ok(json!({}))
     }
+}
+
+/// Whether `identity` may use a facade: Backups copy the whole store (every user's
+/// secrets with it), so only admins see and use them.
+fn may_use(identity: &Identity, facade: &str) -> bool {
+    facade != "Backups" || identity.require(Role::Admin).is_ok()
 }
 
 fn error_reply(id: &Value, e: JujuError) -> Value {
@@ -1358,14 +1370,12 @@ impl Call<'_> {
         }
     }
 
-    /// Backups are copies of the whole store (`opsbox_core::backups`).
+    /// Backups are copies of the whole store (`opsbox_core::backups`); only admins get
+    /// here (see [`may_use`]).
     async fn backups(&self, method: &str) -> Reply {
         let backups = &self.core.backups;
         match method {
             "Create" => {
-                self.identity
-                    .require(Role::Admin)
-                    .map_err(JujuError::from)?;
                 let notes = self.params.opt_str("Notes")?.unwrap_or_default();
                 let backup = backups.create(&notes, self.core.model.uuid()).await?;
                 Ok(backup_fields(&backup))
@@ -1376,9 +1386,6 @@ impl Call<'_> {
                 Ok(json!({ "List": list }))
             }
             "Remove" => {
-                self.identity
-                    .require(Role::Admin)
-                    .map_err(JujuError::from)?;
                 backups.remove(&self.params.str("ID")?).await?;
                 Ok(json!({}))
             }
