@@ -267,22 +267,27 @@ impl Change {
         self.state.relations.insert(relation.id, relation);
     }
 
+    // A removed entity is dead: its last record says so, as Juju's remove deltas do.
+
     fn remove_app(&mut self, name: &str) {
-        if let Some(app) = self.state.apps.remove(name) {
+        if let Some(mut app) = self.state.apps.remove(name) {
+            app.life = Life::Dead;
             self.forget("application", name, &app);
             self.forget_annotations(&format!("service-{name}"));
         }
     }
 
     fn remove_unit(&mut self, name: &str) {
-        if let Some(unit) = self.state.units.remove(name) {
+        if let Some(mut unit) = self.state.units.remove(name) {
+            unit.life = Life::Dead;
             self.forget("unit", name, &unit);
             self.forget_annotations(&unit_tag(name));
         }
     }
 
     fn remove_machine(&mut self, id: &str) {
-        if let Some(machine) = self.state.machines.remove(id) {
+        if let Some(mut machine) = self.state.machines.remove(id) {
+            machine.life = Life::Dead;
             self.forget("machine", id, &machine);
             self.forget_annotations(&format!("machine-{id}"));
         }
@@ -300,7 +305,8 @@ impl Change {
     }
 
     fn remove_relation(&mut self, id: u64) {
-        if let Some(relation) = self.state.relations.remove(&id) {
+        if let Some(mut relation) = self.state.relations.remove(&id) {
+            relation.life = Life::Dead;
             self.forget("relation", &id.to_string(), &relation);
         }
     }

@@ -1019,3 +1019,35 @@ async fn annotations_need_an_existing_entity_and_go_with_it() {
         .unwrap();
     assert!(model.annotations("service-db").await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_entities_are_reported_dead() {
+    let t = open().await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("db", "mysql", 1), "admin")
+        .await
+        .unwrap();
+    until_status(&t, "db/0", UnitStatus::Started).await;
+    let machine = model.unit("db/0").await.unwrap().machine;
+    let mut watcher = model.watcher();
+    watcher.next().await.unwrap();
+    model.destroy_application("db").await.unwrap();
+    let mut removed = BTreeMap::new();
+    while removed.len() < 3 {
+        for d in watcher.next().await.unwrap() {
+            if d.removed {
+                removed.insert((d.kind.clone(), d.id()), d.data["life"].clone());
+            }
+        }
+    }
+    let dead = serde_json::json!("dead");
+    assert_eq!(
+        removed,
+        BTreeMap::from([
+            (("application".to_string(), "db".to_string()), dead.clone()),
+            (("machine".to_string(), machine), dead.clone()),
+            (("unit".to_string(), "db/0".to_string()), dead),
+        ])
+    );
+}
