@@ -1756,7 +1756,8 @@ impl Model {
                 .clone()
                 .unwrap_or_else(|| format!("the hook job ended {}", job.state.as_str()))
         });
-        self.hook_ended(name, hook, success, Some(job.name), &stdout, reason)
+        let success = self
+            .hook_ended(name, hook, success, Some(job.name), &stdout, reason)
             .await?;
         Ok(if success {
             Outcome::Done
@@ -1821,19 +1822,21 @@ impl Model {
     }
 
     /// Records a hook's end: the unit's status, its ports and relation settings from
-    /// the hook's output, and the changed hooks that new settings call for.
+    /// the hook's output, and the changed hooks that new settings call for. A bad
+    /// `open-port` or `close-port` line fails the hook, as Juju's hook tool failing
+    /// would (the lines before it count). Returns whether the hook worked after all.
     async fn hook_ended(
         &self,
         name: &str,
         hook: &Hook,
-        success: bool,
+        mut success: bool,
         job: Option<String>,
         stdout: &[String],
-        reason: Option<String>,
-    ) -> CoreResult<()> {
+        mut reason: Option<String>,
+    ) -> CoreResult<bool> {
         let mut state = self.inner.state.lock().await;
         let Some(mut unit) = state.units.get(name).cloned() else {
-            return Ok(());
+            return Ok(success);
         };
         let before = unit.clone();
         let mut change = Change::new(&state);
@@ -1841,30 +1844,31 @@ impl Model {
         let mut set_any = false;
         for line in stdout {
             let mut words = line.split_whitespace();
-            match words.next() {
-                Some("relation-set") => {
-                    set_any = true;
-                    for pair in words {
-                        if let Some((k, v)) = pair.split_once('=') {
-                            settings.insert(k.to_owned(), v.to_owned());
-                        }
+            let command = words.next();
+            if command == Some("relation-set") {
+                set_any = true;
+                for pair in words {
+                    if let Some((k, v)) = pair.split_once('=') {
+                        settings.insert(k.to_owned(), v.to_owned());
                     }
                 }
-                Some("open-port") => {
-                    if let Some(port) = words.next() {
-                        let port = normal_port(port);
-                        if !unit.ports.contains(&port) {
-                            unit.ports.push(port);
-                        }
-                    }
+                continue;
+            }
+            if !matches!(command, Some("open-port" | "close-port")) {
+                continue;
+            }
+            let port = match port_of(words.next()) {
+                Ok(port) => port,
+                Err(why) => {
+                    success = false;
+                    reason = Some(format!("{}: {why}", line.trim()));
+                    break;
                 }
-                Some("close-port") => {
-                    if let Some(port) = words.next() {
-                        let port = normal_port(port);
-                        unit.ports.retain(|p| p != &port);
-                    }
-                }
-                _ => {}
+            };
+            if command == Some("close-port") {
+                unit.ports.retain(|p| p != &port);
+            } else if !unit.ports.contains(&port) {
+                unit.ports.push(port);
             }
         }
         if success {
@@ -1923,7 +1927,8 @@ impl Model {
                 }
             }
         }
-        self.commit(&mut state, change).await
+        self.commit(&mut state, change).await?;
+        Ok(success)
     }
 
     /// A unit's end: it goes, with its settings in relations, its machine if nothing
@@ -2647,13 +2652,46 @@ fn env_key(key: &str) -> String {
         .collect()
 }
 
-/// `80` → `80/tcp`.
-fn normal_port(port: &str) -> String {
-    if port.contains('/') {
-        port.to_ascii_lowercase()
-    } else {
-        format!("{port}/tcp")
+/// The port of an `open-port`/`close-port` line in its normal form, by Juju's rule: a
+/// port or a range of ports (`80`, `8000-8080`, 1 to 65535, the range not reversed)
+/// with an optional protocol, `tcp` (the default) or `udp`; or `icmp` alone.
+fn port_of(word: Option<&str>) -> Result<String, String> {
+    let Some(word) = word else {
+        return Err("expected a port, like 80/tcp".into());
+    };
+    let lower = word.to_ascii_lowercase();
+    if lower == "icmp" {
+        return Ok(lower);
     }
+    let (range, protocol) = lower.split_once('/').unwrap_or((&lower, "tcp"));
+    if !matches!(protocol, "tcp" | "udp") {
+        return Err(format!(
+            "invalid protocol \"{protocol}\": expected tcp, udp or icmp"
+        ));
+    }
+    let number = |text: &str| {
+        text.parse::<u16>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("invalid port \"{text}\": expected a number from 1 to 65535"))
+    };
+    let (from, to) = match range.split_once('-') {
+        Some((from, to)) => (number(from)?, number(to)?),
+        None => {
+            let n = number(range)?;
+            (n, n)
+        }
+    };
+    if from > to {
+        return Err(format!(
+            "invalid port range {from}-{to}: the first is the lowest"
+        ));
+    }
+    Ok(if from == to {
+        format!("{from}/{protocol}")
+    } else {
+        format!("{from}-{to}/{protocol}")
+    })
 }
 
 /// A random UUID (version 4).
@@ -2749,7 +2787,18 @@ mod tests {
         assert_eq!(typed("boolean", "True"), Ok(Value::Bool(true)));
         assert_eq!(typed("int", "4"), Ok(Value::from(4)));
         assert!(typed("int", "four").is_err());
-        assert_eq!(normal_port("80"), "80/tcp");
+        let port = |word: &str| port_of(Some(word));
+        assert_eq!(port("80"), Ok("80/tcp".into()));
+        assert_eq!(port("53/UDP"), Ok("53/udp".into()));
+        assert_eq!(port("8000-8080/tcp"), Ok("8000-8080/tcp".into()));
+        assert_eq!(port("8080-8080"), Ok("8080/tcp".into()));
+        assert_eq!(port("icmp"), Ok("icmp".into()));
+        for bad in [
+            "0", "65536", "http", "80/sctp", "80/", "/tcp", "90-80", "-80", "80-", "1e3",
+        ] {
+            assert!(port(bad).is_err(), "{bad}");
+        }
+        assert!(port_of(None).is_err());
         assert_eq!(env_key("dataset-size"), "DATASET_SIZE");
         let one = |key: &str, value: Value| normal_constraints([(key.to_string(), value)].into());
         assert_eq!(one("cpu-cores", Value::from(4)).unwrap()["cpu-cores"], 4);

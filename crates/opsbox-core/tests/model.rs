@@ -1051,3 +1051,40 @@ async fn removed_entities_are_reported_dead() {
         ])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_port_lines_are_checked_and_a_bad_one_fails_the_hook() {
+    let (t, _charms) = open_with_charms(|dir| {
+        write_charm(
+            dir,
+            "good",
+            &[(
+                "start",
+                "echo open-port 80\necho open-port 8000-8080/UDP\necho open-port icmp",
+            )],
+        );
+        write_charm(
+            dir,
+            "bad",
+            &[("start", "echo open-port 443/tcp\necho open-port 99999/tcp")],
+        );
+    })
+    .await;
+    let model = &t.core.model;
+    model.deploy(deploy("g", "good", 1), "admin").await.unwrap();
+    model.deploy(deploy("b", "bad", 1), "admin").await.unwrap();
+    until_status(&t, "g/0", UnitStatus::Started).await;
+    assert_eq!(
+        model.unit("g/0").await.unwrap().ports,
+        ["80/tcp", "8000-8080/udp", "icmp"]
+    );
+    // QA: garbage was taken as a port.
+    until_status(&t, "b/0", UnitStatus::Error).await;
+    let unit = model.unit("b/0").await.unwrap();
+    assert_eq!(unit.status_info, "hook failed: \"start\"");
+    assert_eq!(
+        unit.ports,
+        ["443/tcp"],
+        "the line before the bad one counts"
+    );
+}
