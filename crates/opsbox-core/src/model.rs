@@ -52,6 +52,11 @@ const CONSTRAINTS: &[&str] = &[
     "virt-type",
 ];
 const COUNT_CONSTRAINTS: &[&str] = &["cpu-cores", "cpu-power"];
+/// Given as comma-separated text or a list of strings.
+const LIST_CONSTRAINTS: &[&str] = &["tags", "networks", "spaces"];
+/// The architectures and container types Juju knows.
+const ARCHES: &[&str] = &["amd64", "arm64", "armhf", "i386", "ppc64el", "s390x"];
+const CONTAINERS: &[&str] = &["kvm", "lxc", "lxd", "none"];
 /// Given as `4G`, `1.5T`... and kept in megabytes, as Juju does.
 const SIZE_CONSTRAINTS: &[&str] = &["mem", "root-disk"];
 
@@ -2602,11 +2607,41 @@ fn normal_constraints(constraints: BTreeMap<String, Value>) -> CoreResult<BTreeM
                 ))
             })?)
         } else {
+            check_text_constraint(&key, &value)?;
             value
         };
         normal.insert(key, value);
     }
     Ok(normal)
+}
+
+/// A constraint whose value is text: `arch` and `container` one of the words Juju
+/// knows (empty for none), list ones text or a list of strings, the others text.
+fn check_text_constraint(key: &str, value: &Value) -> CoreResult<()> {
+    let bad = |expected: String| {
+        CoreError::Invalid(format!(
+            "bad \"{key}\" constraint: expected {expected}, got {value}"
+        ))
+    };
+    let one_of = |words: &[&str]| format!("one of {}", words.join(", "));
+    match (key, value) {
+        ("arch", Value::String(s)) if s.is_empty() || ARCHES.contains(&s.as_str()) => Ok(()),
+        ("arch", _) => Err(bad(one_of(ARCHES))),
+        ("container", Value::String(s)) if s.is_empty() || CONTAINERS.contains(&s.as_str()) => {
+            Ok(())
+        }
+        ("container", _) => Err(bad(one_of(CONTAINERS))),
+        (_, Value::String(_)) => Ok(()),
+        (_, Value::Array(items))
+            if LIST_CONSTRAINTS.contains(&key) && items.iter().all(Value::is_string) =>
+        {
+            Ok(())
+        }
+        _ if LIST_CONSTRAINTS.contains(&key) => {
+            Err(bad("comma-separated text or a list of strings".into()))
+        }
+        _ => Err(bad("text".into())),
+    }
 }
 
 /// A size constraint in megabytes, by Juju's rule: a JSON integer is megabytes already;

@@ -1088,3 +1088,45 @@ async fn open_port_lines_are_checked_and_a_bad_one_fails_the_hook() {
         "the line before the bad one counts"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraint_values_are_checked_for_every_key() {
+    let t = open().await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("blog", "wordpress", 0), "admin")
+        .await
+        .unwrap();
+    let one = |key: &str, value: serde_json::Value| BTreeMap::from([(key.to_string(), value)]);
+    for (key, value, why) in [
+        ("mem", "abc".into(), "M, G, T or P suffix"),
+        ("cpu-cores", "many".into(), "non-negative integer"),
+        ("arch", "z80".into(), "one of amd64"),
+        ("arch", 64.into(), "one of amd64"),
+        ("container", "docker".into(), "one of kvm, lxc, lxd, none"),
+        ("instance-type", true.into(), "expected text"),
+        ("tags", serde_json::json!([1, 2]), "list of strings"),
+    ] {
+        let err = model
+            .set_constraints("blog", one(key, value.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, CoreError::Invalid(_)),
+            "{key}={value}: {err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("bad \"{key}\" constraint")),
+            "{text}"
+        );
+        assert!(text.contains(why), "{text}");
+    }
+    let mut good = one("arch", "arm64".into());
+    good.insert("container".into(), "lxd".into());
+    good.insert("tags".into(), serde_json::json!(["a", "b"]));
+    good.insert("spaces".into(), "db,web".into());
+    good.insert("instance-type".into(), "m1.small".into());
+    model.set_constraints("blog", good.clone()).await.unwrap();
+    assert_eq!(model.application("blog").await.unwrap().constraints, good);
+}
