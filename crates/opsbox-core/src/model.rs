@@ -981,6 +981,41 @@ impl Model {
             .await
     }
 
+    /// Sets how many units an application keeps at least (Juju's MinUnits): it gets
+    /// new units at once up to that number, and a new one whenever a destroy leaves
+    /// fewer alive, as Juju's min-units worker does.
+    pub async fn set_min_units(&self, name: &str, min_units: u32) -> CoreResult<()> {
+        check_unit_count(min_units)?;
+        let mut state = self.inner.state.lock().await;
+        let mut app = alive_app(&state, name)?.clone();
+        if app.min_units == min_units {
+            return Ok(());
+        }
+        app.min_units = min_units;
+        let mut change = Change::new(&state);
+        change.put_app(app);
+        self.ensure_min_units(&mut change, name).await?;
+        self.commit(&mut state, change).await
+    }
+
+    /// Adds units to an alive application until it has its minimum alive.
+    async fn ensure_min_units(&self, change: &mut Change, name: &str) -> CoreResult<()> {
+        let Some(app) = change
+            .state
+            .apps
+            .get(name)
+            .filter(|a| a.life == Life::Alive)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let alive = alive_units(&change.state, name).len();
+        for _ in alive..app.min_units as usize {
+            self.add_unit(change, &app, None).await?;
+        }
+        Ok(())
+    }
+
     /// Switches an application to another URL of its charm; each of its units runs
     /// upgrade-charm then config-changed, on its node, as Juju's do. The URL it
     /// already has changes nothing.
@@ -1021,12 +1056,19 @@ impl Model {
         let mut state = self.inner.state.lock().await;
         let mut change = Change::new(&state);
         let mut missing = Vec::new();
+        let mut apps = BTreeSet::new();
         for name in names {
             match change.state.units.get(name) {
-                Some(unit) if unit.life == Life::Alive => self.destroy_unit(&mut change, name),
+                Some(unit) if unit.life == Life::Alive => {
+                    apps.insert(unit.application.clone());
+                    self.destroy_unit(&mut change, name);
+                }
                 Some(_) => {}
                 None => missing.push(format!("unit \"{name}\" does not exist")),
             }
+        }
+        for app in &apps {
+            self.ensure_min_units(&mut change, app).await?;
         }
         let destroyed = missing.len() < names.len();
         self.commit(&mut state, change).await?;
@@ -1188,6 +1230,10 @@ impl Model {
             }
             for unit in units.iter().filter(|u| u.life == Life::Alive) {
                 self.destroy_unit(&mut change, &unit.name);
+            }
+            let apps: BTreeSet<String> = units.into_iter().map(|u| u.application).collect();
+            for app in &apps {
+                self.ensure_min_units(&mut change, app).await?;
             }
         }
         self.commit(&mut state, change).await

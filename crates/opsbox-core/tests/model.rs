@@ -1130,3 +1130,35 @@ async fn constraint_values_are_checked_for_every_key() {
     model.set_constraints("blog", good.clone()).await.unwrap();
     assert_eq!(model.application("blog").await.unwrap().constraints, good);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_units_adds_units_and_replaces_destroyed_ones() {
+    let t = open().await;
+    let model = &t.core.model;
+    model
+        .deploy(deploy("db", "mysql", 1), "admin")
+        .await
+        .unwrap();
+    let alive = || async {
+        let status = model.status().await;
+        status
+            .units
+            .iter()
+            .filter(|u| u.life == opsbox_api::model::Life::Alive)
+            .map(|u| u.name.clone())
+            .collect::<Vec<_>>()
+    };
+    model.set_min_units("db", 3).await.unwrap();
+    assert_eq!(model.application("db").await.unwrap().min_units, 3);
+    assert_eq!(alive().await, ["db/0", "db/1", "db/2"]);
+    // A destroyed unit is replaced by a new one.
+    model.destroy_units(&["db/1".into()]).await.unwrap();
+    assert_eq!(alive().await, ["db/0", "db/2", "db/3"]);
+    until_gone(&t, "db/1").await;
+    // Lower again: nothing goes.
+    model.set_min_units("db", 0).await.unwrap();
+    model.destroy_units(&["db/0".into()]).await.unwrap();
+    assert_eq!(alive().await, ["db/2", "db/3"]);
+    let err = model.set_min_units("db", 5000).await.unwrap_err();
+    assert!(err.to_string().contains("at most 1000"), "{err}");
+}

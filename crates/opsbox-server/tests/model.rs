@@ -590,3 +590,53 @@ async fn juju_backups_facade_is_for_admins_only() {
     assert_eq!(list["Response"], json!({"List": []}), "{list}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn juju_service_update_sets_min_units() {
+    let server = start().await;
+    let (mut ws, _) = juju_login(&server, "admin", "any").await;
+    let r = call(
+        &mut ws,
+        client_call(
+            "ServiceDeploy",
+            json!({"ServiceName": "db", "CharmURL": "mysql", "NumUnits": 0,
+                   "Config": {}, "Constraints": {}, "ToMachineSpec": null}),
+        ),
+    )
+    .await;
+    assert_eq!(r["Response"], json!({}), "{r}");
+    // What jujuclient's update_service sends.
+    let r = call(
+        &mut ws,
+        client_call(
+            "ServiceUpdate",
+            json!({"ServiceName": "db", "CharmUrl": "", "MinUnits": 2,
+                   "SettingsStrings": {}, "Constraints": {}}),
+        ),
+    )
+    .await;
+    assert_eq!(r["Response"], json!({}), "{r}");
+    let status = call(&mut ws, client_call("FullStatus", json!({"Patterns": []}))).await;
+    let units: Vec<&String> = status["Response"]["Services"]["db"]["Units"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(units, ["db/0", "db/1"], "{status:#}");
+    let watch = call(&mut ws, client_call("WatchAll", json!({}))).await;
+    let next = call(
+        &mut ws,
+        json!({"Type": "AllWatcher", "Request": "Next", "RequestId": 3, "Params": {},
+               "Id": watch["Response"]["AllWatcherId"]}),
+    )
+    .await;
+    let service = next["Response"]["Deltas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d[0] == "service")
+        .cloned()
+        .unwrap();
+    assert_eq!(service[2]["MinUnits"], 2);
+    server.shutdown().await;
+}

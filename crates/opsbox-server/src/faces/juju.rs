@@ -926,6 +926,11 @@ impl Call<'_> {
                 if let Some(url) = p.opt_str("CharmUrl")?.filter(|u| !u.is_empty()) {
                     model.set_charm(&name, &url).await?;
                 }
+                if let Some(min) = p.int("MinUnits")? {
+                    let min =
+                        u32::try_from(min).map_err(|_| JujuError::bad("MinUnits is too large"))?;
+                    model.set_min_units(&name, min).await?;
+                }
                 let settings = p.settings("SettingsStrings")?;
                 if !settings.is_empty() {
                     model
