@@ -326,6 +326,8 @@ pub async fn upgrade(state: AppState, request: Request) -> Response {
     match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
         Ok(ws) => ws
             .max_message_size(state.config.limits.max_body_bytes)
+            // A frame is buffered whole before the message limit is checked.
+            .max_frame_size(state.config.limits.max_body_bytes)
             .on_upgrade(move |socket| serve(socket, state)),
         Err(rejection) => rejection.into_response(),
     }

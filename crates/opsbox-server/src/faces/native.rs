@@ -264,6 +264,13 @@ async fn job_log(
     Ok(Json(state.core.jobs.output(&name).await?).into_response())
 }
 
+/// A follow socket only sends: what its client says is read and dropped, so it need
+/// not be let grow past the request body limit (tungstenite's default is 64 MiB).
+fn quiet_client(upgrade: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
+    let limit = state.config.limits.max_body_bytes;
+    upgrade.max_message_size(limit).max_frame_size(limit)
+}
+
 async fn job_log_ws(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -275,7 +282,7 @@ async fn job_log_ws(
         .jobs
         .follow(&name, query.since.unwrap_or(0))
         .await?;
-    Ok(upgrade.on_upgrade(move |socket| pump_ws(socket, stream)))
+    Ok(quiet_client(upgrade, &state).on_upgrade(move |socket| pump_ws(socket, stream)))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -406,7 +413,7 @@ async fn events_ws(
     upgrade: WebSocketUpgrade,
 ) -> ApiResult<Response> {
     let stream = state.core.events.follow(query.since).await?;
-    Ok(upgrade.on_upgrade(move |socket| pump_ws(socket, stream)))
+    Ok(quiet_client(upgrade, &state).on_upgrade(move |socket| pump_ws(socket, stream)))
 }
 
 // ---------------------------------------------------------------------------------------
