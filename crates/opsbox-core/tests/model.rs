@@ -740,6 +740,7 @@ async fn connect_node(t: &TestCore, id: &str, label: &str) -> opsbox_core::nodes
             version: None,
             running: vec![],
             instance: Some(format!("{id}-agent")),
+            prefetch: 0,
         })
         .await
         .unwrap()

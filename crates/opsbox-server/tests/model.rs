@@ -414,6 +414,7 @@ async fn juju_face_shows_units_and_machines_of_a_gone_node_down() {
             version: None,
             running: vec![],
             instance: Some("far-agent".into()),
+            prefetch: 0,
         })
         .await
         .unwrap();
