@@ -395,3 +395,33 @@ async fn websocket_messages_over_the_body_limit_are_refused() {
     }
     server.shutdown().await;
 }
+
+/// QA: `watch_subscribe` from a revision the log has not reached is the caller's
+/// mistake: -32602 (invalid params) with a message that says why, not -32603.
+#[tokio::test]
+async fn subscribing_from_a_future_revision_is_invalid_params() {
+    let server = TestServer::start().await;
+    let url = server.url("/rpc").replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::Text(
+        r#"{"jsonrpc":"2.0","method":"watch_subscribe","params":[1000000],"id":1}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let answer: Value = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => break serde_json::from_str(&t).unwrap(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no answer: {other:?}"),
+        }
+    };
+    assert_eq!(answer["id"], 1, "{answer}");
+    assert_eq!(answer["error"]["code"], -32602, "{answer}");
+    assert_eq!(answer["error"]["message"], "Invalid params", "{answer}");
+    let why = answer["error"]["data"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("1000000") && why.contains("ahead of the event log"),
+        "the data says which revision is wrong and why: {answer}"
+    );
+    server.shutdown().await;
+}

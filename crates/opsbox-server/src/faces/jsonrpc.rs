@@ -523,6 +523,8 @@ impl Session {
                     e.to_string(),
                     Some(json!({ "current_revision": current })),
                 ),
+                // A revision ahead of the log is the caller's mistake, not the server's.
+                CoreError::Invalid(message) => invalid_params(&message),
                 other => (code::INTERNAL_ERROR, other.to_string(), None),
             })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
