@@ -502,3 +502,101 @@ async fn a_malformed_chunked_body_is_a_400() {
     );
     server.shutdown().await;
 }
+
+/// QA: a query string (or path) that does not decode is a Disco error (400 with a JSON string
+/// saying why, `application/json`), not a plain-text rejection.
+#[tokio::test]
+async fn undecodable_query_strings_get_a_disco_error() {
+    let server = server().await;
+    for path in [
+        "/disco/ctrl/jobevents?name=x@1&num=many",
+        "/disco/ctrl/jobevents?name=x@1&num=-1",
+        "/disco/ctrl/get_stageresults?name=x@1",
+        "/disco/ctrl/rawevents?name=x@1&num=1.5",
+        // Path parameters too: a result path that is not UTF-8.
+        "/disco/results/x@1/%FF",
+    ] {
+        let r = client().get(server.url(path)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{path}");
+        let content_type = r.headers()[reqwest::header::CONTENT_TYPE].clone();
+        assert_eq!(content_type, "application/json", "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body.as_str().is_some_and(|why| !why.is_empty()),
+            "{path}: the body is a JSON string with the reason: {body}"
+        );
+    }
+    server.shutdown().await;
+}
+
+/// QA: `rawevents` honours a single byte range as a file server does (206 with exactly
+/// the bytes asked for and their `Content-Range`), while a range at or past the end
+/// still gets the whole log with 200 (Addendum 1), and what it cannot honour is ignored.
+#[tokio::test]
+async fn rawevents_serves_the_byte_range_asked_for() {
+    let server = server().await;
+    let name = fan_out(&server).await;
+    post(&server, "/disco/ctrl/get_results", json!([10000, [name]])).await;
+    // The log stays the same between requests only once the job has ended.
+    for _ in 0..50 {
+        let (_, info) = get(&server, &format!("/disco/ctrl/jobinfo?name={name}")).await;
+        if info["active"] != "active" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("{}/disco/ctrl/rawevents?name={name}", server.base);
+    let whole = client().get(&url).send().await.unwrap();
+    assert_eq!(whole.status().as_u16(), 200);
+    assert_eq!(whole.headers()[reqwest::header::ACCEPT_RANGES], "bytes");
+    let whole = whole.bytes().await.unwrap();
+    let total = whole.len();
+    assert!(total > 20, "{whole:?}");
+    let ranged = |range: String| {
+        let url = url.clone();
+        async move {
+            let r = client()
+                .get(&url)
+                .header("Range", &range)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let content_range = r
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, content_range, r.bytes().await.unwrap())
+        }
+    };
+    let cases = [
+        ("bytes=5-9".to_owned(), 5, 9),
+        ("bytes=0-".to_owned(), 0, total - 1),
+        ("bytes=3-".to_owned(), 3, total - 1),
+        ("bytes=-10".to_owned(), total - 10, total - 1),
+        (format!("bytes=2-{}", total + 100), 2, total - 1),
+    ];
+    for (range, first, last) in cases {
+        let (status, content_range, body) = ranged(range.clone()).await;
+        assert_eq!(status, 206, "{range}");
+        assert_eq!(
+            content_range.as_deref(),
+            Some(format!("bytes {first}-{last}/{total}").as_str()),
+            "{range}"
+        );
+        assert_eq!(body, whole[first..=last], "{range}");
+    }
+    for range in [
+        format!("bytes={total}-"),
+        format!("bytes={}-{}", total + 5, total + 9),
+        "bytes=9-5".to_owned(),
+        "bytes=0-1,4-5".to_owned(),
+        "lines=1-".to_owned(),
+    ] {
+        let (status, content_range, body) = ranged(range.clone()).await;
+        assert_eq!(status, 200, "{range}: served whole");
+        assert_eq!(content_range, None, "{range}");
+        assert_eq!(body, whole, "{range}");
+    }
+    server.shutdown().await;
+}

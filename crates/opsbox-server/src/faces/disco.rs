@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +26,7 @@ use chrono::{DateTime, Utc};
 use opsbox_api::{Job, JobState, Role, Task, TaskState};
 use opsbox_core::store::JobFilter;
 use opsbox_core::CoreError;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -141,6 +143,36 @@ impl FromRequest<AppState> for DiscoBody {
                 "Job packet too large".into(),
             )),
             Err(e @ BodyError::Malformed(_)) => Err(bad(e.to_string())),
+        }
+    }
+}
+
+/// A query string; one that does not decode (`num=many`, a missing `stage`) is a
+/// Disco error, `400` with a JSON string saying why, like a POST body that fails its
+/// type check, not axum's plain-text rejection.
+struct DiscoQuery<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for DiscoQuery<T> {
+    type Rejection = DiscoError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, DiscoError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(query)) => Ok(DiscoQuery(query)),
+            Err(e) => Err(DiscoError(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// Path parameters, refused as [`DiscoQuery`] refuses a query string.
+struct DiscoPath<T>(T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for DiscoPath<T> {
+    type Rejection = DiscoError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, DiscoError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(path)) => Ok(DiscoPath(path)),
+            Err(e) => Err(DiscoError(e.status(), e.body_text())),
         }
     }
 }
@@ -262,7 +294,7 @@ fn result_url(base: &str, job: &str, path: &str) -> String {
 /// clients read large results in ranges).
 async fn result_file(
     State(state): State<AppState>,
-    axum::extract::Path((job, path)): axum::extract::Path<(String, String)>,
+    DiscoPath((job, path)): DiscoPath<(String, String)>,
     request: axum::extract::Request,
 ) -> DiscoResult<Response> {
     let file = state.core.jobs.result_path(&job, &path).await?;
@@ -278,7 +310,7 @@ async fn result_file(
 /// replica list each; 404 while the stage runs or when job or stage is unknown.
 async fn get_stageresults(
     State(state): State<AppState>,
-    Query(query): Query<StageQuery>,
+    DiscoQuery(query): DiscoQuery<StageQuery>,
     headers: HeaderMap,
 ) -> DiscoResult<Json<Value>> {
     let job = known_job(&state, &query.name).await?;
@@ -291,7 +323,7 @@ async fn get_stageresults(
 /// `get_mapresults?name=` (0.3–0.4): the map stage's result URLs, flat.
 async fn get_mapresults(
     State(state): State<AppState>,
-    Query(query): Query<NameQuery>,
+    DiscoQuery(query): DiscoQuery<NameQuery>,
     headers: HeaderMap,
 ) -> DiscoResult<Json<Value>> {
     let job = known_job(&state, name_of(&query)?).await?;
@@ -369,7 +401,7 @@ async fn submit(DiscoBody(body): DiscoBody) -> Response {
 
 async fn nodeinfo(
     State(state): State<AppState>,
-    Query(query): Query<NameQuery>,
+    DiscoQuery(query): DiscoQuery<NameQuery>,
 ) -> DiscoResult<Json<Value>> {
     let nodes = state.core.nodes.list().await?;
     if query.format.as_deref() == Some("v1") {
@@ -407,7 +439,7 @@ async fn nodeinfo(
 
 async fn joblist(
     State(state): State<AppState>,
-    Query(query): Query<NameQuery>,
+    DiscoQuery(query): DiscoQuery<NameQuery>,
 ) -> DiscoResult<Json<Value>> {
     let jobs = state.core.jobs.list(&JobFilter::default()).await?;
     let v1 = query.format.as_deref() == Some("v1");
@@ -457,7 +489,7 @@ fn counters(job: &Job, phase: &str) -> (Value, Value) {
 
 async fn jobinfo(
     State(state): State<AppState>,
-    Query(query): Query<NameQuery>,
+    DiscoQuery(query): DiscoQuery<NameQuery>,
     headers: HeaderMap,
 ) -> DiscoResult<Json<Value>> {
     let name = name_of(&query)?;
@@ -522,7 +554,7 @@ async fn status_of(
 /// E1: `GET get_results?name=` → `[status, results]`, no long-poll.
 async fn results_v1(
     State(state): State<AppState>,
-    Query(query): Query<NameQuery>,
+    DiscoQuery(query): DiscoQuery<NameQuery>,
     headers: HeaderMap,
 ) -> DiscoResult<Json<Value>> {
     let (_, answer) = status_of(&state, name_of(&query)?, &base(&headers), false).await?;
@@ -608,7 +640,7 @@ async fn clean(
 /// opsbox jobs are not submitted as packs: the 0.5.4 client decodes its job dict.
 async fn parameters(
     State(state): State<AppState>,
-    Query(query): Query<NameQuery>,
+    DiscoQuery(query): DiscoQuery<NameQuery>,
 ) -> DiscoResult<Response> {
     let job = state.core.jobs.get(name_of(&query)?).await?;
     let prefix = job.name.split('@').next().unwrap_or(&job.name).to_owned();
@@ -720,50 +752,72 @@ async fn events_of(state: &AppState, name: &str) -> DiscoResult<Vec<(DateTime<Ut
     Ok(events)
 }
 
-/// One JSON array per line; a `Range: bytes=N-` from N on (206), or the whole log
-/// (200) when N is at or past its end, as the 0.5.4 client needs (Addendum 1).
+/// One JSON array per line (wire reference §6), served as the master served the log
+/// file: a satisfiable `Range: bytes=N-` or `bytes=N-M` gets 206 with exactly those
+/// bytes; a range starting at or past the end gets 200 with the whole log, never 416,
+/// as the 0.5.4 client needs (Addendum 1); any other `Range` is ignored (200).
 async fn rawevents(
     State(state): State<AppState>,
-    Query(query): Query<NameQuery>,
+    DiscoQuery(query): DiscoQuery<NameQuery>,
     headers: HeaderMap,
 ) -> DiscoResult<Response> {
     let events = events_of(&state, name_of(&query)?).await?;
-    let mut body = String::new();
+    let mut body = Vec::new();
     for (_, line) in &events {
-        body.push_str(&line.to_string());
-        body.push('\n');
+        body.extend_from_slice(line.to_string().as_bytes());
+        body.push(b'\n');
     }
-    let from = headers
+    let total = body.len();
+    let range = headers
         .get(header::RANGE)
         .and_then(|r| r.to_str().ok())
-        .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.split('-').next())
-        .and_then(|n| n.trim().parse::<usize>().ok());
-    match from {
-        Some(n) if n > 0 && n < body.len() => {
-            let total = body.len();
-            let part = body.split_off(n);
-            Ok((
-                StatusCode::PARTIAL_CONTENT,
-                [
-                    (header::CONTENT_TYPE, "text/plain".to_owned()),
-                    (
-                        header::CONTENT_RANGE,
-                        format!("bytes {n}-{}/{total}", total - 1),
-                    ),
-                ],
-                part,
-            )
-                .into_response())
-        }
-        _ => Ok(([(header::CONTENT_TYPE, "text/plain")], body).into_response()),
+        .and_then(|r| byte_range(r, total));
+    let text = "text/plain".to_owned();
+    let accept = (header::ACCEPT_RANGES, "bytes".to_owned());
+    match range {
+        Some((first, last)) => Ok((
+            StatusCode::PARTIAL_CONTENT,
+            [
+                (header::CONTENT_TYPE, text),
+                (
+                    header::CONTENT_RANGE,
+                    format!("bytes {first}-{last}/{total}"),
+                ),
+                accept,
+            ],
+            body[first..=last].to_vec(),
+        )
+            .into_response()),
+        None => Ok(([(header::CONTENT_TYPE, text), accept], body).into_response()),
     }
+}
+
+/// The first and last byte (inclusive) of a single `bytes=` range of a `total`-byte
+/// body: `N-`, `N-M` (M cut to the end) or the suffix `-K`. `None` for what is served
+/// whole: no or several ranges, a malformed one, or one starting at or past the end.
+fn byte_range(header: &str, total: usize) -> Option<(usize, usize)> {
+    let spec = header.trim().strip_prefix("bytes=")?.trim();
+    if spec.contains(',') || total == 0 {
+        return None;
+    }
+    let (first, last) = spec.split_once('-')?;
+    let (first, last) = (first.trim(), last.trim());
+    if first.is_empty() {
+        let suffix: usize = last.parse().ok()?;
+        return (suffix > 0).then(|| (total - suffix.min(total), total - 1));
+    }
+    let first: usize = first.parse().ok()?;
+    let last = match last {
+        "" => total - 1,
+        last => last.parse::<usize>().ok()?.min(total - 1),
+    };
+    (first < total && first <= last).then_some((first, last))
 }
 
 /// Newest first, at most `num` (≤ 1000, default 10), only lines containing `filter`.
 async fn jobevents(
     State(state): State<AppState>,
-    Query(query): Query<NameQuery>,
+    DiscoQuery(query): DiscoQuery<NameQuery>,
 ) -> DiscoResult<Json<Value>> {
     let events = events_of(&state, name_of(&query)?).await?;
     let num = query.num.unwrap_or(10).min(1000);
