@@ -713,3 +713,63 @@ async fn a_malformed_chunked_body_is_a_400() {
         "{body}"
     );
 }
+
+/// QA: a payload type that is not ASCII comes back as it was sent. Both clients send
+/// header values Latin-1 encoded (Python's http.client), as the original's Node read
+/// and wrote them; it used to be dropped for the default (`text/plain`). The non-ASCII
+/// text payload that goes with it keeps its kind: text, served as text.
+#[tokio::test]
+async fn a_non_ascii_payload_type_comes_back_as_sent() {
+    let s = server().await;
+    for v1 in [false, true] {
+        // Each dialect with its own pair of nodes.
+        let (type_header, type_key, from, to) = if v1 {
+            ("Scirocco-Data-Type", "data_type", "af3", "bf4")
+        } else {
+            ("Scirocco-Payload-Type", "payload_type", "af1", "bf2")
+        };
+        let latin1 = reqwest::header::HeaderValue::from_bytes(b"caf\xe9/cr\xe8me").unwrap();
+        let r = push(&s, v1, from, to, "text/plain", "h\u{e9}llo w\u{f6}rld")
+            .header(type_header, latin1.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED, "v1: {v1}");
+        assert_eq!(
+            r.headers().get(type_header),
+            Some(&latin1),
+            "push, v1: {v1}"
+        );
+        assert_eq!(
+            h(&r, "content-type").as_deref(),
+            Some("text/html; charset=utf-8")
+        );
+        assert_eq!(r.text().await.unwrap(), "h\u{e9}llo w\u{f6}rld");
+
+        let r = req(&s, v1, to, Method::GET, "/messageQueue")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.headers().get(type_header),
+            Some(&latin1),
+            "pull, v1: {v1}"
+        );
+        assert_eq!(
+            h(&r, "content-type").as_deref(),
+            Some("text/html; charset=utf-8")
+        );
+        assert_eq!(r.text().await.unwrap(), "h\u{e9}llo w\u{f6}rld");
+
+        let list: Value = req(&s, v1, to, Method::GET, "/messages")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(list[0][type_key], "caf\u{e9}/cr\u{e8}me", "{list}");
+    }
+    s.shutdown().await;
+}

@@ -118,6 +118,33 @@ fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .filter(|v| !v.is_empty())
 }
 
+/// A header that may carry any text (the user's payload type), read as Latin-1: both
+/// clients send header values through Python's `http.client`, which encodes them as
+/// Latin-1 (`café` arrives as `63 61 66 E9`), and Node, under the original, read them
+/// the same way. Every byte is kept, so [`latin1_value`] gives the same bytes back.
+fn header_latin1(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.as_bytes()
+                .iter()
+                .map(|&b| char::from(b))
+                .collect::<String>()
+        })
+        .filter(|v| !v.is_empty())
+}
+
+/// A header value for stored text: ASCII as is, other text as Latin-1 bytes, which is
+/// how the clients decode response headers (a character beyond Latin-1, stored
+/// through another face, goes as UTF-8). `None` for what no header can hold (controls).
+fn latin1_value(text: &str) -> Option<HeaderValue> {
+    if text.is_ascii() {
+        return HeaderValue::from_str(text).ok();
+    }
+    let latin1: Option<Vec<u8>> = text.chars().map(|c| u8::try_from(c).ok()).collect();
+    HeaderValue::from_bytes(&latin1.unwrap_or_else(|| text.as_bytes().to_vec())).ok()
+}
+
 // ---------------------------------------------------------------------------------------
 // Answers
 // ---------------------------------------------------------------------------------------
@@ -272,7 +299,7 @@ fn message_response(
         }
     }
     for (name, _, value, _) in fields(m, dialect) {
-        if let Ok(value) = HeaderValue::from_str(&value) {
+        if let Some(value) = latin1_value(&value) {
             headers.insert(HeaderName::from_static(name), value);
         }
     }
@@ -544,7 +571,7 @@ async fn push(state: AppState, request: Request) -> Response {
             Some(node) => nodes.push(node.to_owned()),
         }
     }
-    let payload_type = match header_text(&headers, dialect.payload_type()) {
+    let payload_type = match header_latin1(&headers, dialect.payload_type()) {
         Some(t) if t.chars().count() > 30 => {
             return invalid(
                 type_key,
@@ -552,10 +579,10 @@ async fn push(state: AppState, request: Request) -> Response {
                 format!(
                     "Path `{type_key}` (`{t}`) is longer than the maximum allowed length (30)."
                 ),
-                Some(t),
+                Some(&t),
             )
         }
-        Some(t) => t.to_owned(),
+        Some(t) => t,
         None => Payload::default_type(kind).to_owned(),
     };
     let time = header_text(&headers, "scirocco-scheduled-time");
