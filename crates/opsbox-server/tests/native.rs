@@ -582,6 +582,285 @@ async fn openapi_document_lists_the_routes() {
     server.shutdown().await;
 }
 
+/// QA: the OpenAPI document declares what the handlers answer. Each case below is
+/// provoked on the running server first, so the document is checked against real
+/// answers: the 400s and 404s (and 409s) they return, `text/event-stream` for the
+/// follow endpoints, and an optional body where an empty one is taken.
+#[tokio::test]
+async fn openapi_document_declares_what_the_handlers_answer() {
+    let server = TestServer::start().await;
+    let doc: serde_json::Value = server.get_json("/v1/openapi.json").await;
+    let http = client();
+    let operation = |method: &str, path: &str| -> serde_json::Value {
+        let op = doc["paths"][path][method.to_lowercase()].clone();
+        assert!(op.is_object(), "{method} {path} missing from the document");
+        op
+    };
+
+    // A job that exists, and a message that is already delivered.
+    let run: RunResponse = server
+        .post_json(
+            "/v1/scripts/echo/run",
+            Some(json!({"params": {"text": "x"}})),
+        )
+        .await;
+    let job = seg(&run.job.name);
+    let pushed: serde_json::Value = server
+        .post_json(
+            "/v1/queues/n1/messages",
+            Some(json!({"messages": [{"payload": "hi"}]})),
+        )
+        .await;
+    let id = pushed["messages"][0]["id"].as_str().unwrap().to_owned();
+    let pull = http
+        .post(server.url("/v1/queues/n1/pull"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pull.status().as_u16(), 200, "a pull with no body is taken");
+
+    let cases: Vec<(&str, &str, String, Option<&str>, u16)> = vec![
+        // 400: a query string, a body or a value the handler refuses.
+        ("GET", "/v1/jobs", "/v1/jobs?state=nope".into(), None, 400),
+        (
+            "POST",
+            "/v1/scripts/{name}/run",
+            "/v1/scripts/echo/run".into(),
+            Some("{"),
+            400,
+        ),
+        (
+            "GET",
+            "/v1/jobs/{name}/log",
+            format!("/v1/jobs/{job}/log?follow=maybe"),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/v1/jobs/{name}/wait",
+            format!("/v1/jobs/{job}/wait?timeout=-1"),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/v1/events",
+            "/v1/events?since=999999999".into(),
+            None,
+            400,
+        ),
+        ("POST", "/v1/users", "/v1/users".into(), Some("{"), 400),
+        ("POST", "/v1/tokens", "/v1/tokens".into(), Some("{"), 400),
+        ("POST", "/v1/jobs", "/v1/jobs".into(), Some("{"), 400),
+        (
+            "GET",
+            "/v1/queues/{node}",
+            "/v1/queues/a%20b".into(),
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/queues/{node}/messages",
+            "/v1/queues/n1/messages".into(),
+            Some("{"),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/queues/{node}/pull",
+            "/v1/queues/n1/pull".into(),
+            Some(r#"{"wait": -1}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/queues/{node}/ack",
+            "/v1/queues/n1/ack".into(),
+            Some("{"),
+            400,
+        ),
+        (
+            "GET",
+            "/v1/queues/{node}/messages",
+            "/v1/queues/n1/messages?status=nope".into(),
+            None,
+            400,
+        ),
+        (
+            "DELETE",
+            "/v1/queues/{node}/messages",
+            "/v1/queues/n1/messages?status=nope".into(),
+            None,
+            400,
+        ),
+        (
+            "PATCH",
+            "/v1/messages/{id}",
+            format!("/v1/messages/{id}"),
+            Some("{"),
+            400,
+        ),
+        // 404: what the path names does not exist.
+        (
+            "GET",
+            "/v1/jobs/{name}/log",
+            "/v1/jobs/nope@1/log".into(),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/v1/jobs/{name}/wait",
+            "/v1/jobs/nope@1/wait".into(),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/v1/jobs/{name}/results",
+            "/v1/jobs/nope@1/results".into(),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/v1/jobs/{name}/tasks",
+            "/v1/jobs/nope@1/tasks".into(),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/v1/scripts/{name}/run",
+            "/v1/scripts/nope/run".into(),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/v1/messages/{id}",
+            "/v1/messages/00000000000000000000abcd".into(),
+            None,
+            404,
+        ),
+        (
+            "PATCH",
+            "/v1/model/applications/{app}/config",
+            "/v1/model/applications/nope/config".into(),
+            Some("{}"),
+            404,
+        ),
+        (
+            "PUT",
+            "/v1/model/applications/{app}/constraints",
+            "/v1/model/applications/nope/constraints".into(),
+            Some("{}"),
+            404,
+        ),
+        (
+            "POST",
+            "/v1/model/applications/{app}/units",
+            "/v1/model/applications/nope/units".into(),
+            Some("{}"),
+            404,
+        ),
+        (
+            "DELETE",
+            "/v1/model/units/{app}/{n}",
+            "/v1/model/units/nope/0".into(),
+            None,
+            404,
+        ),
+        ("POST", "/v1/backups", "/v1/backups".into(), Some("{"), 400),
+        // 409: the message was delivered already.
+        (
+            "PATCH",
+            "/v1/messages/{id}",
+            format!("/v1/messages/{id}"),
+            Some(r#"{"payload": "x"}"#),
+            409,
+        ),
+        (
+            "DELETE",
+            "/v1/messages/{id}",
+            format!("/v1/messages/{id}"),
+            None,
+            409,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (method, path, url, body, status) in cases {
+        let mut request = http.request(
+            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+            server.url(&url),
+        );
+        if let Some(body) = body {
+            request = request.body(body.to_owned());
+        }
+        let answer = request.send().await.unwrap();
+        let answered = answer.status().as_u16();
+        if answered != status {
+            wrong.push(format!("{method} {url} answers {answered}, not {status}"));
+            continue;
+        }
+        let declared = &operation(method, path)["responses"][status.to_string()];
+        let schema = &declared["content"]["application/json"]["schema"]["$ref"];
+        if !declared.is_object() {
+            wrong.push(format!("{method} {path} answers {status}, undeclared"));
+        } else if *schema != "#/components/schemas/ErrorBody" {
+            wrong.push(format!(
+                "{method} {path} {status} is an ErrorBody, not {schema}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+
+    // The follow endpoints stream text/event-stream, and say so.
+    for (path, url) in [
+        ("/v1/events", "/v1/events?follow=true".to_owned()),
+        (
+            "/v1/jobs/{name}/log",
+            format!("/v1/jobs/{job}/log?follow=true"),
+        ),
+    ] {
+        let answer = http.get(server.url(&url)).send().await.unwrap();
+        assert_eq!(
+            answer.headers()[reqwest::header::CONTENT_TYPE],
+            "text/event-stream",
+            "{url}"
+        );
+        drop(answer);
+        let content = &operation("GET", path)["responses"]["200"]["content"];
+        assert!(
+            content["text/event-stream"].is_object(),
+            "{path} must declare text/event-stream: {content}"
+        );
+        assert!(
+            content["application/json"].is_object(),
+            "{path} still answers JSON without follow: {content}"
+        );
+    }
+
+    // Bodies the handlers take empty are optional.
+    for path in [
+        "/v1/queues/{node}/pull",
+        "/v1/scripts/{name}/run",
+        "/v1/backups",
+        "/v1/model/applications/{app}/units",
+    ] {
+        let body = &operation("POST", path)["requestBody"];
+        assert!(body.is_object(), "{path} documents its body");
+        assert_ne!(body["required"], true, "{path}: the body is optional");
+    }
+    assert_eq!(
+        operation("POST", "/v1/queues/{node}/messages")["requestBody"]["required"],
+        true
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn websocket_streams_for_events_and_logs() {
     use futures::StreamExt;

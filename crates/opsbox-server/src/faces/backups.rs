@@ -51,8 +51,10 @@ async fn list(
     }))
 }
 
-#[utoipa::path(post, path = "/v1/backups", request_body = NewBackup,
-    responses((status = 201, body = Backup), (status = 403, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/backups",
+    request_body(content = Option<NewBackup>, description = "optional: no body takes a backup without notes"),
+    responses((status = 201, body = Backup), (status = 400, body = ErrorBody),
+              (status = 403, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

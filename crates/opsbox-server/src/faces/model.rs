@@ -223,7 +223,8 @@ async fn config(
 }
 
 #[utoipa::path(patch, path = "/v1/model/applications/{app}/config", request_body = ConfigChange,
-    responses((status = 200, body = ApplicationConfig), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = ApplicationConfig), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
 async fn set_config(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -246,7 +247,8 @@ async fn constraints(
 }
 
 #[utoipa::path(put, path = "/v1/model/applications/{app}/constraints", request_body = Object,
-    responses((status = 200, body = Object), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = Object), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
 async fn set_constraints(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -259,8 +261,10 @@ async fn set_constraints(
     Ok(Json(state.core.model.application(&app).await?.constraints))
 }
 
-#[utoipa::path(post, path = "/v1/model/applications/{app}/units", request_body = AddUnitsRequest,
-    responses((status = 201, body = UnitNames), (status = 400, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/model/applications/{app}/units",
+    request_body(content = Option<AddUnitsRequest>, description = "optional: no body adds one unit"),
+    responses((status = 201, body = UnitNames), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
 async fn add_units(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -281,7 +285,7 @@ async fn add_units(
 }
 
 #[utoipa::path(delete, path = "/v1/model/units/{app}/{n}",
-    responses((status = 202), (status = 400, body = ErrorBody)))]
+    responses((status = 202), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn remove_unit(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

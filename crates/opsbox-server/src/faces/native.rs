@@ -133,7 +133,8 @@ struct RunQuery {
     wait: Option<bool>,
 }
 
-#[utoipa::path(post, path = "/v1/scripts/{name}/run", params(RunQuery), request_body = RunRequest,
+#[utoipa::path(post, path = "/v1/scripts/{name}/run", params(RunQuery),
+    request_body(content = Option<RunRequest>, description = "optional: no body runs with no params"),
     responses((status = 200, body = RunResponse), (status = 202, body = RunResponse),
               (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn run_script(
@@ -195,7 +196,8 @@ struct JobsQuery {
     limit: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/v1/jobs", params(JobsQuery), responses((status = 200, body = JobList)))]
+#[utoipa::path(get, path = "/v1/jobs", params(JobsQuery),
+    responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]
 async fn list_jobs(
     State(state): State<AppState>,
     Query(query): Query<JobsQuery>,
@@ -240,7 +242,11 @@ struct LogQuery {
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{name}/log", params(LogQuery),
-    responses((status = 200, body = JobOutput, description = "JSON, or text/event-stream of LogEvent with follow=true")))]
+    responses((status = 200, description = "the output so far as JSON; with follow=true a \
+                text/event-stream whose events (`output`, then `end`, or `error`) carry a LogEvent \
+                (an ErrorBody for `error`) as JSON data",
+               content((JobOutput = "application/json"), (LogEvent = "text/event-stream"))),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn job_log(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -291,7 +297,9 @@ struct WaitQuery {
     timeout: Option<f64>,
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{name}/wait", params(WaitQuery), responses((status = 200, body = WaitResponse)))]
+#[utoipa::path(get, path = "/v1/jobs/{name}/wait", params(WaitQuery),
+    responses((status = 200, body = WaitResponse), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
 async fn wait_job(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -334,7 +342,8 @@ async fn clean_job(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{name}/results", responses((status = 200, body = ResultList)))]
+#[utoipa::path(get, path = "/v1/jobs/{name}/results",
+    responses((status = 200, body = ResultList), (status = 404, body = ErrorBody)))]
 async fn list_results(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -383,7 +392,11 @@ struct EventsQuery {
 }
 
 #[utoipa::path(get, path = "/v1/events", params(EventsQuery),
-    responses((status = 200, body = EventPage, description = "JSON, or text/event-stream of Event with follow=true"),
+    responses((status = 200, description = "a page of events as JSON; with follow=true a \
+                text/event-stream whose `event` events carry an Event as JSON data (with its \
+                revision as the SSE id), or an `error` event an ErrorBody",
+               content((EventPage = "application/json"), (Event = "text/event-stream"))),
+              (status = 400, body = ErrorBody, description = "a revision ahead of the event log, or a bad query"),
               (status = 410, body = ErrorBody, description = "revision compacted away; re-list from current_revision")))]
 async fn events(
     State(state): State<AppState>,
@@ -432,7 +445,8 @@ async fn list_users(
 }
 
 #[utoipa::path(post, path = "/v1/users", request_body = NewUser,
-    responses((status = 201, body = User), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = User), (status = 400, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
 async fn add_user(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -473,7 +487,7 @@ async fn list_tokens(
 }
 
 #[utoipa::path(post, path = "/v1/tokens", request_body = NewToken,
-    responses((status = 201, body = CreatedToken)))]
+    responses((status = 201, body = CreatedToken), (status = 400, body = ErrorBody)))]
 async fn create_token(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -112,7 +112,8 @@ async fn list_queues(
     Ok(Json(QueueStatsList { queues }))
 }
 
-#[utoipa::path(get, path = "/v1/queues/{node}", responses((status = 200, body = QueueStats)))]
+#[utoipa::path(get, path = "/v1/queues/{node}",
+    responses((status = 200, body = QueueStats), (status = 400, body = opsbox_api::ErrorBody)))]
 async fn queue_stats(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -163,8 +164,10 @@ async fn push(
     Ok((StatusCode::CREATED, Json(messages(&pushed))))
 }
 
-#[utoipa::path(post, path = "/v1/queues/{node}/pull", request_body = PullRequest,
-    responses((status = 200, body = MessageList, description = "empty when nothing was deliverable")))]
+#[utoipa::path(post, path = "/v1/queues/{node}/pull",
+    request_body(content = Option<PullRequest>, description = "optional: no body pulls one message without waiting"),
+    responses((status = 200, body = MessageList, description = "empty when nothing was deliverable"),
+              (status = 400, body = opsbox_api::ErrorBody)))]
 async fn pull(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -184,7 +187,7 @@ async fn pull(
 }
 
 #[utoipa::path(post, path = "/v1/queues/{node}/ack", request_body = AckRequest,
-    responses((status = 200, body = AckResponse)))]
+    responses((status = 200, body = AckResponse), (status = 400, body = opsbox_api::ErrorBody)))]
 async fn ack(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -208,7 +211,8 @@ struct ListQuery {
 }
 
 #[utoipa::path(get, path = "/v1/queues/{node}/messages", params(ListQuery),
-    responses((status = 200, body = MessageList, description = "messages sent by or to the node, oldest first")))]
+    responses((status = 200, body = MessageList, description = "messages sent by or to the node, oldest first"),
+              (status = 400, body = opsbox_api::ErrorBody)))]
 async fn list_messages(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -229,7 +233,7 @@ struct PurgeQuery {
 }
 
 #[utoipa::path(delete, path = "/v1/queues/{node}/messages", params(PurgeQuery),
-    responses((status = 200, body = DeleteReport)))]
+    responses((status = 200, body = DeleteReport), (status = 400, body = opsbox_api::ErrorBody)))]
 async fn purge(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -273,7 +277,9 @@ async fn get_message(
 }
 
 #[utoipa::path(patch, path = "/v1/messages/{id}", params(AsQuery), request_body = UpdateMessage,
-    responses((status = 200, body = Message), (status = 404, body = opsbox_api::ErrorBody)))]
+    responses((status = 200, body = Message), (status = 400, body = opsbox_api::ErrorBody),
+              (status = 404, body = opsbox_api::ErrorBody),
+              (status = 409, body = opsbox_api::ErrorBody, description = "delivered already, or not sent by the node")))]
 async fn update_message(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -303,7 +309,8 @@ async fn update_message(
 }
 
 #[utoipa::path(delete, path = "/v1/messages/{id}", params(AsQuery),
-    responses((status = 200, body = DeleteReport), (status = 404, body = opsbox_api::ErrorBody)))]
+    responses((status = 200, body = DeleteReport), (status = 404, body = opsbox_api::ErrorBody),
+              (status = 409, body = opsbox_api::ErrorBody, description = "delivered already, or not sent by the node")))]
 async fn delete_message(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
