@@ -1143,8 +1143,10 @@ impl Model {
             .get(name)
             .and_then(|q| q.front())
             .map(|h| h.kind);
-        if !retry {
-            // Go on as if the failed hook had worked.
+        // Go on as if the failed hook had worked; but the removal step is the model's own
+        // (it fails only when the store does) and skipping it would leave the unit dying
+        // for ever, so it is always run again.
+        if !retry && failed != Some(HookKind::Remove) {
             if let Some(queue) = change.state.hooks.get_mut(name) {
                 queue.pop_front();
             }
