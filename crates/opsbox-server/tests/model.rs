@@ -641,3 +641,31 @@ async fn juju_service_update_sets_min_units() {
     assert_eq!(service[2]["MinUnits"], 2);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charm_upload_over_its_limit_gets_a_juju_error() {
+    let server = TestServer::start_with(|c| {
+        c.charms = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/charms");
+        c.limits.max_body_bytes = 100;
+        c.limits.max_charm_bytes = 2000;
+    })
+    .await;
+    let upload = |bytes: usize| {
+        client()
+            .post(server.url("/charms?series=trusty"))
+            .header("Content-Type", "application/zip")
+            .body(vec![b'x'; bytes])
+            .send()
+    };
+    let big = upload(3000).await.unwrap();
+    assert_eq!(big.status(), 413);
+    let body: Value = big.json().await.unwrap();
+    let error = body["Error"].as_str().unwrap();
+    assert!(error.contains("max_charm_bytes"), "{error}");
+    // Over the API limit but within the charm limit: read, and refused as no zip.
+    let not_zip = upload(1500).await.unwrap();
+    assert_eq!(not_zip.status(), 400);
+    let body: Value = not_zip.json().await.unwrap();
+    assert!(body["Error"].is_string(), "{body}");
+    server.shutdown().await;
+}

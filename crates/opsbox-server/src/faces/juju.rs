@@ -231,7 +231,7 @@ async fn upload_charm(
     State(state): State<AppState>,
     axum::extract::Query(query): axum::extract::Query<CharmsQuery>,
     headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
     use axum::http::StatusCode;
     let identity = match http_identity(&state, &headers).await {
@@ -246,6 +246,20 @@ async fn upload_charm(
             StatusCode::BAD_REQUEST,
             JujuError::bad("expected series= in the query"),
         );
+    };
+    // Read here, after auth, with the charm limit and in the face's error shape (the
+    // router's body limit is for API requests, and would answer in plain text).
+    let body = match crate::body::read(body, state.config.limits.max_charm_bytes).await {
+        Ok(body) => body,
+        Err(e @ crate::body::BodyError::TooLarge { .. }) => {
+            return http_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                JujuError::bad(format!(
+                    "charm archive too large: {e} (limits.max_charm_bytes)"
+                )),
+            )
+        }
+        Err(e) => return http_error(StatusCode::BAD_REQUEST, JujuError::bad(e.to_string())),
     };
     let charms = state.core.model.charms().clone();
     let added = tokio::task::spawn_blocking(move || charms.add_archive(&body, &series)).await;
