@@ -564,15 +564,7 @@ impl Jobs {
                 return Ok(false);
             };
             *rev = last.rev;
-            let ended = events.iter().any(|e| {
-                e.subject == name
-                    && (e.kind == "job.cleaned"
-                        || e.data
-                            .get("state")
-                            .and_then(|s| serde_json::from_value::<JobState>(s.clone()).ok())
-                            .is_some_and(|s| s.is_terminal()))
-            });
-            if ended {
+            if events.iter().any(|e| ends_job(e, name)) {
                 return Ok(true);
             }
             if events.len() < PAGE as usize {
@@ -793,6 +785,20 @@ impl Jobs {
         env.remove("OPSBOX_NODE");
         env
     }
+}
+
+/// True for an event that says job `name` ended or was cleaned. Only `job.*` events
+/// count: a fan-out job's `task.*` events have the job as subject too, and a task's
+/// state `succeeded` is not the job's.
+fn ends_job(event: &opsbox_api::Event, name: &str) -> bool {
+    event.subject == name
+        && (event.kind == "job.cleaned"
+            || (event.kind.starts_with("job.")
+                && event
+                    .data
+                    .get("state")
+                    .and_then(|s| serde_json::from_value::<JobState>(s.clone()).ok())
+                    .is_some_and(|s| s.is_terminal())))
 }
 
 /// The files under a results directory.
@@ -1216,4 +1222,30 @@ pub fn to_job(record: &JobRecord) -> Job {
         crate::nodes::describe(&mut job, fanout);
     }
     job
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, subject: &str, state: &str) -> opsbox_api::Event {
+        opsbox_api::Event {
+            rev: 1,
+            at: Utc::now(),
+            kind: kind.into(),
+            subject: subject.into(),
+            data: serde_json::json!({ "state": state }),
+        }
+    }
+
+    #[test]
+    fn only_the_jobs_own_events_say_it_ended() {
+        assert!(ends_job(&event("job.finished", "j", "succeeded"), "j"));
+        assert!(ends_job(&event("job.cleaned", "j", "running"), "j"));
+        assert!(!ends_job(&event("job.finished", "other", "failed"), "j"));
+        assert!(!ends_job(&event("job.progress", "j", "running"), "j"));
+        // A fan-out job's task events name the job, with the task's state.
+        assert!(!ends_job(&event("task.succeeded", "j", "succeeded"), "j"));
+        assert!(!ends_job(&event("task.failed", "j", "failed"), "j"));
+    }
 }
