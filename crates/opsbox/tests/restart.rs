@@ -35,21 +35,7 @@ async fn a_crash_marks_running_jobs_lost_and_leaves_no_process() {
         .await
         .unwrap();
     let name = run["job"]["name"].as_str().unwrap().to_owned();
-    let results = data.join("results").join(&name);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !results.join("child.pid").exists() || !results.join("main.pid").exists() {
-        assert!(Instant::now() < deadline, "the job did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let pid = |file: &str| -> i32 {
-        std::fs::read_to_string(results.join(file))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let (main_pid, child_pid) = (pid("main.pid"), pid("child.pid"));
+    let (main_pid, child_pid) = started_pids(&data.join("results").join(&name)).await;
 
     // SIGKILL: the server gets no chance to stop its job.
     first.0.kill().unwrap();
@@ -76,14 +62,7 @@ async fn a_crash_marks_running_jobs_lost_and_leaves_no_process() {
         job["reason"],
         "the server stopped while the job was queued or running"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while alive(main_pid) || alive(child_pid) {
-        assert!(
-            Instant::now() < deadline,
-            "processes of the lost job survived the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_gone(&[main_pid, child_pid], "processes of the lost job").await;
     let events: serde_json::Value = http
         .get(format!("{base}/v1/events?since=0"))
         .send()
@@ -130,20 +109,7 @@ async fn a_crash_leaves_no_task_of_the_local_node_running() {
         .await
         .unwrap();
     assert!(submitted.status().is_success(), "{submitted:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !marks.join("child.pid").exists() || !marks.join("main.pid").exists() {
-        assert!(Instant::now() < deadline, "the task did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let pid = |file: &str| -> i32 {
-        std::fs::read_to_string(marks.join(file))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let (main_pid, child_pid) = (pid("main.pid"), pid("child.pid"));
+    let (main_pid, child_pid) = started_pids(&marks).await;
 
     first.0.kill().unwrap();
     first.0.wait().unwrap();
@@ -152,12 +118,32 @@ async fn a_crash_leaves_no_task_of_the_local_node_running() {
         "the task's processes outlive a crash"
     );
     let _second = serve(&data, &scripts, port).await;
+    until_gone(&[main_pid, child_pid], "processes of the local node's task").await;
+}
+
+/// Waits until a task has written `main.pid` and `child.pid` into `dir`, then reads them.
+async fn started_pids(dir: &std::path::Path) -> (i32, i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.join("child.pid").exists() || !dir.join("main.pid").exists() {
+        assert!(Instant::now() < deadline, "the task did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = |file: &str| -> i32 {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (pid("main.pid"), pid("child.pid"))
+}
+
+/// Waits until none of `pids` is alive; `what` names them in the failure.
+async fn until_gone(pids: &[i32], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while alive(main_pid) || alive(child_pid) {
-        assert!(
-            Instant::now() < deadline,
-            "processes of the local node's task survived the restart"
-        );
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(Instant::now() < deadline, "{what} survived the restart");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
