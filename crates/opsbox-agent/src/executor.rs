@@ -486,19 +486,7 @@ mod tests {
     /// Runs a script as a task; answers its stdout and its `Finished`.
     async fn run(executor: &Executor, task: &str, script: &str) -> (String, AgentMessage) {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        executor.handle(
-            ServerMessage::Run {
-                job: "job@1".into(),
-                task: task.into(),
-                script: "task.sh".into(),
-                program: b64().encode(script),
-                env: BTreeMap::new(),
-                timeout_secs: Some(10),
-                inputs: Vec::new(),
-                slots: None,
-            },
-            tx,
-        );
+        executor.handle(run_message(task, script, None), tx);
         let mut stdout = Vec::new();
         loop {
             match rx.recv().await.expect("the task reports its end") {
