@@ -156,6 +156,13 @@ impl Cli {
     pub fn is_serve(&self) -> bool {
         matches!(self.command, Command::Serve(_) | Command::Agent(_))
     }
+
+    /// The agent runs on one thread: its work is relaying messages and waiting for
+    /// children, and handing that between worker threads cost more than it saved
+    /// (~30% less agent CPU per task in the dispatch benchmark, benches/README).
+    pub fn is_agent(&self) -> bool {
+        matches!(self.command, Command::Agent(_))
+    }
 }
 
 /// What every client command needs: how to reach the server, and how to print.
