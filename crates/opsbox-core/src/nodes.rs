@@ -374,6 +374,7 @@ impl Nodes {
                     &task.task.id,
                     &local,
                     "the server restarted while it ran",
+                    true,
                 )
                 .await?;
         }
@@ -627,6 +628,7 @@ impl Nodes {
                 &task.task.id,
                 &node_id,
                 "the agent restarted while it ran",
+                true,
             )
             .await?;
         }
@@ -883,15 +885,29 @@ impl Nodes {
                 state.away.remove(id);
             }
         }
+        // A node runs its tasks in the order they were placed, and holds those beyond
+        // its slots until one ends (prefetch): of a node's lost tasks, the ones placed
+        // last, beyond its slots, never started and are not failed attempts. Counting
+        // them would fail a job for a node that merely went away with a full queue.
+        let mut per_node: HashMap<String, Vec<TaskRecord>> = HashMap::new();
         for task in lost {
             let node = task.task.node.clone().unwrap_or_default();
-            self.lost(
-                &task.task.job,
-                &task.task.id,
-                &node,
-                &format!("node {node} {why}"),
-            )
-            .await?;
+            per_node.entry(node).or_default().push(task);
+        }
+        for (node, mut tasks) in per_node {
+            let slots = self.record(&node).await?.map_or(0, |r| r.slots) as usize;
+            tasks.sort_by_key(|t| t.task.started_at);
+            for (i, task) in tasks.into_iter().enumerate() {
+                let counted = i < slots.max(1);
+                self.lost(
+                    &task.task.job,
+                    &task.task.id,
+                    &node,
+                    &format!("node {node} {why}"),
+                    counted,
+                )
+                .await?;
+            }
         }
         Ok(())
     }
@@ -1986,7 +2002,7 @@ impl Nodes {
             } else {
                 format!("{task_id} failed on {node}: {reason}")
             };
-            return self.retry_or_fail(work, task, node, &why).await;
+            return self.retry_or_fail(work, task, node, &why, true).await;
         }
         shift(
             &mut work.fanout.progress,
@@ -2027,7 +2043,16 @@ impl Nodes {
     }
 
     /// A task's node is gone: the attempt counts as failed and is retried elsewhere.
-    async fn lost(&self, job: &str, task_id: &str, node: &str, why: &str) -> CoreResult<()> {
+    /// `counted`: whether the attempt counts against the job's `max_failures` (not for a
+    /// task that was only held on the node, waiting for a slot, see `lose_tasks_on`).
+    async fn lost(
+        &self,
+        job: &str,
+        task_id: &str,
+        node: &str,
+        why: &str,
+        counted: bool,
+    ) -> CoreResult<()> {
         let _ops = self.ops().await?;
         {
             let mut state = self.lock();
@@ -2067,22 +2092,27 @@ impl Nodes {
             work.change(task);
         } else {
             let why = format!("{task_id} lost on {node}: {why}");
-            self.retry_or_fail(&mut work, task, node, &why).await?;
+            self.retry_or_fail(&mut work, task, node, &why, counted)
+                .await?;
         }
         self.commit(work).await
     }
 
     /// After a failed or lost attempt of a running task: queue it again (away from that
     /// node), or, past the job's failure limit, fail the job and stop its other tasks.
+    /// An attempt that is not `counted` is only queued again.
     async fn retry_or_fail(
         &self,
         work: &mut JobWork,
         mut task: TaskRecord,
         node: &str,
         reason: &str,
+        counted: bool,
     ) -> CoreResult<()> {
         let fanout = &mut work.fanout;
-        fanout.failures += 1;
+        if counted {
+            fanout.failures += 1;
+        }
         if fanout.failures > fanout.max_failures {
             shift(
                 &mut fanout.progress,

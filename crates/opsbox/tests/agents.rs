@@ -291,6 +291,67 @@ async fn a_task_of_an_agent_killed_mid_task_is_retried_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_held_ahead_on_a_lost_node_is_not_a_failed_attempt() {
+    let cluster = Cluster::start().await;
+    let mut doomed = cluster.agent("holder", "linux", 1).await;
+    // Quick tasks first, so the job's tasks count as short and the node (one slot,
+    // prefetch 1) takes the next one ahead while a long one runs.
+    let mut inputs: Vec<String> = vec!["0".into(); 6];
+    inputs.extend(["5".into(), "5".into()]);
+    let job = cluster
+        .client
+        .submit(&FanoutRequest {
+            map: "slow".into(),
+            inputs,
+            max_failures: Some(1),
+            ..FanoutRequest::default()
+        })
+        .await
+        .unwrap()
+        .name;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tasks = cluster.client.tasks(&job).await.unwrap();
+        let on_node = tasks
+            .iter()
+            .filter(|t| {
+                t.input.as_deref() == Some("5")
+                    && t.state == TaskState::Running
+                    && t.node.as_deref() == Some("holder")
+            })
+            .count();
+        if on_node == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never held a task ahead: {tasks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.kill9();
+    cluster.until_connected("holder", false).await;
+    // Both come back queued: one lost attempt (the running task), within max_failures 1;
+    // the held one never ran. Counting both would have failed the job.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = cluster.client.job(&job).await.unwrap();
+        assert_ne!(job.state, JobState::Failed, "{job:?}");
+        let tasks = cluster.client.tasks(&job.name).await.unwrap();
+        let requeued = tasks
+            .iter()
+            .filter(|t| t.input.as_deref() == Some("5") && t.state == TaskState::Queued)
+            .count();
+        if requeued == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not requeued: {tasks:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.client.kill(&job).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_started_again_kills_the_tasks_its_killed_run_left() {
     let cluster = Cluster::start().await;
     let mut first = cluster.agent("phoenix", "linux", 1).await;
