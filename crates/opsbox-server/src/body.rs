@@ -1,7 +1,7 @@
 //! Reading request bodies: [`read`] takes a whole body against a limit and says why
 //! it could not ([`BodyError`]), so each face answers in its own error shape; and
 //! [`EndsWhenComplete`], a body that ends as soon as its whole declared length has
-//! arrived.
+//! arrived, and fails when it stalls (see below).
 //!
 //! hyper hands an HTTP/1 request body to the handler through a channel, and closes the
 //! channel only once its connection task has gone round again and read the body's end.
@@ -14,20 +14,37 @@
 //! keep-alive client on `POST /rpc` this took the server from 2.5 to 2.26 context
 //! switches per call and from ~300 to ~80 task migrations per second.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 
-/// A body that reports its end as soon as its inner body knows it has ended.
-pub struct EndsWhenComplete(Body);
+/// A body that reports its end as soon as its inner body knows it has ended, and that
+/// fails with `TimedOut` when no new bytes come for `stall` (a client that sends a head
+/// and then trickles or withholds its body would otherwise hold its connection and its
+/// handler for ever; the head has its own timeout, see [`crate::http_settings`]).
+///
+/// The timer starts only when a read has to wait: a body that is all there, the usual
+/// case, costs no timer. (tower-http's `TimeoutBody` arms one at every read.)
+pub struct EndsWhenComplete {
+    body: Body,
+    stall: Option<Duration>,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
 
 impl EndsWhenComplete {
-    /// The request body every handler sees (mapped in [`crate::router`]).
-    pub fn wrap(body: Body) -> Body {
-        Body::new(EndsWhenComplete(body))
+    /// The request body every handler sees (mapped in [`crate::router`]); `stall`:
+    /// `limits.body_read_timeout_secs`, `None` for no limit.
+    pub fn wrap(body: Body, stall: Option<Duration>) -> Body {
+        Body::new(EndsWhenComplete {
+            body,
+            stall,
+            waiting: None,
+        })
     }
 }
 
@@ -39,18 +56,38 @@ impl http_body::Body for EndsWhenComplete {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        if self.0.is_end_stream() {
+        let this = &mut *self;
+        if this.body.is_end_stream() {
             return Poll::Ready(None);
         }
-        Pin::new(&mut self.0).poll_frame(cx)
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.waiting = None;
+            return Poll::Ready(frame);
+        }
+        let Some(stall) = this.stall else {
+            return Poll::Pending;
+        };
+        let waiting = this
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match waiting.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the request body stalled: no bytes for {} s",
+                    stall.as_secs()
+                ),
+            ))))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0.size_hint()
+        self.body.size_hint()
     }
 }
 
@@ -146,7 +183,7 @@ mod tests {
                 ["a", "b", "c"].map(|s| Ok::<_, std::io::Error>(Bytes::from(s))),
             )),
         ] {
-            let read = axum::body::to_bytes(EndsWhenComplete::wrap(body), 100).await;
+            let read = axum::body::to_bytes(EndsWhenComplete::wrap(body, None), 100).await;
             assert!(matches!(read.as_deref(), Ok(b"abc" | b"")), "{read:?}");
         }
     }

@@ -179,6 +179,10 @@ pub struct Limits {
     /// or between requests of a kept-alive one; a slower client is disconnected, so
     /// that trickled headers cannot hold connections open forever. 0: no limit.
     pub header_read_timeout_secs: u64,
+    /// Seconds a request body may go without new bytes before the request is refused
+    /// (400): a body withheld after its head would hold a connection and its handler
+    /// for ever. 0: no limit.
+    pub body_read_timeout_secs: u64,
     /// Largest charm archive a Juju client may upload (`POST /charms`); charms are
     /// zips of hooks and files, often more than `max_body_bytes`.
     pub max_charm_bytes: usize,
@@ -194,6 +198,7 @@ impl Default for Limits {
             kill_grace_secs: 5,
             max_wait_secs: 300,
             header_read_timeout_secs: 30,
+            body_read_timeout_secs: 30,
             max_charm_bytes: 64 * 1024 * 1024,
         }
     }

@@ -86,6 +86,7 @@ pub enum ServerError {
 /// events are filtered away anyway.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.limits.max_body_bytes;
+    let stall = body_read_timeout(&state.config.limits);
     let tracing = tracing::enabled!(target: "tower_http::trace::on_request", tracing::Level::DEBUG)
         || tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::DEBUG);
     let router = Router::new()
@@ -106,7 +107,9 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(error::native_json_errors))
         .merge(faces::jsonrpc::routes(state.clone()))
-        .layer(MapRequestBodyLayer::new(body::EndsWhenComplete::wrap));
+        .layer(MapRequestBodyLayer::new(move |b| {
+            body::EndsWhenComplete::wrap(b, stall)
+        }));
     let router = if tracing {
         router.layer(TraceLayer::new_for_http())
     } else {
@@ -132,6 +135,11 @@ fn http_settings(
         .title_case_headers(true)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_read_timeout(limits));
+}
+
+/// `limits.body_read_timeout_secs`, `None` for 0.
+pub(crate) fn body_read_timeout(limits: &Limits) -> Option<Duration> {
+    (limits.body_read_timeout_secs > 0).then(|| Duration::from_secs(limits.body_read_timeout_secs))
 }
 
 /// `limits.header_read_timeout_secs`, `None` for 0.

@@ -44,10 +44,11 @@ pub fn routes(_state: AppState) -> Router<AppState> {
 /// The router of a dedicated jrpc listener (`--jrpc-listen`): every GET path is a jrpc
 /// name, every POST a jrpc (or JSON-RPC) call, as on py-jrpc's own port.
 pub fn dedicated(state: AppState) -> Router {
+    let stall = crate::body_read_timeout(&state.config.limits);
     Router::new()
         .fallback(any(on_any))
         .layer(tower_http::map_request_body::MapRequestBodyLayer::new(
-            crate::body::EndsWhenComplete::wrap,
+            move |b| crate::body::EndsWhenComplete::wrap(b, stall),
         ))
         .with_state(state)
 }
