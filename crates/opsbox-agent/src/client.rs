@@ -224,8 +224,14 @@ async fn session(
             }
             outgoing = out_rx.recv() => {
                 let Some(message) = outgoing else { return Ok(Ended::Closed) };
-                if let Err(e) = send(&mut sink, &message).await {
-                    unsent.push(message);
+                // What is ready now (a task's last output and its end, say) goes out
+                // in one write.
+                let mut taken = vec![message];
+                while let (true, Ok(message)) = (taken.len() < 64, out_rx.try_recv()) {
+                    taken.push(message);
+                }
+                if let Err(e) = send_all(&mut sink, &taken).await {
+                    unsent.extend(taken);
                     return Err(lost(&e));
                 }
             }
@@ -273,6 +279,21 @@ where
     sink.send(Message::Text(text))
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Sends messages with one flush at the end.
+async fn send_all<S>(sink: &mut S, messages: &[AgentMessage]) -> Result<(), String>
+where
+    S: futures::Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    for message in messages {
+        let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
+        sink.feed(Message::Text(text))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    sink.flush().await.map_err(|e| e.to_string())
 }
 
 fn hostname() -> Option<String> {

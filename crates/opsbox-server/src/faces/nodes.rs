@@ -110,6 +110,15 @@ async fn agent(
 }
 
 /// One agent's connection: `Hello`, then messages both ways until either side ends.
+/// Queues a message on the socket without flushing it; false when the socket failed.
+async fn feed<S>(sink: &mut S, message: &ServerMessage) -> bool
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let text = serde_json::to_string(message).unwrap_or_default();
+    sink.feed(Message::Text(text.into())).await.is_ok()
+}
+
 async fn serve_agent(socket: WebSocket, state: AppState, caller: Identity) {
     let (mut sink, mut stream) = socket.split();
     let refuse = |reason: String| {
@@ -178,8 +187,15 @@ async fn serve_agent(socket: WebSocket, state: AppState, caller: Identity) {
             outgoing = connection.messages.recv() => {
                 // None: the server dropped this connection (a newer one, or no heartbeat).
                 let Some(message) = outgoing else { break };
-                let text = serde_json::to_string(&message).unwrap_or_default();
-                if sink.send(Message::Text(text.into())).await.is_err() {
+                // The messages a round queued for this node go out in one write.
+                let mut written = feed(&mut sink, &message).await;
+                let mut fed = 1;
+                while written && fed < 64 {
+                    let Ok(message) = connection.messages.try_recv() else { break };
+                    written = feed(&mut sink, &message).await;
+                    fed += 1;
+                }
+                if !written || sink.flush().await.is_err() {
                     break;
                 }
             }
