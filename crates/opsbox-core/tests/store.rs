@@ -349,6 +349,70 @@ async fn output_is_stored_in_order_per_stream_and_deleted_with_its_job() {
     assert_eq!(store.output_bytes(name).await.unwrap(), (vec![], vec![]));
 }
 
+/// Reads of a job follow its writes (the SQLite store answers unended jobs from memory).
+#[tokio::test]
+async fn a_job_read_back_is_its_last_committed_write() {
+    let (store, _dir) = store().await;
+    let name = "cached@1";
+    let read = |store: Arc<dyn Store>| async move { store.get_job(name).await.unwrap() };
+    let mut record = job(name, "x", JobState::Queued);
+    record.server = store.owner().map(str::to_owned);
+    store
+        .insert_job(&record, ev("job.created", name))
+        .await
+        .unwrap();
+    assert_eq!(read(store.clone()).await.as_ref(), Some(&record));
+
+    record.state = JobState::Running;
+    record.pid = Some(7);
+    store
+        .write_tasks(TaskWrite {
+            job: Some(record.clone()),
+            insert_job: false,
+            tasks: Vec::new(),
+            events: vec![ev("job.progress", name)],
+            output: Vec::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(read(store.clone()).await.as_ref(), Some(&record));
+
+    // A refused insert of the same name changes nothing.
+    let other = job(name, "other", JobState::Queued);
+    assert!(matches!(
+        store.insert_job(&other, ev("job.created", name)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(read(store.clone()).await.as_ref(), Some(&record));
+
+    // Deleted while it runs.
+    store
+        .delete_job(name, ev("job.cleaned", name))
+        .await
+        .unwrap();
+    assert_eq!(read(store.clone()).await, None);
+    assert!(matches!(
+        store.update_job(&record, ev("job.started", name)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(read(store.clone()).await, None);
+
+    // The name again, for a new job, which then ends.
+    let mut again = job(name, "again", JobState::Running);
+    again.server = store.owner().map(str::to_owned);
+    store
+        .insert_job(&again, ev("job.created", name))
+        .await
+        .unwrap();
+    assert_eq!(read(store.clone()).await.as_ref(), Some(&again));
+    again.state = JobState::Succeeded;
+    store
+        .complete_job(&again, Vec::new(), vec![ev("job.finished", name)])
+        .await
+        .unwrap();
+    assert_eq!(read(store.clone()).await.as_ref(), Some(&again));
+}
+
 fn lost_event(job: &JobRecord) -> NewEvent {
     NewEvent::new(
         "test.lost",

@@ -314,7 +314,7 @@ pub trait Store: Send + Sync + 'static {
         job: &JobRecord,
         output: Vec<LogChunkBytes>,
         events: Vec<NewEvent>,
-    ) -> StoreResult<Vec<Event>>;
+    ) -> StoreResult<()>;
     async fn get_job(&self, name: &str) -> StoreResult<Option<JobRecord>>;
     /// Newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
@@ -408,7 +408,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_nodes(&self) -> StoreResult<Vec<NodeRecord>>;
     /// Writes tasks, the job's row and events in one transaction;
     /// [`StoreError::NotFound`] when the job to replace was cleaned meanwhile.
-    async fn write_tasks(&self, write: TaskWrite) -> StoreResult<Vec<Event>>;
+    async fn write_tasks(&self, write: TaskWrite) -> StoreResult<()>;
     /// The tasks of a job, in order.
     async fn job_tasks(&self, job: &str) -> StoreResult<Vec<TaskRecord>>;
     /// Tasks in any of these states, oldest first.

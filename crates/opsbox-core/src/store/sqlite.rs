@@ -12,8 +12,14 @@
 //! thousand watchers cost one insert and a thousand clones, not a thousand queries.
 //! Every event insert goes through `Tx::insert_event` (or `Tx::note_event`) so the tail
 //! sees it; events another process writes are found by the gap they leave.
+//!
+//! And it keeps the committed rows of the jobs that have not ended (the job cache):
+//! the scheduler reads a running fan-out job at every round, and reading it through
+//! the pool (a hand-off to sqlx's thread, a query, decoding its JSON columns) cost more
+//! than the round's own work. Only this server writes jobs to its file (the admin
+//! commands that open it write users and tokens), so the writer knows every change.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -58,6 +64,41 @@ pub struct SqliteStore {
     tail: Arc<Mutex<Tail>>,
     /// One server per file: signals stay in this process.
     signals: tokio::sync::broadcast::Sender<super::Signal>,
+    /// Jobs not ended, as last committed (see the module docs).
+    jobs: Arc<Mutex<JobCache>>,
+}
+
+/// The job cache: unended jobs by name, as committed.
+#[derive(Debug, Default)]
+struct JobCache {
+    jobs: HashMap<String, JobRecord>,
+}
+
+impl JobCache {
+    /// Most jobs kept; beyond, the cache starts over (reads fall back to the database).
+    const MAX: usize = 1024;
+
+    /// Takes a group's job writes once it committed; if it did not, forgets the jobs it
+    /// touched (a failed commit may still have reached the disk).
+    fn apply(&mut self, writes: Vec<(String, Option<JobRecord>)>, committed: bool) {
+        for (name, job) in writes {
+            match job.filter(|_| committed) {
+                Some(job) => {
+                    if self.jobs.len() >= Self::MAX && !self.jobs.contains_key(&name) {
+                        self.jobs.clear();
+                    }
+                    self.jobs.insert(name, job);
+                }
+                None => {
+                    self.jobs.remove(&name);
+                }
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<JobRecord> {
+        self.jobs.get(name).cloned()
+    }
 }
 
 /// Every committed event with a revision above `from`, oldest first.
@@ -112,10 +153,12 @@ impl Tail {
     }
 }
 
-fn lock(tail: &Mutex<Tail>) -> std::sync::MutexGuard<'_, Tail> {
-    // The tail holds plain data that every method leaves consistent, so a panic
-    // elsewhere while it was held leaves nothing to repair.
-    tail.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The tail and the job cache hold plain data that every method leaves consistent,
+    // so a panic elsewhere while one was held leaves nothing to repair.
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl SqliteStore {
@@ -157,13 +200,15 @@ impl SqliteStore {
             from: revision,
             events: VecDeque::new(),
         }));
-        writer::start(conn, queue, changes_tx, tail.clone())?;
+        let jobs = Arc::new(Mutex::new(JobCache::default()));
+        writer::start(conn, queue, changes_tx, tail.clone(), jobs.clone())?;
         Ok(SqliteStore {
             read,
             writes,
             changes,
             tail,
             signals: tokio::sync::broadcast::channel(1024).0,
+            jobs,
         })
     }
 
@@ -262,8 +307,7 @@ fn write_job(
     job: &JobRecord,
     insert: bool,
     output: &[LogChunkBytes],
-    events: Vec<NewEvent>,
-) -> StoreResult<Vec<Event>> {
+) -> StoreResult<()> {
     let values = (
         &job.script,
         job.state.as_str(),
@@ -304,8 +348,13 @@ fn write_job(
         // Cleaned meanwhile.
         return Err(StoreError::NotFound(format!("job {}", job.name)));
     }
-    insert_output(tx, &job.name, output)?;
-    events.iter().map(|e| tx.insert_event(e.clone())).collect()
+    // As `job_from_row` reads it back: this store keeps no server name.
+    let stored = JobRecord {
+        server: None,
+        ..job.clone()
+    };
+    tx.note_job(&job.name, Some(&stored));
+    insert_output(tx, &job.name, output)
 }
 
 fn insert_output(tx: &Tx, job: &str, chunks: &[LogChunkBytes]) -> StoreResult<()> {
@@ -530,8 +579,8 @@ impl Store for SqliteStore {
     async fn insert_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event> {
         let job = job.clone();
         self.write(move |tx| {
-            let mut events = write_job(tx, &job, true, &[], vec![event])?;
-            events.pop().ok_or(StoreError::Closed)
+            write_job(tx, &job, true, &[])?;
+            tx.insert_event(event)
         })
         .await
     }
@@ -539,8 +588,8 @@ impl Store for SqliteStore {
     async fn update_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event> {
         let job = job.clone();
         self.write(move |tx| {
-            let mut events = write_job(tx, &job, false, &[], vec![event])?;
-            events.pop().ok_or(StoreError::Closed)
+            write_job(tx, &job, false, &[])?;
+            tx.insert_event(event)
         })
         .await
     }
@@ -550,13 +599,19 @@ impl Store for SqliteStore {
         job: &JobRecord,
         output: Vec<LogChunkBytes>,
         events: Vec<NewEvent>,
-    ) -> StoreResult<Vec<Event>> {
+    ) -> StoreResult<()> {
         let job = job.clone();
-        self.write(move |tx| write_job(tx, &job, false, &output, events))
-            .await
+        self.write(move |tx| {
+            write_job(tx, &job, false, &output)?;
+            events.into_iter().try_for_each(|e| tx.note_event(e))
+        })
+        .await
     }
 
     async fn get_job(&self, name: &str) -> StoreResult<Option<JobRecord>> {
+        if let Some(job) = lock(&self.jobs).get(name) {
+            return Ok(Some(job));
+        }
         let row = sqlx::query("SELECT * FROM jobs WHERE name = ?")
             .bind(name)
             .fetch_optional(&self.read)
@@ -592,6 +647,7 @@ impl Store for SqliteStore {
                 .execute("DELETE FROM tasks WHERE job = ?", [&name])?;
             tx.conn
                 .execute("DELETE FROM job_output WHERE job = ?", [&name])?;
+            tx.note_job(&name, None);
             tx.insert_event(event)
         })
         .await
@@ -616,6 +672,9 @@ impl Store for SqliteStore {
                 )?
                 .query_and_then((&reason, time_text(at)), |row| job_from_row(row))?
                 .collect::<StoreResult<Vec<_>>>()?;
+            for job in &jobs {
+                tx.note_job(&job.name, Some(job));
+            }
             jobs.iter().map(|job| tx.insert_event(event(job))).collect()
         })
         .await
@@ -826,7 +885,7 @@ impl Store for SqliteStore {
         self.n_list_nodes().await
     }
 
-    async fn write_tasks(&self, write: TaskWrite) -> StoreResult<Vec<Event>> {
+    async fn write_tasks(&self, write: TaskWrite) -> StoreResult<()> {
         self.n_write_tasks(write).await
     }
 

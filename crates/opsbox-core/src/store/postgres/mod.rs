@@ -1089,7 +1089,7 @@ impl Store for PgStore {
         job: &JobRecord,
         output: Vec<LogChunkBytes>,
         new_events: Vec<NewEvent>,
-    ) -> StoreResult<Vec<Event>> {
+    ) -> StoreResult<()> {
         let owner = self.owner.clone();
         let job = job.clone();
         self.write_events(move |conn, events| {
@@ -1101,6 +1101,7 @@ impl Store for PgStore {
             })
         })
         .await
+        .map(drop)
     }
 
     async fn get_job(&self, name: &str) -> StoreResult<Option<JobRecord>> {
@@ -1500,7 +1501,7 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn write_tasks(&self, write: TaskWrite) -> StoreResult<Vec<Event>> {
+    async fn write_tasks(&self, write: TaskWrite) -> StoreResult<()> {
         let owner = self.owner.clone();
         self.write_events(move |conn, events| {
             Box::pin(async move {
@@ -1523,6 +1524,7 @@ impl Store for PgStore {
             })
         })
         .await
+        .map(drop)
     }
 
     async fn job_tasks(&self, job: &str) -> StoreResult<Vec<TaskRecord>> {

@@ -2,7 +2,7 @@
 //! of [`Store`](crate::store::Store). Records are JSON documents; the scheduler queries
 //! tasks by state through an index.
 
-use opsbox_api::{Event, TaskState};
+use opsbox_api::TaskState;
 use sqlx::Row;
 
 use super::{insert_output, write_job, SqliteStore, Tx};
@@ -66,26 +66,18 @@ impl SqliteStore {
             .collect()
     }
 
-    pub(super) async fn n_write_tasks(&self, write: TaskWrite) -> StoreResult<Vec<Event>> {
+    pub(super) async fn n_write_tasks(&self, write: TaskWrite) -> StoreResult<()> {
         self.write(move |tx| {
-            let mut events = Vec::new();
-            let mut pending = write.events;
-            let mut output = write.output;
-            if let Some(job) = &write.job {
-                events = write_job(tx, job, write.insert_job, &output, pending)?;
-                pending = Vec::new();
-                output = Vec::new();
-            }
-            if let (false, Some(task)) = (output.is_empty(), write.tasks.first()) {
-                insert_output(tx, &task.task.job, &output)?;
+            if let Some(record) = &write.job {
+                write_job(tx, record, write.insert_job, &write.output)?;
+            } else if let (false, Some(task)) = (write.output.is_empty(), write.tasks.first()) {
+                insert_output(tx, &task.task.job, &write.output)?;
             }
             for task in &write.tasks {
                 put_task(tx, task)?;
             }
-            for event in &pending {
-                events.push(tx.insert_event(event.clone())?);
-            }
-            Ok(events)
+            // Nobody needs the events back: the group keeps the only copy.
+            write.events.into_iter().try_for_each(|e| tx.note_event(e))
         })
         .await
     }

@@ -19,8 +19,10 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::queues::{self, Ack};
-use super::{lock, Tail};
-use crate::store::{Claim, MessageEvent, MessageRecord, NewEvent, StoreError, StoreResult};
+use super::{lock, JobCache, Tail};
+use crate::store::{
+    Claim, JobRecord, MessageEvent, MessageRecord, NewEvent, StoreError, StoreResult,
+};
 
 /// Most writes committed in one transaction.
 pub(super) const MAX_GROUP: usize = 512;
@@ -31,6 +33,9 @@ pub(crate) struct Tx {
     pub(super) conn: Connection,
     newest: u64,
     events: Vec<Event>,
+    /// The job rows the group wrote (`None`: ended or deleted), for the job cache once
+    /// it commits.
+    jobs: Vec<(String, Option<JobRecord>)>,
 }
 
 /// Where a group stood before a write: [`Tx::undo`] forgets what the write added.
@@ -38,6 +43,7 @@ pub(crate) struct Tx {
 pub(super) struct Mark {
     newest: u64,
     events: usize,
+    jobs: usize,
 }
 
 impl Tx {
@@ -45,13 +51,24 @@ impl Tx {
         Mark {
             newest: self.newest,
             events: self.events.len(),
+            jobs: self.jobs.len(),
         }
     }
 
-    /// Forgets the events of a write that was rolled back.
+    /// Forgets the events and job rows of a write that was rolled back.
     pub(super) fn undo(&mut self, mark: Mark) {
         self.newest = mark.newest;
         self.events.truncate(mark.events);
+        self.jobs.truncate(mark.jobs);
+    }
+
+    /// Notes a job row as written (`None`: deleted). Every write of the `jobs` table
+    /// goes through here, so the job cache never answers a row the database no longer
+    /// holds. Only jobs that have not ended are kept: those are the ones read over and
+    /// over (a fan-out job at every scheduling round).
+    pub(super) fn note_job(&mut self, name: &str, job: Option<&JobRecord>) {
+        let kept = job.filter(|j| !j.state.is_terminal()).cloned();
+        self.jobs.push((name.to_owned(), kept));
     }
 
     /// Inserts an event and answers it. Every event insert of the writer goes through
@@ -308,10 +325,11 @@ pub(super) fn start(
     queue: mpsc::Receiver<Box<dyn Op>>,
     changes: watch::Sender<u64>,
     tail: Arc<Mutex<Tail>>,
+    jobs: Arc<Mutex<JobCache>>,
 ) -> StoreResult<()> {
     std::thread::Builder::new()
         .name("opsbox-sqlite-writer".into())
-        .spawn(move || run(conn, queue, changes, tail))
+        .spawn(move || run(conn, queue, changes, tail, jobs))
         .map(drop)
         .map_err(|e| StoreError::Failed(format!("cannot start the store's writer: {e}")))
 }
@@ -321,12 +339,14 @@ fn run(
     mut queue: mpsc::Receiver<Box<dyn Op>>,
     changes: watch::Sender<u64>,
     tail: Arc<Mutex<Tail>>,
+    jobs: Arc<Mutex<JobCache>>,
 ) {
     let mut revision = *changes.borrow();
     let mut tx = Tx {
         conn,
         newest: revision,
         events: Vec::new(),
+        jobs: Vec::new(),
     };
     let mut batch: Vec<Box<dyn Op>> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = queue.blocking_recv() {
@@ -340,6 +360,8 @@ fn run(
         coalesce(&mut batch);
         let committed = commit_group(&mut tx, &mut batch);
         let events = std::mem::take(&mut tx.events);
+        // Before the writes are answered: a caller reading its job back sees its write.
+        lock(&jobs).apply(std::mem::take(&mut tx.jobs), committed.is_ok());
         if committed.is_ok() {
             revision = revision.max(tx.newest);
             if !events.is_empty() {
