@@ -19,6 +19,7 @@ pub mod error;
 pub mod faces;
 pub mod opening;
 pub mod tls;
+mod unix;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -118,7 +119,10 @@ pub fn router(state: AppState) -> Router {
     router.with_state(state)
 }
 
-/// How the TCP listeners speak HTTP/1:
+/// How long open requests get to finish once the server stops.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// How every listener speaks HTTP/1:
 /// - response header names title-cased (`Scirocco-Node-Source`): header names are
 ///   case-insensitive, but scirocco-pyclient matches them case-sensitively (HTTP/2 is
 ///   unaffected, its names are lowercase by definition);
@@ -469,16 +473,19 @@ impl Server {
                     tasks.spawn(async move { server.serve(app.into_make_service()).await });
                 }
                 Bound::Unix(listener, path, _) => {
-                    let mut stop = stop_rx.clone();
-                    tasks.spawn(async move {
-                        let result = axum::serve(listener, app)
-                            .with_graceful_shutdown(async move {
-                                let _ = stop.wait_for(|s| *s).await;
-                            })
-                            .await;
-                        let _ = std::fs::remove_file(&path);
-                        result
-                    });
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    http_settings(&mut builder, &self.state.config.limits);
+                    tasks.spawn(unix::serve(
+                        listener,
+                        path,
+                        app,
+                        builder,
+                        opening_timeout,
+                        stop_rx.clone(),
+                        GRACE,
+                    ));
                 }
             }
         }
@@ -496,10 +503,10 @@ impl Server {
             }
         }
         tracing::info!("shutting down: stopping running jobs");
-        handle.graceful_shutdown(Some(Duration::from_secs(5)));
+        handle.graceful_shutdown(Some(GRACE));
         let _ = stop_tx.send(true);
         core.shutdown().await;
-        let _ = tokio::time::timeout(Duration::from_secs(6), async {
+        let _ = tokio::time::timeout(GRACE + Duration::from_secs(1), async {
             while tasks.join_next().await.is_some() {}
         })
         .await;

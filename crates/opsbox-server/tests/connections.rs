@@ -1,17 +1,30 @@
 //! The listeners over a real socket: what a client that misbehaves at the connection
-//! level (trickled headers, a silent connection) gets.
+//! level (trickled headers, a silent connection) gets, on TCP and on a Unix socket.
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 
 /// A server that gives a request head one second.
 async fn impatient() -> TestServer {
     TestServer::start_with(|c| c.limits.header_read_timeout_secs = 1).await
+}
+
+/// [`impatient`], also listening on a Unix socket in its data directory.
+async fn impatient_with_socket() -> (TestServer, PathBuf) {
+    let server = TestServer::start_with(|c| {
+        c.limits.header_read_timeout_secs = 1;
+        c.listen
+            .push(format!("unix:{}", c.data.join("opsbox.sock").display()));
+    })
+    .await;
+    let socket = server.data.join("opsbox.sock");
+    (server, socket)
 }
 
 async fn connect(server: &TestServer) -> TcpStream {
@@ -22,7 +35,7 @@ async fn connect(server: &TestServer) -> TcpStream {
 
 /// Reads until the server closes the connection (or resets it), and says how long
 /// that took; fails if it is still open after `patience`.
-async fn closed_after(stream: &mut TcpStream, patience: Duration) -> Duration {
+async fn closed_after(stream: &mut (impl AsyncRead + Unpin), patience: Duration) -> Duration {
     let start = Instant::now();
     let mut buf = [0u8; 1024];
     loop {
@@ -35,7 +48,7 @@ async fn closed_after(stream: &mut TcpStream, patience: Duration) -> Duration {
 }
 
 /// The connection must be closed within 5 s (the 1 s timeout and some slack).
-async fn closed_soon(stream: &mut TcpStream) {
+async fn closed_soon(stream: &mut (impl AsyncRead + Unpin)) {
     let waited = closed_after(stream, Duration::from_secs(10)).await;
     assert!(
         waited < Duration::from_secs(5),
@@ -170,4 +183,53 @@ async fn a_body_that_stops_coming_is_refused() {
         assert!(start.elapsed() < Duration::from_secs(5), "{path}");
     }
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_head_that_stops_half_way_on_the_unix_socket_is_cut_off() {
+    let (server, socket) = impatient_with_socket().await;
+    let mut stream = UnixStream::connect(&socket).await.unwrap();
+    stream
+        .write_all(b"GET /v1/info HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    closed_soon(&mut stream).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_unix_socket_connection_that_says_nothing_is_cut_off() {
+    let (server, socket) = impatient_with_socket().await;
+    let mut stream = UnixStream::connect(&socket).await.unwrap();
+    closed_soon(&mut stream).await;
+    server.shutdown().await;
+}
+
+/// A prompt request on the Unix socket is answered, with the header names title-cased
+/// as on TCP, and the connection kept alive until the head timeout ends it.
+#[tokio::test]
+async fn a_prompt_request_on_the_unix_socket_is_answered_as_on_tcp() {
+    let (server, socket) = impatient_with_socket().await;
+    let mut stream = UnixStream::connect(&socket).await.unwrap();
+    stream
+        .write_all(b"GET /v1/info HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\r\nContent-Type: "), "{answer}");
+    closed_soon(&mut stream).await;
+    server.shutdown().await;
+}
+
+/// Stopping the server removes its socket file, also with a connection open.
+#[tokio::test]
+async fn the_unix_socket_file_is_removed_when_the_server_stops() {
+    let (server, socket) = impatient_with_socket().await;
+    let _idle = UnixStream::connect(&socket).await.unwrap();
+    assert!(socket.exists());
+    server.shutdown().await;
+    assert!(!socket.exists());
 }

@@ -61,26 +61,18 @@ fn h(r: &reqwest::Response, name: &str) -> Option<String> {
         .map(|v| v.to_str().unwrap().to_owned())
 }
 
-#[tokio::test]
-async fn response_header_names_are_title_cased_on_the_wire() {
-    let s = server().await;
-    let addr = s.base.trim_start_matches("http://").to_owned();
-    let raw = tokio::task::spawn_blocking(move || {
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let body = "{\"type\": \"message\"}";
-        write!(
-            stream,
-            "POST /messageQueue HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: identity\r\nContent-Length: {}\r\nScirocco-To: af123\r\nScirocco-From: af123\r\nAuthorization: {TOKEN}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        stream.read_to_string(&mut out).unwrap();
-        out
-    })
-    .await
+/// Posts a message over `stream` as scirocco-pyclient would, and checks the answer's
+/// header names on the wire: the client matches them case-sensitively.
+fn check_title_cased_headers(mut stream: impl Read + Write) {
+    let body = "{\"type\": \"message\"}";
+    write!(
+        stream,
+        "POST /messageQueue HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: identity\r\nContent-Length: {}\r\nScirocco-To: af123\r\nScirocco-From: af123\r\nAuthorization: {TOKEN}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
     .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
     assert!(raw.starts_with("HTTP/1.1 201 Created\r\n"), "{raw}");
     for name in [
         "Location: /messages/",
@@ -101,6 +93,42 @@ async fn response_header_names_are_title_cased_on_the_wire() {
     }
     assert!(!raw.contains("Scirocco-Update-Time"), "{raw}");
     assert!(raw.ends_with("\r\n\r\n{\"type\": \"message\"}"), "{raw}");
+}
+
+#[tokio::test]
+async fn response_header_names_are_title_cased_on_the_wire() {
+    let s = server().await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    tokio::task::spawn_blocking(move || {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        check_title_cased_headers(stream);
+    })
+    .await
+    .unwrap();
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn response_header_names_are_title_cased_on_the_unix_socket_too() {
+    let s = TestServer::start_with(|c| {
+        c.scirocco.shared_token = Some(TOKEN.into());
+        c.listen
+            .push(format!("unix:{}", c.data.join("opsbox.sock").display()));
+    })
+    .await;
+    let socket = s.data.join("opsbox.sock");
+    tokio::task::spawn_blocking(move || {
+        let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        check_title_cased_headers(stream);
+    })
+    .await
+    .unwrap();
     s.shutdown().await;
 }
 
