@@ -122,23 +122,34 @@ pub fn router(state: AppState) -> Router {
 /// How long open requests get to finish once the server stops.
 const GRACE: Duration = Duration::from_secs(5);
 
-/// How every listener speaks HTTP/1:
+/// How every listener speaks HTTP:
 /// - response header names title-cased (`Scirocco-Node-Source`): header names are
 ///   case-insensitive, but scirocco-pyclient matches them case-sensitively (HTTP/2 is
 ///   unaffected, its names are lowercase by definition);
 /// - a request head must arrive within `limits.header_read_timeout_secs`, else the
 ///   connection is closed: without a timer hyper waits for a trickling client
 ///   (slowloris) forever. The bytes before the head, which tell HTTP/1 from HTTP/2,
-///   get the same time ([`opening::OpeningDeadline`]).
+///   get the same time ([`opening::OpeningDeadline`]);
+/// - HTTP/2: a connection that receives nothing for that time is sent a PING, and
+///   closed if the answer does not come within that time again: a client that stops
+///   after the preface, or vanishes during a long request, does not hold it forever.
 fn http_settings(
     builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     limits: &Limits,
 ) {
+    let timeout = header_read_timeout(limits);
     builder
         .http1()
         .title_case_headers(true)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_read_timeout(limits));
+        .header_read_timeout(timeout);
+    if let Some(timeout) = timeout {
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(timeout)
+            .keep_alive_timeout(timeout);
+    }
 }
 
 /// `limits.body_read_timeout_secs`, `None` for 0.

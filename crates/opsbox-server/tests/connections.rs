@@ -233,3 +233,109 @@ async fn the_unix_socket_file_is_removed_when_the_server_stops() {
     server.shutdown().await;
     assert!(!socket.exists());
 }
+
+/// What an HTTP/2 client with prior knowledge sends first: the preface and an empty
+/// SETTINGS frame.
+const H2_OPENING: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// An HTTP/2 connection (prior knowledge) through hyper's client, which answers the
+/// server's PINGs by itself; the task ends when the connection does.
+async fn http2(
+    server: &TestServer,
+) -> (
+    hyper::client::conn::http2::SendRequest<axum::body::Body>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let io = hyper_util::rt::TokioIo::new(connect(server).await);
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+async fn http2_request(
+    sender: &mut hyper::client::conn::http2::SendRequest<axum::body::Body>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://localhost{path}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_owned()))
+        .unwrap();
+    sender.send_request(request).await.unwrap()
+}
+
+#[tokio::test]
+async fn an_http2_connection_that_stops_after_its_preface_is_cut_off() {
+    let server = impatient().await;
+    let mut stream = connect(&server).await;
+    stream.write_all(H2_OPENING).await.unwrap();
+    closed_soon(&mut stream).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_http2_connection_cut_half_way_through_its_preface_is_cut_off() {
+    let server = impatient().await;
+    let mut stream = connect(&server).await;
+    stream.write_all(&H2_OPENING[..12]).await.unwrap();
+    closed_soon(&mut stream).await;
+    server.shutdown().await;
+}
+
+/// A client that opens an HTTP/2 stream that stays open (an event stream) and then
+/// stops reading and answering: the server's keep-alive PING goes unanswered, and the
+/// connection is closed.
+#[tokio::test]
+async fn an_http2_client_gone_silent_during_a_stream_is_cut_off() {
+    let server = impatient().await;
+    let mut stream = connect(&server).await;
+    // HEADERS, stream 1, END_STREAM | END_HEADERS: GET http://localhost/v1/events?follow=true
+    // in HPACK (static-table :method GET and :scheme http, literal :path and :authority).
+    let path = b"/v1/events?follow=true";
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(b"\x01\x09localhost");
+    let mut opening = H2_OPENING.to_vec();
+    opening.extend_from_slice(&[0, 0, block.len() as u8, 0x01, 0x05, 0, 0, 0, 1]);
+    opening.extend_from_slice(&block);
+    stream.write_all(&opening).await.unwrap();
+    // The answer's HEADERS frame (type 1) on stream 1 shows the stream is open.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(5).any(|w| w == [0x01, 0x04, 0, 0, 0]) {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("the event stream should answer")
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    closed_soon(&mut stream).await;
+    server.shutdown().await;
+}
+
+/// A request over HTTP/2 whose answer takes longer than the head timeout (a long poll
+/// on an empty queue, 4 s) is answered, on a connection that stays usable.
+#[tokio::test]
+async fn a_slow_http2_answer_is_not_cut_off() {
+    let server = impatient().await;
+    let (mut sender, connection) = http2(&server).await;
+    let start = Instant::now();
+    let response = http2_request(&mut sender, "POST", "/v1/queues/n1/pull", r#"{"wait": 4}"#).await;
+    assert_eq!(response.status(), 200);
+    let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), usize::MAX)
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["messages"], serde_json::json!([]), "{body}");
+    assert!(start.elapsed() > Duration::from_millis(3500));
+    let response = http2_request(&mut sender, "GET", "/v1/info", "").await;
+    assert_eq!(response.status(), 200);
+    assert!(!connection.is_finished());
+    server.shutdown().await;
+}
