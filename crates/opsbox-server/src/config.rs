@@ -178,9 +178,10 @@ pub struct Limits {
     /// Seconds a client has to send a whole HTTP/1 request head, on a new connection
     /// or between requests of a kept-alive one; a slower client is disconnected, so
     /// that trickled headers cannot hold connections open forever. HTTP/2 has the
-    /// same time for its preface; a connection that sends nothing for this long is
-    /// sent a PING, and closed if the answer takes this long again (a request being
-    /// answered keeps its connection as long as the client answers PINGs). 0: no limit.
+    /// same time for its preface and between requests: a connection with no request
+    /// open for this long is closed; and one that sends nothing for this long is sent a
+    /// PING, and closed if the answer takes this long again (a request being answered
+    /// keeps its connection as long as the client answers PINGs). 0: no limit.
     pub header_read_timeout_secs: u64,
     /// Seconds a request body may go without new bytes before the request is refused
     /// (400): a body withheld after its head would hold a connection and its handler

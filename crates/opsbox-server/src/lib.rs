@@ -133,6 +133,8 @@ const GRACE: Duration = Duration::from_secs(5);
 /// - HTTP/2: a connection that receives nothing for that time is sent a PING, and
 ///   closed if the answer does not come within that time again: a client that stops
 ///   after the preface, or vanishes during a long request, does not hold it forever.
+///   A client that answers PINGs but sends no request is closed by
+///   [`opening::OpeningDeadline`] (hyper has no idle timeout for HTTP/2).
 fn http_settings(
     builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     limits: &Limits,

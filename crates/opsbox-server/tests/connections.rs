@@ -319,6 +319,32 @@ async fn an_http2_client_gone_silent_during_a_stream_is_cut_off() {
     server.shutdown().await;
 }
 
+/// A live HTTP/2 client that keeps its connection with no request open (it answers
+/// the server's PINGs) gets it closed after the head timeout, as an idle HTTP/1 one.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() {
+    let server = impatient().await;
+    let (mut sender, connection) = http2(&server).await;
+    let response = http2_request(&mut sender, "GET", "/v1/info", "").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), hyper::Version::HTTP_2);
+    axum::body::to_bytes(axum::body::Body::new(response.into_body()), usize::MAX)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the idle HTTP/2 connection is still open after 10 s")
+        .unwrap()
+        .ok();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "closed only after {:?}",
+        start.elapsed()
+    );
+    server.shutdown().await;
+}
+
 /// A request over HTTP/2 whose answer takes longer than the head timeout (a long poll
 /// on an empty queue, 4 s) is answered, on a connection that stays usable.
 #[tokio::test]
@@ -337,5 +363,38 @@ async fn a_slow_http2_answer_is_not_cut_off() {
     let response = http2_request(&mut sender, "GET", "/v1/info", "").await;
     assert_eq!(response.status(), 200);
     assert!(!connection.is_finished());
+    server.shutdown().await;
+}
+
+/// An HTTP/2 event stream quiet for longer than the head timeout is not cut: the
+/// event that comes after the pause arrives.
+#[tokio::test]
+async fn a_quiet_http2_event_stream_is_not_cut_off() {
+    use http_body::Body as _;
+    let server = impatient().await;
+    let (mut sender, _connection) = http2(&server).await;
+    let response = http2_request(&mut sender, "GET", "/v1/events?follow=true", "").await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let run = common::client()
+        .post(server.url("/v1/scripts/echo/run"))
+        .json(&serde_json::json!({"params": {"text": "after the pause"}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(run.status().is_success(), "{}", run.status());
+    let mut text = String::new();
+    while !text.contains("job.created") {
+        let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx));
+        let frame = tokio::time::timeout(Duration::from_secs(10), next)
+            .await
+            .expect("the event should arrive")
+            .expect("the event stream ended")
+            .unwrap();
+        if let Some(data) = frame.data_ref() {
+            text.push_str(&String::from_utf8_lossy(data));
+        }
+    }
     server.shutdown().await;
 }
