@@ -154,9 +154,10 @@ pub(crate) fn describe(job: &mut Job, fanout: &serde_json::Value) {
 }
 
 fn fanout_of(record: &JobRecord) -> CoreResult<Fanout> {
-    let value = record.spec.get("fanout").ok_or_else(|| {
-        CoreError::Invalid(format!("job {} is not a fan-out job", record.name))
-    })?;
+    let value = record
+        .spec
+        .get("fanout")
+        .ok_or_else(|| CoreError::Invalid(format!("job {} is not a fan-out job", record.name)))?;
     // Read in place: the scheduler reads a running job's spec at every round.
     Fanout::deserialize(value).map_err(|e| {
         CoreError::Store(StoreError::Corrupt(format!(
