@@ -552,22 +552,27 @@ impl Jobs {
     /// it ended or was cleaned (or when some were compacted away unread).
     async fn ended_since(&self, name: &str, rev: &mut u64) -> CoreResult<bool> {
         const PAGE: u32 = 1000;
+        let wanted = |e: &opsbox_api::Event| ends_job(e, name);
         loop {
-            let events = match self.inner.store.events_since(*rev, PAGE).await? {
-                EventsSince::Events(events) => events,
+            let before = *rev;
+            let (found, last) = self
+                .inner
+                .store
+                .events_since_matching(before, PAGE, &wanted)
+                .await?;
+            match found {
+                EventsSince::Events(events) if !events.is_empty() => {
+                    *rev = last;
+                    return Ok(true);
+                }
+                EventsSince::Events(_) => *rev = last,
                 EventsSince::Gone { current } => {
                     *rev = current;
                     return Ok(true);
                 }
-            };
-            let Some(last) = events.last() else {
-                return Ok(false);
-            };
-            *rev = last.rev;
-            if events.iter().any(|e| ends_job(e, name)) {
-                return Ok(true);
             }
-            if events.len() < PAGE as usize {
+            // A whole page looked at: there may be more.
+            if last < before + u64::from(PAGE) {
                 return Ok(false);
             }
         }

@@ -349,6 +349,42 @@ async fn output_is_stored_in_order_per_stream_and_deleted_with_its_job() {
     assert_eq!(store.output_bytes(name).await.unwrap(), (vec![], vec![]));
 }
 
+/// A filtered read copies only what it keeps and says how far it looked.
+#[tokio::test]
+async fn events_since_matching_keeps_what_is_wanted_and_tells_how_far_it_looked() {
+    let (store, _dir) = store().await;
+    let start = store.current_revision().await.unwrap();
+    let mut revs = Vec::new();
+    for i in 0..10 {
+        let subject = if i % 2 == 0 { "a" } else { "b" };
+        revs.push(store.append_event(ev("test.x", subject)).await.unwrap().rev);
+    }
+    let wanted = |e: &opsbox_api::Event| e.subject == "a";
+    let (found, last) = store
+        .events_since_matching(start, 4, &wanted)
+        .await
+        .unwrap();
+    let EventsSince::Events(events) = found else {
+        panic!("nothing was compacted")
+    };
+    assert_eq!(
+        events.iter().map(|e| e.rev).collect::<Vec<_>>(),
+        [revs[0], revs[2]]
+    );
+    assert_eq!(last, revs[3], "four events looked at");
+    let (found, last) = store
+        .events_since_matching(revs[3], 100, &wanted)
+        .await
+        .unwrap();
+    assert_eq!(last, revs[9]);
+    assert!(matches!(found, EventsSince::Events(e) if e.len() == 3));
+    let (found, last) = store
+        .events_since_matching(revs[9], 100, &wanted)
+        .await
+        .unwrap();
+    assert_eq!((found, last), (EventsSince::Events(Vec::new()), revs[9]));
+}
+
 /// Reads of a job follow its writes (the SQLite store answers unended jobs from memory).
 #[tokio::test]
 async fn a_job_read_back_is_its_last_committed_write() {

@@ -268,6 +268,22 @@ pub enum EventsSince {
     Gone { current: u64 },
 }
 
+/// What [`Store::events_since_matching`] answers, from what `events_since` did.
+pub(crate) fn keep_matching(
+    found: EventsSince,
+    since: u64,
+    wanted: &(dyn for<'e> Fn(&'e Event) -> bool + Sync),
+) -> (EventsSince, u64) {
+    match found {
+        EventsSince::Events(mut events) => {
+            let last = events.last().map_or(since, |e| e.rev);
+            events.retain(|e| wanted(e));
+            (EventsSince::Events(events), last)
+        }
+        gone @ EventsSince::Gone { .. } => (gone, since),
+    }
+}
+
 /// Everything opsbox keeps. See the module docs for the rules.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -297,6 +313,22 @@ pub trait Store: Send + Sync + 'static {
     async fn current_revision(&self) -> StoreResult<u64>;
     /// Events with a revision greater than `since`.
     async fn events_since(&self, since: u64, limit: u32) -> StoreResult<EventsSince>;
+    /// Of the (at most `limit`) events after `since`, those `wanted` keeps, and the
+    /// revision of the last event looked at (`since` when there was none). For readers
+    /// that look for a few events among many (a wait for one job's end): a store that
+    /// holds the events in memory copies only the kept ones.
+    async fn events_since_matching(
+        &self,
+        since: u64,
+        limit: u32,
+        wanted: &(dyn for<'e> Fn(&'e Event) -> bool + Sync),
+    ) -> StoreResult<(EventsSince, u64)> {
+        Ok(keep_matching(
+            self.events_since(since, limit).await?,
+            since,
+            wanted,
+        ))
+    }
     /// Appends an event that goes with no other change (e.g. a catalog reload).
     async fn append_event(&self, event: NewEvent) -> StoreResult<Event>;
     /// Drops all but the newest `keep` events; returns how many were dropped.

@@ -143,6 +143,23 @@ impl Tail {
         )
     }
 
+    /// Like [`Tail::since`], copying only the events `wanted` keeps; with the revision
+    /// of the last event looked at.
+    fn since_matching(
+        &self,
+        since: u64,
+        limit: u32,
+        wanted: &(dyn for<'e> Fn(&'e Event) -> bool + Sync),
+    ) -> Option<(Vec<Event>, u64)> {
+        if since < self.from {
+            return None;
+        }
+        let start = self.events.partition_point(|e| e.rev <= since);
+        let looked = self.events.range(start..).take(limit as usize);
+        let last = looked.clone().last().map_or(since, |e| e.rev);
+        Some((looked.filter(|e| wanted(e)).cloned().collect(), last))
+    }
+
     /// Forgets what compaction dropped from the database, so a reader that far behind
     /// is told the log is gone, as it would be without the tail.
     fn compacted(&mut self, through: u64) {
@@ -545,6 +562,19 @@ impl Store for SqliteStore {
             .map(event_from_row)
             .collect::<StoreResult<_>>()?;
         Ok(EventsSince::Events(events))
+    }
+
+    async fn events_since_matching(
+        &self,
+        since: u64,
+        limit: u32,
+        wanted: &(dyn for<'e> Fn(&'e Event) -> bool + Sync),
+    ) -> StoreResult<(EventsSince, u64)> {
+        if let Some((events, last)) = lock(&self.tail).since_matching(since, limit, wanted) {
+            return Ok((EventsSince::Events(events), last));
+        }
+        let found = self.events_since(since, limit).await?;
+        Ok(super::keep_matching(found, since, wanted))
     }
 
     async fn append_event(&self, event: NewEvent) -> StoreResult<Event> {
