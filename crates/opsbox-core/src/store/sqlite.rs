@@ -156,7 +156,7 @@ impl Tail {
         }
         let start = self.events.partition_point(|e| e.rev <= since);
         let looked = self.events.range(start..).take(limit as usize);
-        let last = looked.clone().last().map_or(since, |e| e.rev);
+        let last = looked.clone().next_back().map_or(since, |e| e.rev);
         Some((looked.filter(|e| wanted(e)).cloned().collect(), last))
     }
 
