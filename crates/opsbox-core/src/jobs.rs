@@ -1,7 +1,9 @@
 //! Jobs: every run of a script, from submission to its end.
 //!
-//! A job is written to the store before anything runs (state `queued`), waits for its
-//! script's lock (scripts with `lock: true` run one at a time) and then for a free run
+//! A submitted job is written to the store (state `queued`) before its caller hears of
+//! it; a synchronous run, whose caller hears of it only at its end, is written once it
+//! has lasted [`RECORD_AFTER`] or when it ends, so that a short run is one commit. A job
+//! waits for its script's lock (scripts with `lock: true` run one at a time) and then for a free run
 //! slot (a global limit), runs on the local node through the agent runtime, and ends
 //! `succeeded`, `failed`, `killed` or `lost`. Output is stored while it is produced, in
 //! small batches, so it can be followed live and survives the job. Files the script
@@ -26,7 +28,9 @@ use crate::error::{CoreError, CoreResult};
 use crate::names::NameGen;
 use crate::output::{split_lines, ReturnValueScanner};
 use crate::scripts::{env_name, Scripts};
-use crate::store::{EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError};
+use crate::store::{
+    EventsSince, JobFilter, JobRecord, JobWrite, LogChunkBytes, NewEvent, Store, StoreError,
+};
 
 /// The node name of the runtime embedded in the server.
 pub const LOCAL_NODE: &str = "local";
@@ -34,9 +38,9 @@ pub const LOCAL_NODE: &str = "local";
 /// What a filtered parameter's value shows as outside the process.
 pub const FILTERED: &str = "FILTERED";
 
-/// A job that ends sooner than this is recorded started and finished in one commit;
-/// a longer one gets its own `job.started` write as soon as this has passed.
-const RECORD_START_AFTER: Duration = Duration::from_millis(25);
+/// What a job has not written yet (a synchronous run's creation, a start) is written
+/// once this has passed; a job that ends sooner writes it with its end, in one commit.
+const RECORD_AFTER: Duration = Duration::from_millis(25);
 /// Output is written to the store at least this often while a job runs.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// ...or as soon as this much is waiting.
@@ -81,6 +85,44 @@ struct Active {
     /// The whole output as lines, when it was small enough to keep in memory: a
     /// synchronous run answers from it instead of reading it back from the store.
     output: Mutex<Option<JobOutput>>,
+}
+
+/// What a job has not written to the store yet.
+struct Unwritten {
+    /// Whether the job's row exists.
+    inserted: bool,
+    /// Its events not written yet, oldest first.
+    events: Vec<NewEvent>,
+    /// When they are to be written at the latest, should the job not have ended.
+    due: tokio::time::Instant,
+}
+
+impl Unwritten {
+    /// A job whose row is in the store, with nothing pending.
+    fn nothing() -> Self {
+        Unwritten {
+            inserted: true,
+            events: Vec::new(),
+            due: tokio::time::Instant::now(),
+        }
+    }
+
+    /// A job not in the store yet: `created` is written within [`RECORD_AFTER`].
+    fn created(created: NewEvent) -> Self {
+        Unwritten {
+            inserted: false,
+            events: vec![created],
+            due: tokio::time::Instant::now() + RECORD_AFTER,
+        }
+    }
+
+    fn row(&self) -> JobWrite {
+        if self.inserted {
+            JobWrite::Update
+        } else {
+            JobWrite::Insert
+        }
+    }
 }
 
 /// Output a run keeps in memory for its synchronous caller, at most.
@@ -364,12 +406,25 @@ impl Jobs {
         Ok(())
     }
 
-    /// Validates and queues a run of `script` and returns at once.
+    /// Validates and queues a run of `script` and returns at once, once the job is in
+    /// the store.
     pub async fn submit(
         &self,
         script: &str,
         params: BTreeMap<String, String>,
         submitted_by: Option<String>,
+    ) -> CoreResult<Submitted> {
+        self.start(script, params, submitted_by, true).await
+    }
+
+    /// Validates and starts a run; the job is written before this returns when
+    /// `write_now`, else within [`RECORD_AFTER`] or at its end.
+    async fn start(
+        &self,
+        script: &str,
+        params: BTreeMap<String, String>,
+        submitted_by: Option<String>,
+        write_now: bool,
     ) -> CoreResult<Submitted> {
         let script = self
             .inner
@@ -428,17 +483,20 @@ impl Jobs {
             done: done_tx,
             output: Mutex::new(None),
         });
-        self.inner
-            .store
-            .insert_job(&record, event("job.created", &record))
-            .await?;
+        let created = event("job.created", &record);
+        let unwritten = if write_now {
+            self.inner.store.insert_job(&record, created).await?;
+            Unwritten::nothing()
+        } else {
+            Unwritten::created(created)
+        };
         self.lock_active().insert(name.clone(), active.clone());
         let job = to_job(&record);
         let inner = self.inner.clone();
         let submitted_active = active.clone();
         tokio::spawn(async move {
             let name = record.name.clone();
-            let finished = inner.run(record, script, params, &active).await;
+            let finished = inner.run(record, unwritten, script, params, &active).await;
             inner
                 .active
                 .lock()
@@ -461,7 +519,7 @@ impl Jobs {
         submitted_by: Option<String>,
     ) -> CoreResult<(Job, JobOutput)> {
         let (job, kept) = self
-            .submit(script, params, submitted_by)
+            .start(script, params, submitted_by, false)
             .await?
             .finished_with_output()
             .await;
@@ -816,6 +874,7 @@ impl Inner {
     async fn run(
         &self,
         mut record: JobRecord,
+        mut unwritten: Unwritten,
         script: Arc<Script>,
         params: BTreeMap<String, String>,
         active: &Active,
@@ -830,20 +889,26 @@ impl Inner {
                 .entry(script.name.clone())
                 .or_default()
                 .clone();
-            tokio::select! {
-                guard = lock.lock_owned() => Some(guard),
-                _ = active.wake.notified() => None,
-            }
+            let wait = async {
+                tokio::select! {
+                    guard = lock.lock_owned() => Some(guard),
+                    _ = active.wake.notified() => None,
+                }
+            };
+            self.meanwhile(&mut unwritten, &record, wait).await
         } else {
             None
         };
         let _slot = if active.killed.load(Ordering::SeqCst) {
             None
         } else {
-            tokio::select! {
-                permit = self.slots.clone().acquire_owned() => permit.ok(),
-                _ = active.wake.notified() => None,
-            }
+            let wait = async {
+                tokio::select! {
+                    permit = self.slots.clone().acquire_owned() => permit.ok(),
+                    _ = active.wake.notified() => None,
+                }
+            };
+            self.meanwhile(&mut unwritten, &record, wait).await
         };
 
         let results_dir = self.config.results_dir.join(&record.name);
@@ -864,21 +929,25 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
+            let reason = Some(killed_reason(by, true));
             return self
-                .finish(record, JobState::Killed, Some(killed_reason(by, true)))
+                .end(record, unwritten, JobState::Killed, reason, Vec::new())
                 .await;
         }
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
+                let reason = Some(e.to_string());
                 return self
-                    .finish(record, JobState::Failed, Some(e.to_string()))
-                    .await
+                    .end(record, unwritten, JobState::Failed, reason, Vec::new())
+                    .await;
             }
         };
         if let Err(e) = self.spare.take(&results_dir) {
-            let reason = format!("cannot create {}: {e}", results_dir.display());
-            return self.finish(record, JobState::Failed, Some(reason)).await;
+            let reason = Some(format!("cannot create {}: {e}", results_dir.display()));
+            return self
+                .end(record, unwritten, JobState::Failed, reason, Vec::new())
+                .await;
         }
 
         let (tx, rx) = mpsc::channel(64);
@@ -889,35 +958,21 @@ impl Inner {
             self.config.max_output_bytes,
         ));
         let (started_tx, started) = tokio::sync::oneshot::channel();
-        let mut task = tokio::spawn(prepared.run_reporting(tx, started_tx));
+        let task = tokio::spawn(prepared.run_reporting(tx, started_tx));
         // The start is recorded with the process id, so that a server that crashes can
         // kill the job's processes when it comes back. A short job's start is written
         // with its end, in one commit.
-        let mut start_event = None;
-        let joined = match started.await {
+        let joined = match self.meanwhile(&mut unwritten, &record, started).await {
             Ok(pid) => {
                 record.state = JobState::Running;
                 record.started_at = Some(Utc::now());
                 record.node = Some(self.config.node_id.clone());
                 record.pid = Some(pid);
-                tokio::select! {
-                    joined = &mut task => {
-                        start_event = Some(event("job.started", &record));
-                        joined
-                    }
-                    _ = tokio::time::sleep(RECORD_START_AFTER) => {
-                        if let Err(e) = self
-                            .store
-                            .update_job(&record, event("job.started", &record))
-                            .await
-                        {
-                            tracing::error!(job = %record.name, error = %e, "cannot record the start");
-                        }
-                        (&mut task).await
-                    }
-                }
+                unwritten.events.push(event("job.started", &record));
+                unwritten.due = tokio::time::Instant::now() + RECORD_AFTER;
+                self.meanwhile(&mut unwritten, &record, task).await
             }
-            Err(_) => task.await,
+            Err(_) => self.meanwhile(&mut unwritten, &record, task).await,
         };
         let outcome = joined.unwrap_or_else(|e| {
             Err(RunError::Spawn {
@@ -950,38 +1005,65 @@ impl Inner {
             record.exit_code = exit.code;
             record.signal = exit.signal;
         }
-        let events: Vec<NewEvent> = start_event.into_iter().collect();
-        self.end(record, state, reason, last_output, events).await
+        self.end(record, unwritten, state, reason, last_output)
+            .await
     }
 
-    /// Records a job's end: its row, its last output and its events, in one commit.
+    /// Records a job's end: its row, its last output and its events (with whatever it
+    /// had not written yet), in one commit.
     async fn end(
         &self,
         mut record: JobRecord,
+        mut unwritten: Unwritten,
         state: JobState,
         reason: Option<String>,
         last_output: Vec<LogChunkBytes>,
-        mut events: Vec<NewEvent>,
     ) -> JobRecord {
         record.state = state;
         record.reason = reason;
         record.finished_at = Some(Utc::now());
-        events.push(event("job.finished", &record));
-        if let Err(e) = self.store.complete_job(&record, last_output, events).await {
+        unwritten.events.push(event("job.finished", &record));
+        if let Err(e) = self
+            .store
+            .write_job(&record, unwritten.row(), last_output, unwritten.events)
+            .await
+        {
             tracing::error!(job = %record.name, error = %e, "cannot record the end");
         }
         record
     }
 
-    /// Ends a job that never ran.
-    async fn finish(
+    /// Awaits `work`; should what the job has not written yet fall due meanwhile, it
+    /// is written (the record as it stands, with its pending events) and the wait goes on.
+    async fn meanwhile<F: std::future::Future>(
         &self,
-        record: JobRecord,
-        state: JobState,
-        reason: Option<String>,
-    ) -> JobRecord {
-        self.end(record, state, reason, Vec::new(), Vec::new())
+        unwritten: &mut Unwritten,
+        record: &JobRecord,
+        work: F,
+    ) -> F::Output {
+        if unwritten.events.is_empty() {
+            return work.await;
+        }
+        tokio::pin!(work);
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            _ = tokio::time::sleep_until(unwritten.due) => {}
+        }
+        let events = std::mem::take(&mut unwritten.events);
+        match self
+            .store
+            .write_job(record, unwritten.row(), Vec::new(), events.clone())
             .await
+        {
+            Ok(()) => unwritten.inserted = true,
+            Err(e) => {
+                // Kept for the job's end, which tries again.
+                tracing::error!(job = %record.name, error = %e, "cannot record the job");
+                unwritten.events = events;
+            }
+        }
+        work.await
     }
 
     /// The whole environment of a run: a sane base, the params (every declared one, ""

@@ -325,6 +325,31 @@ async fn a_successful_job_records_its_life() {
 }
 
 #[tokio::test]
+async fn a_short_waited_run_writes_its_whole_life_in_order() {
+    let t = open(&[("ok.sh", "", "echo fine")]).await;
+    let since = t.core.store.current_revision().await.unwrap();
+    let (job, output) = run(&t, "ok", &[]).await;
+    assert_eq!(output.stdout, vec!["fine"]);
+    // Created, started and finished (a short run writes them at its end, together),
+    // in that order, each carrying the job as it was then, and nothing else.
+    let events = match t.core.store.events_since(since, 100).await.unwrap() {
+        opsbox_core::store::EventsSince::Events(events) => events,
+        other => panic!("nothing was compacted: {other:?}"),
+    };
+    let about: Vec<_> = events.iter().filter(|e| e.subject == job.name).collect();
+    let kinds: Vec<&str> = about.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["job.created", "job.started", "job.finished"]);
+    let states: Vec<&str> = about
+        .iter()
+        .map(|e| e.data["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["queued", "running", "succeeded"]);
+    assert!(about[0].rev < about[1].rev && about[1].rev < about[2].rev);
+    // The stored job is the one the caller got.
+    assert_eq!(t.core.jobs.get(&job.name).await.unwrap(), job);
+}
+
+#[tokio::test]
 async fn result_files_are_listed_and_only_listed_names_are_served() {
     let t = open(&[(
         "res.sh",

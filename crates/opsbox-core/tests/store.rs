@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use opsbox_api::{JobState, ResultFile, Stream};
 use opsbox_core::store::{
-    EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, Store, StoreError, TaskRecord,
+    EventsSince, JobFilter, JobRecord, JobWrite, LogChunkBytes, NewEvent, Store, StoreError, TaskRecord,
     TaskWrite,
 };
 
@@ -443,7 +443,12 @@ async fn a_job_read_back_is_its_last_committed_write() {
     assert_eq!(read(store.clone()).await.as_ref(), Some(&again));
     again.state = JobState::Succeeded;
     store
-        .complete_job(&again, Vec::new(), vec![ev("job.finished", name)])
+        .write_job(
+            &again,
+            JobWrite::Update,
+            Vec::new(),
+            vec![ev("job.finished", name)],
+        )
         .await
         .unwrap();
     assert_eq!(read(store.clone()).await.as_ref(), Some(&again));

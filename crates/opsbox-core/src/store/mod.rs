@@ -201,6 +201,13 @@ impl NewEvent {
     }
 }
 
+/// Whether [`Store::write_job`] makes a job's row or replaces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobWrite {
+    Insert,
+    Update,
+}
+
 /// A job as stored: the public [`opsbox_api::Job`] plus what is needed to run it again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRecord {
@@ -339,11 +346,14 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event>;
     /// Replaces an existing job's row; [`StoreError::NotFound`] if it was cleaned.
     async fn update_job(&self, job: &JobRecord, event: NewEvent) -> StoreResult<Event>;
-    /// Replaces an existing job's row, appends its last output chunks and its events, in
-    /// one transaction (a job's end: one commit instead of three).
-    async fn complete_job(
+    /// Inserts or replaces a job's row, appends output chunks and events, in one
+    /// transaction: a job's end is one commit, and so is the whole of a short run that
+    /// is first written when it ends. [`StoreError::Conflict`] / [`StoreError::NotFound`]
+    /// as for [`Store::insert_job`] / [`Store::update_job`].
+    async fn write_job(
         &self,
         job: &JobRecord,
+        row: JobWrite,
         output: Vec<LogChunkBytes>,
         events: Vec<NewEvent>,
     ) -> StoreResult<()>;

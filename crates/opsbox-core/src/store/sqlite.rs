@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector};
 use super::{
-    EventsSince, JobFilter, JobRecord, LogChunkBytes, NewEvent, NodeRecord, Store, StoreError,
+    EventsSince, JobFilter, JobRecord, JobWrite, LogChunkBytes, NewEvent, NodeRecord, Store, StoreError,
     StoreResult, TaskRecord, TaskWrite, TokenRecord, UserRecord,
 };
 use opsbox_api::{PayloadKind, QueueStats};
@@ -624,15 +624,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn complete_job(
+    async fn write_job(
         &self,
         job: &JobRecord,
+        row: JobWrite,
         output: Vec<LogChunkBytes>,
         events: Vec<NewEvent>,
     ) -> StoreResult<()> {
         let job = job.clone();
         self.write(move |tx| {
-            write_job(tx, &job, false, &output)?;
+            write_job(tx, &job, row == JobWrite::Insert, &output)?;
             events.into_iter().try_for_each(|e| tx.note_event(e))
         })
         .await

@@ -44,7 +44,7 @@ mod writer;
 use writer::{Op, Work, WriteRequest, Writer};
 
 use super::{
-    fold_queue_stats, Claim, DeleteEvent, EventsSince, JobFilter, JobRecord, LogChunkBytes,
+    fold_queue_stats, Claim, DeleteEvent, EventsSince, JobFilter, JobRecord, JobWrite, LogChunkBytes,
     MessageEvent, MessageRecord, MessageSelector, ModelData, ModelDoc, ModelWrite, NewEvent,
     NodeRecord, Signal, StatusCount, Store, StoreError, StoreLock, StoreResult, TaskRecord,
     TaskWrite, TokenRecord, UserRecord,
@@ -1084,9 +1084,10 @@ impl Store for PgStore {
         .await
     }
 
-    async fn complete_job(
+    async fn write_job(
         &self,
         job: &JobRecord,
+        row: JobWrite,
         output: Vec<LogChunkBytes>,
         new_events: Vec<NewEvent>,
     ) -> StoreResult<()> {
@@ -1095,7 +1096,7 @@ impl Store for PgStore {
         self.write_events(move |conn, events| {
             Box::pin(async move {
                 insert_output(conn, &job.name, &output).await?;
-                write_job(conn, &job, false, &owner).await?;
+                write_job(conn, &job, row == JobWrite::Insert, &owner).await?;
                 events.extend(new_events);
                 Ok(())
             })
