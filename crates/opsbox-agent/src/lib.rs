@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use opsbox_api::Stream;
@@ -475,14 +475,18 @@ async fn pump<R: AsyncRead + Unpin>(
     stream: Stream,
     output: mpsc::Sender<OutputPiece>,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
+    // Read into spare capacity and hand out what was filled: no zeroing and no copy
+    // per read (most tasks print a few bytes; the buffer is reused until it is full).
+    const CHUNK: usize = 16 * 1024;
+    let mut buf = BytesMut::new();
     loop {
-        match reader.read(&mut buf).await {
+        buf.reserve(CHUNK);
+        match reader.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => {
+            Ok(_) => {
                 let piece = OutputPiece {
                     stream,
-                    data: Bytes::copy_from_slice(&buf[..n]),
+                    data: buf.split().freeze(),
                 };
                 if output.send(piece).await.is_err() {
                     // Nobody listens any more; keep draining so the process never blocks

@@ -365,12 +365,13 @@ fn write_job(
         // Cleaned meanwhile.
         return Err(StoreError::NotFound(format!("job {}", job.name)));
     }
-    // As `job_from_row` reads it back: this store keeps no server name.
-    let stored = JobRecord {
+    // As `job_from_row` reads it back: this store keeps no server name. An ended job
+    // leaves the cache, so it is not copied for it.
+    let stored = (!job.state.is_terminal()).then(|| JobRecord {
         server: None,
         ..job.clone()
-    };
-    tx.note_job(&job.name, Some(&stored));
+    });
+    tx.note_job(&job.name, stored);
     insert_output(tx, &job.name, output)
 }
 
@@ -704,7 +705,8 @@ impl Store for SqliteStore {
                 .query_and_then((&reason, time_text(at)), |row| job_from_row(row))?
                 .collect::<StoreResult<Vec<_>>>()?;
             for job in &jobs {
-                tx.note_job(&job.name, Some(job));
+                // Ended: it leaves the cache.
+                tx.note_job(&job.name, None);
             }
             jobs.iter().map(|job| tx.insert_event(event(job))).collect()
         })

@@ -66,8 +66,8 @@ impl Tx {
     /// goes through here, so the job cache never answers a row the database no longer
     /// holds. Only jobs that have not ended are kept: those are the ones read over and
     /// over (a fan-out job at every scheduling round).
-    pub(super) fn note_job(&mut self, name: &str, job: Option<&JobRecord>) {
-        let kept = job.filter(|j| !j.state.is_terminal()).cloned();
+    pub(super) fn note_job(&mut self, name: &str, job: Option<JobRecord>) {
+        let kept = job.filter(|j| !j.state.is_terminal());
         self.jobs.push((name.to_owned(), kept));
     }
 
