@@ -10,8 +10,8 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use opsbox_api::{JobState, ResultFile, Stream};
 use opsbox_core::store::{
-    EventsSince, JobFilter, JobRecord, JobWrite, LogChunkBytes, NewEvent, Store, StoreError, TaskRecord,
-    TaskWrite,
+    EventsSince, JobFilter, JobRecord, JobWrite, LogChunkBytes, NewEvent, Store, StoreError,
+    TaskRecord, TaskWrite,
 };
 
 /// The store of a directory (opened again, it is the same store).

@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector};
 use super::{
-    EventsSince, JobFilter, JobRecord, JobWrite, LogChunkBytes, NewEvent, NodeRecord, Store, StoreError,
-    StoreResult, TaskRecord, TaskWrite, TokenRecord, UserRecord,
+    EventsSince, JobFilter, JobRecord, JobWrite, LogChunkBytes, NewEvent, NodeRecord, Store,
+    StoreError, StoreResult, TaskRecord, TaskWrite, TokenRecord, UserRecord,
 };
 use opsbox_api::{PayloadKind, QueueStats};
 use writer::{Op, QueueAnswer, QueueOp, QueueWork, Tx, TypedOp};

@@ -44,10 +44,10 @@ mod writer;
 use writer::{Op, Work, WriteRequest, Writer};
 
 use super::{
-    fold_queue_stats, Claim, DeleteEvent, EventsSince, JobFilter, JobRecord, JobWrite, LogChunkBytes,
-    MessageEvent, MessageRecord, MessageSelector, ModelData, ModelDoc, ModelWrite, NewEvent,
-    NodeRecord, Signal, StatusCount, Store, StoreError, StoreLock, StoreResult, TaskRecord,
-    TaskWrite, TokenRecord, UserRecord,
+    fold_queue_stats, Claim, DeleteEvent, EventsSince, JobFilter, JobRecord, JobWrite,
+    LogChunkBytes, MessageEvent, MessageRecord, MessageSelector, ModelData, ModelDoc, ModelWrite,
+    NewEvent, NodeRecord, Signal, StatusCount, Store, StoreError, StoreLock, StoreResult,
+    TaskRecord, TaskWrite, TokenRecord, UserRecord,
 };
 
 /// Expired leases settled per claim at most (the rest at the next claim).
