@@ -128,11 +128,29 @@ impl ClientBuilder {
     /// Builds the client without talking to the server. Its script cache is empty
     /// until [`Client::scripts`] or [`Client::get_script`] fills it.
     pub fn build(self) -> Result<Client> {
-        let url = reqwest::Url::parse(&self.url)
+        // `unix:PATH`, as the server's `--listen` spells a Unix socket: plain HTTP over
+        // that socket, with requests addressed to `localhost`.
+        let socket = self
+            .url
+            .strip_prefix("unix:")
+            .map(|path| path.strip_prefix("//").unwrap_or(path));
+        if socket.is_some_and(|path| !path.starts_with('/')) {
+            return Err(ClientError::Config(format!(
+                "invalid server URL '{}': a Unix socket is given by its absolute path, \
+                 as unix:/run/opsbox.sock",
+                self.url
+            )));
+        }
+        let spelled = if socket.is_some() {
+            "http://localhost"
+        } else {
+            &self.url
+        };
+        let url = reqwest::Url::parse(spelled)
             .map_err(|e| ClientError::Config(format!("invalid server URL '{}': {e}", self.url)))?;
         if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
             return Err(ClientError::Config(format!(
-                "invalid server URL '{}': it must start with http:// or https://",
+                "invalid server URL '{}': it must start with http://, https:// or unix:",
                 self.url
             )));
         }
@@ -142,16 +160,22 @@ impl ClientBuilder {
                 self.url
             )));
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .user_agent(concat!("opsbox-client/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(self.connect_timeout)
-            .danger_accept_invalid_certs(self.accept_invalid_certs)
+            .danger_accept_invalid_certs(self.accept_invalid_certs);
+        if let Some(path) = socket {
+            http = http.unix_socket(std::path::Path::new(path));
+        }
+        let http = http
             .build()
             .map_err(|e| ClientError::Config(format!("cannot set up HTTP: {e}")))?;
+        let base = url.as_str().trim_end_matches('/').to_string();
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
-                base: url.as_str().trim_end_matches('/').to_string(),
+                server: socket.map_or_else(|| base.clone(), |path| format!("unix:{path}")),
+                base,
                 auth: self.auth,
                 scripts: RwLock::new(None),
             }),
@@ -176,6 +200,8 @@ pub struct Client {
 
 struct Inner {
     http: reqwest::Client,
+    /// The server as shown to people: the base URL, or `unix:PATH`.
+    server: String,
     /// Server URL without a trailing slash; API paths are appended to it, so a server
     /// mounted under a prefix behind a proxy works.
     base: String,
@@ -193,14 +219,15 @@ struct ScriptCache {
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("server", &self.inner.base)
+            .field("server", &self.inner.server)
             .field("auth", &self.inner.auth)
             .finish_non_exhaustive()
     }
 }
 
 impl Client {
-    /// Starts setting up a client of the server at `url` (`http://127.0.0.1:3000`).
+    /// Starts setting up a client of the server at `url` (`http://127.0.0.1:3000`, or
+    /// `unix:/run/opsbox.sock` for a server listening on a Unix socket).
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             url: url.into(),
@@ -210,9 +237,9 @@ impl Client {
         }
     }
 
-    /// The server URL this client talks to.
+    /// The server this client talks to: its URL, or `unix:PATH` for a Unix socket.
     pub fn server(&self) -> &str {
-        &self.inner.base
+        &self.inner.server
     }
 
     // -----------------------------------------------------------------------------------
@@ -1188,7 +1215,17 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(prefixed.server(), "https://proxy.example/opsbox");
-        for bad in ["127.0.0.1:3000", "ftp://x", "not a url", "http://h/?q=1"] {
+        let local = Client::builder("unix:/run/opsbox.sock").build().unwrap();
+        assert_eq!(local.server(), "unix:/run/opsbox.sock");
+        let slashes = Client::builder("unix:///run/opsbox.sock").build().unwrap();
+        assert_eq!(slashes.server(), "unix:/run/opsbox.sock");
+        for bad in [
+            "127.0.0.1:3000",
+            "ftp://x",
+            "not a url",
+            "http://h/?q=1",
+            "unix:relative.sock",
+        ] {
             let error = Client::builder(bad).build().unwrap_err();
             assert!(matches!(error, ClientError::Config(_)), "{bad}: {error:?}");
         }

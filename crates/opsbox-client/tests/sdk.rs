@@ -67,8 +67,9 @@ impl TestServer {
         for (name, text) in [("echo.sh", ECHO), ("slow.sh", SLOW), ("report.sh", REPORT)] {
             write_script(&scripts, name, text);
         }
+        let socket = dir.path().join("opsbox.sock");
         let config = opsbox_server::ServerConfig {
-            listen: vec!["127.0.0.1:0".into()],
+            listen: vec!["127.0.0.1:0".into(), format!("unix:{}", socket.display())],
             data: dir.path().join("data"),
             scripts,
             charms: dir.path().join("charms"),
@@ -101,6 +102,11 @@ impl TestServer {
 
     fn client(&self) -> Client {
         Client::builder(&self.url).build().unwrap()
+    }
+
+    /// The server's Unix socket, as a client spells it.
+    fn unix_url(&self) -> String {
+        format!("unix:{}", self.dir.path().join("opsbox.sock").display())
     }
 }
 
@@ -268,6 +274,29 @@ async fn wait_honours_its_own_deadline() {
         .unwrap();
     assert!(running.iter().any(|j| j.name == job.name));
     client.kill(&job.name).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_on_a_unix_socket_is_reached_with_a_unix_url() {
+    let server = TestServer::start();
+    let client = Client::builder(server.unix_url()).connect().await.unwrap();
+    assert_eq!(client.server(), server.unix_url());
+    let run = client.run("report", NO_PARAMS).await.unwrap();
+    assert_eq!(run.job.state, JobState::Succeeded);
+    let path = &client.results(&run.job.name).await.unwrap().files[0].path;
+    let bytes = client.download_result(&run.job.name, path).await.unwrap();
+    assert_eq!(&bytes[..], b"a,b\n1,2\n");
+    // The same job, seen over TCP: one server.
+    let over_tcp = server.client().job(&run.job.name).await.unwrap();
+    assert_eq!(over_tcp, run.job);
+    let missing = Client::builder(format!(
+        "unix:{}",
+        server.dir.path().join("nobody.sock").display()
+    ))
+    .connect()
+    .await
+    .unwrap_err();
+    assert!(!missing.is_not_found(), "{missing:?}");
 }
 
 #[tokio::test]

@@ -80,7 +80,8 @@ pub struct Cli {
 /// Flags every client command takes.
 #[derive(Args, Debug, Clone, Default)]
 pub struct GlobalArgs {
-    /// Server URL [env: OPSBOX_SERVER] [default: http://127.0.0.1:3000]
+    /// Server URL, or unix:PATH for its Unix socket [env: OPSBOX_SERVER] [default:
+    /// http://127.0.0.1:3000]
     #[arg(long, global = true, value_name = "URL")]
     server: Option<String>,
     /// User for HTTP Basic auth [env: OPSBOX_USER]
