@@ -2,7 +2,7 @@
 //!
 //! A submitted job is written to the store (state `queued`) before its caller hears of
 //! it; a synchronous run, whose caller hears of it only at its end, is written once it
-//! has lasted [`RECORD_AFTER`] or when it ends, so that a short run is one commit. A
+//! has lasted 25 ms (`RECORD_AFTER`) or when it ends, so that a short run is one commit. A
 //! job waits for its script's lock (scripts with `lock: true` run one at a time) and
 //! then for a free run slot (a global limit), runs on the local node through the agent
 //! runtime, and ends `succeeded`, `failed`, `killed` or `lost`. Output is stored while
