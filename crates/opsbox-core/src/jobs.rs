@@ -2,13 +2,13 @@
 //!
 //! A submitted job is written to the store (state `queued`) before its caller hears of
 //! it; a synchronous run, whose caller hears of it only at its end, is written once it
-//! has lasted 25 ms (`RECORD_AFTER`) or when it ends, so that a short run is one commit. A
-//! job waits for its script's lock (scripts with `lock: true` run one at a time) and
-//! then for a free run slot (a global limit), runs on the local node through the agent
-//! runtime, and ends `succeeded`, `failed`, `killed` or `lost`. Output is stored while
-//! it is produced, in small batches, so it can be followed live and survives the job.
-//! Files the script writes into `$OPSBOX_RESULTS` are listed on the job and served by
-//! the faces.
+//! has lasted 25 ms (`RECORD_AFTER`) or when it ends, so that a short run is one
+//! commit. A job waits for its script's lock (scripts with `lock: true` run one at a
+//! time) and then for a free run slot (a global limit), runs on the local node through
+//! the agent runtime, and ends `succeeded`, `failed`, `killed` or `lost`. Output is
+//! stored while it is produced, in small batches, so it can be followed live and
+//! survives the job. Files the script writes into `$OPSBOX_RESULTS` are listed on the
+//! job and served by the faces.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
