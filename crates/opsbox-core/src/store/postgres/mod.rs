@@ -178,6 +178,9 @@ impl PgStore {
         let (writes, requests) = mpsc::channel(MAX_BATCH * 4);
         let writer = Writer {
             pool: pool.clone(),
+            conn: None,
+            used: std::time::Instant::now(),
+            replan: writer::Replan::new(),
             channel: channel.clone(),
             instance: instance.clone(),
             bump,
@@ -1736,5 +1739,39 @@ mod tests {
             .append_event(NewEvent::new("t.two", "s", serde_json::json!({})))
             .await
             .unwrap();
+    }
+
+    /// PostgreSQL only. The writer keeps one connection of its own; when the database
+    /// closes it (a restart, an administrator's `pg_terminate_backend`), writes go on.
+    #[tokio::test]
+    async fn writes_go_on_after_the_database_closes_the_writers_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = crate::store::test_store(dir.path()) else {
+            eprintln!("not run here: OPSBOX_TEST_STORE is not set (test.sh sets it)");
+            return;
+        };
+        let name = format!("opsbox_test_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let store = PgStore::open(&format!("{url}&application_name={name}"), "test")
+            .await
+            .unwrap();
+        let event = |kind: &str| NewEvent::new(kind, "s", serde_json::json!({}));
+        store.append_event(event("t.before")).await.unwrap();
+        let closed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&name)
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert!(closed.iter().filter(|c| **c).count() >= 1, "{closed:?}");
+        tokio::time::sleep(writer::IDLE_CHECK + Duration::from_millis(200)).await;
+        let after = store.append_event(event("t.after")).await.unwrap();
+        let EventsSince::Events(seen) = store.events_since(0, 10).await.unwrap() else {
+            panic!("events compacted away");
+        };
+        let kinds: Vec<&str> = seen.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["t.before", "t.after"]);
+        assert_eq!(seen[1].rev, after.rev);
     }
 }

@@ -23,13 +23,14 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use opsbox_api::Event;
 use sqlx::postgres::{PgConnection, PgPool};
-use sqlx::Executor;
+use sqlx::{Connection, Executor};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{ack_rows, append_events, insert_rows, MAX_BATCH};
@@ -76,10 +77,54 @@ pub(super) struct WriteRequest {
 /// A server's writer task.
 pub(super) struct Writer {
     pub(super) pool: PgPool,
+    /// Its own connection (see [`Writer::connect`]), `None` until the first batch
+    /// and after a failure that may have broken it.
+    pub(super) conn: Option<PgConnection>,
+    /// When it last ran a batch.
+    pub(super) used: Instant,
+    pub(super) replan: Replan,
     pub(super) channel: String,
     /// Tells this server's own notifications from other servers'.
     pub(super) instance: String,
     pub(super) bump: Arc<watch::Sender<u64>>,
+}
+
+/// When the writer next drops its cached plans: after 250 ms, then twice as long each
+/// time, up to a minute.
+///
+/// A generic plan is made once per connection, for the tables as they were then: made
+/// on an empty queue table, the ack's plan walked the whole claim index instead of
+/// looking ids up, slower with every message stored (queues-pg on a new database, one
+/// connection kept: 2.3k messages/s; with this schedule 4.2k). PostgreSQL drops plans
+/// itself when `ANALYZE` changes a table's statistics, but autovacuum, which runs it
+/// unasked, can be off (it is off on this machine kind); dropping them on a schedule
+/// makes them follow the tables either way.
+pub(super) struct Replan {
+    next: Instant,
+    every: Duration,
+}
+
+impl Replan {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MOST: Duration = Duration::from_secs(60);
+
+    pub(super) fn new() -> Self {
+        Replan {
+            next: Instant::now() + Self::FIRST,
+            every: Self::FIRST,
+        }
+    }
+
+    /// Whether the plans are to be dropped now (then the next time is set).
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        if now < self.next {
+            return false;
+        }
+        self.every = (self.every * 2).min(Self::MOST);
+        self.next = now + self.every;
+        true
+    }
 }
 
 /// How one write of a batch ended before the commit.
@@ -139,14 +184,14 @@ fn shared_failure(reason: &str) -> StoreError {
 }
 
 impl Writer {
-    pub(super) async fn run(self, mut requests: mpsc::Receiver<WriteRequest>) {
+    pub(super) async fn run(mut self, mut requests: mpsc::Receiver<WriteRequest>) {
         while let Some(batch) = next_batch(&mut requests).await {
             self.commit(batch).await;
         }
     }
 
     /// Runs a batch and answers each of its writes.
-    async fn commit(&self, batch: Vec<WriteRequest>) {
+    async fn commit(&mut self, batch: Vec<WriteRequest>) {
         let (works, replies): (Vec<Work>, Vec<_>) =
             batch.into_iter().map(|r| (r.work, r.reply)).unzip();
         match self.transaction(works).await {
@@ -180,85 +225,134 @@ impl Writer {
         }
     }
 
-    // Boxed: spawning an unboxed future that calls the ops trips the compiler's
-    // higher-ranked `Send` check (rust-lang/rust#100013).
-    fn transaction(
-        &self,
-        works: Vec<Work>,
-    ) -> BoxFuture<'_, StoreResult<(Vec<Outcome>, Vec<Event>)>> {
-        Box::pin(async move {
+    /// Makes sure the writer has a connection of its own (not the pool's: the pool
+    /// checks a connection with a round trip at every acquire, one more per batch, and
+    /// [`Replan`] needs the same connection each time). One that sat idle is checked
+    /// first, as the pool would: the database may have closed it meanwhile.
+    async fn connect(&mut self) -> StoreResult<()> {
+        if let Some(conn) = self.conn.as_mut() {
+            if self.used.elapsed() >= IDLE_CHECK && conn.ping().await.is_err() {
+                tracing::debug!("the store writer's connection was closed; reconnecting");
+                self.conn = None;
+            }
+        }
+        if self.conn.is_none() {
+            let mut conn = self.pool.acquire().await?.detach();
             // Generic plans: a batch's statements are the same few each time, and
             // planning them anew (PostgreSQL's default for the first runs, and for
             // array parameters) cost more than running them (queues-pg: 3.5k→3.9k/s).
-            let mut tx = self
-                .pool
-                .begin_with("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
+            conn.execute("SET plan_cache_mode = force_generic_plan")
                 .await?;
-            let mut point = Savepoint {
-                needed: works.len() > 1,
-                opened: false,
-                clean: false,
-            };
-            let mut outcomes: Vec<Option<Outcome>> = works.iter().map(|_| None).collect();
-            let mut pending: Vec<NewEvent> = Vec::new();
-            let mut pushes = Vec::new();
-            let mut acks = Vec::new();
-            let mut claims = Vec::new();
-            for (i, work) in works.into_iter().enumerate() {
-                match work {
-                    Work::Op(op) => {
-                        point.before(&mut tx).await?;
-                        let mut events = Vec::new();
-                        // A write that panics fails alone; the writer, which every
-                        // other write needs, goes on.
-                        let run = AssertUnwindSafe(op(&mut tx, &mut events)).catch_unwind();
-                        let result = run.await.unwrap_or_else(|_| {
-                            tracing::error!("a store write panicked; rolled back");
-                            Err(StoreError::Corrupt(
-                                "the write stopped half-way (a bug in the store) and was \
-                                 rolled back"
-                                    .into(),
-                            ))
-                        });
-                        outcomes[i] = Some(match result {
-                            Ok(value) => {
-                                point.kept();
-                                Outcome::Done(value, take_events(&mut pending, events))
-                            }
-                            Err(error) => point.undo(&mut tx, error).await?,
-                        });
-                    }
-                    Work::Claim { claim, event } => claims.push((i, (claim, event))),
-                    Work::Push { messages, event } => pushes.push((i, messages, event)),
-                    Work::Ack {
-                        destination,
-                        ids,
-                        at,
-                        event,
-                    } => acks.push((i, destination, ids, at, event)),
-                }
-            }
-            push(&mut tx, &mut point, pushes, &mut outcomes, &mut pending).await?;
-            claim(&mut tx, &mut point, claims, &mut outcomes, &mut pending).await?;
-            ack(&mut tx, &mut point, acks, &mut outcomes, &mut pending).await?;
-            let events = if pending.is_empty() {
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(&self.channel)
-                    .bind(format!("c:{}:0", self.instance))
-                    .execute(&mut *tx)
-                    .await?;
-                Vec::new()
+            self.conn = Some(conn);
+        }
+        Ok(())
+    }
+
+    /// Runs a batch in one transaction on the writer's connection. After a failure
+    /// the connection is not used again: a failed commit leaves it in a state unknown.
+    //
+    // Boxed: spawning an unboxed future that calls the ops trips the compiler's
+    // higher-ranked `Send` check (rust-lang/rust#100013).
+    fn transaction(
+        &mut self,
+        works: Vec<Work>,
+    ) -> BoxFuture<'_, StoreResult<(Vec<Outcome>, Vec<Event>)>> {
+        Box::pin(async move {
+            self.connect().await?;
+            let begin = if self.replan.due() {
+                "DISCARD PLANS; BEGIN"
             } else {
-                append_events(&mut tx, &self.channel, &self.instance, pending).await?
+                "BEGIN"
             };
-            tx.commit().await?;
-            let outcomes = outcomes
-                .into_iter()
-                .map(|o| o.ok_or_else(|| StoreError::Corrupt("a write was not run".into())))
-                .collect::<StoreResult<_>>()?;
-            Ok((outcomes, events))
+            let conn = self
+                .conn
+                .as_mut()
+                .ok_or_else(|| StoreError::Failed("the store writer has no connection".into()))?;
+            let done = run(conn, begin, &self.channel, &self.instance, works).await;
+            self.used = Instant::now();
+            if done.is_err() {
+                self.conn = None;
+            }
+            done
         })
     }
+}
+
+/// How long the writer's connection may sit idle before it is checked.
+pub(super) const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Runs a batch in one transaction (opened with `begin`) and commits it.
+async fn run(
+    conn: &mut PgConnection,
+    begin: &'static str,
+    channel: &str,
+    instance: &str,
+    works: Vec<Work>,
+) -> StoreResult<(Vec<Outcome>, Vec<Event>)> {
+    let mut tx = conn.begin_with(begin).await?;
+    let mut point = Savepoint {
+        needed: works.len() > 1,
+        opened: false,
+        clean: false,
+    };
+    let mut outcomes: Vec<Option<Outcome>> = works.iter().map(|_| None).collect();
+    let mut pending: Vec<NewEvent> = Vec::new();
+    let mut pushes = Vec::new();
+    let mut acks = Vec::new();
+    let mut claims = Vec::new();
+    for (i, work) in works.into_iter().enumerate() {
+        match work {
+            Work::Op(op) => {
+                point.before(&mut tx).await?;
+                let mut events = Vec::new();
+                // A write that panics fails alone; the writer, which every
+                // other write needs, goes on.
+                let run = AssertUnwindSafe(op(&mut tx, &mut events)).catch_unwind();
+                let result = run.await.unwrap_or_else(|_| {
+                    tracing::error!("a store write panicked; rolled back");
+                    Err(StoreError::Corrupt(
+                        "the write stopped half-way (a bug in the store) and was \
+                         rolled back"
+                            .into(),
+                    ))
+                });
+                outcomes[i] = Some(match result {
+                    Ok(value) => {
+                        point.kept();
+                        Outcome::Done(value, take_events(&mut pending, events))
+                    }
+                    Err(error) => point.undo(&mut tx, error).await?,
+                });
+            }
+            Work::Claim { claim, event } => claims.push((i, (claim, event))),
+            Work::Push { messages, event } => pushes.push((i, messages, event)),
+            Work::Ack {
+                destination,
+                ids,
+                at,
+                event,
+            } => acks.push((i, destination, ids, at, event)),
+        }
+    }
+    push(&mut tx, &mut point, pushes, &mut outcomes, &mut pending).await?;
+    claim(&mut tx, &mut point, claims, &mut outcomes, &mut pending).await?;
+    ack(&mut tx, &mut point, acks, &mut outcomes, &mut pending).await?;
+    let events = if pending.is_empty() {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(format!("c:{}:0", instance))
+            .execute(&mut *tx)
+            .await?;
+        Vec::new()
+    } else {
+        append_events(&mut tx, channel, instance, pending).await?
+    };
+    tx.commit().await?;
+    let outcomes = outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| StoreError::Corrupt("a write was not run".into())))
+        .collect::<StoreResult<_>>()?;
+    Ok((outcomes, events))
 }
 
 /// Moves a write's events to the batch's; returns where they are.
