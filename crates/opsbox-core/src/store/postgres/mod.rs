@@ -177,7 +177,7 @@ impl PgStore {
         ));
         let (writes, requests) = mpsc::channel(MAX_BATCH * 4);
         let writer = Writer {
-            pool: pool.clone(),
+            options: (*pool.connect_options()).clone(),
             conn: None,
             used: std::time::Instant::now(),
             replan: writer::Replan::new(),
@@ -185,7 +185,7 @@ impl PgStore {
             instance: instance.clone(),
             bump,
         };
-        tokio::spawn(writer.run(requests));
+        writer.start(requests)?;
         Ok(PgStore {
             pool,
             channel,

@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use opsbox_api::Event;
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Executor};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -76,7 +76,8 @@ pub(super) struct WriteRequest {
 
 /// A server's writer task.
 pub(super) struct Writer {
-    pub(super) pool: PgPool,
+    /// How to connect (the pool's options: its schema, its TLS).
+    pub(super) options: PgConnectOptions,
     /// Its own connection (see [`Writer::connect`]), `None` until the first batch
     /// and after a failure that may have broken it.
     pub(super) conn: Option<PgConnection>,
@@ -184,7 +185,24 @@ fn shared_failure(reason: &str) -> StoreError {
 }
 
 impl Writer {
-    pub(super) async fn run(mut self, mut requests: mpsc::Receiver<WriteRequest>) {
+    /// Starts the writer on a thread of its own, with a runtime of its own: on the
+    /// server's runtime, each answer from the database waited for a worker busy with
+    /// HTTP requests before the next statement went out, and the writer, which every
+    /// queue write waits for, was idle in its transaction a third of the time
+    /// (`pg_stat_activity` under queues-pg). It ends when every store handle is gone.
+    pub(super) fn start(self, requests: mpsc::Receiver<WriteRequest>) -> StoreResult<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Failed(format!("cannot start the store writer: {e}")))?;
+        std::thread::Builder::new()
+            .name("opsbox-pg-writer".into())
+            .spawn(move || runtime.block_on(self.run(requests)))
+            .map_err(|e| StoreError::Failed(format!("cannot start the store writer: {e}")))?;
+        Ok(())
+    }
+
+    async fn run(mut self, mut requests: mpsc::Receiver<WriteRequest>) {
         while let Some(batch) = next_batch(&mut requests).await {
             self.commit(batch).await;
         }
@@ -226,8 +244,9 @@ impl Writer {
     }
 
     /// Makes sure the writer has a connection of its own (not the pool's: the pool
-    /// checks a connection with a round trip at every acquire, one more per batch, and
-    /// [`Replan`] needs the same connection each time). One that sat idle is checked
+    /// checks a connection with a round trip at every acquire, one more per batch,
+    /// [`Replan`] needs the same connection each time, and a connection belongs to
+    /// the runtime that opened it). One that sat idle is checked
     /// first, as the pool would: the database may have closed it meanwhile.
     async fn connect(&mut self) -> StoreResult<()> {
         if let Some(conn) = self.conn.as_mut() {
@@ -237,7 +256,7 @@ impl Writer {
             }
         }
         if self.conn.is_none() {
-            let mut conn = self.pool.acquire().await?.detach();
+            let mut conn = PgConnection::connect_with(&self.options).await?;
             // Generic plans: a batch's statements are the same few each time, and
             // planning them anew (PostgreSQL's default for the first runs, and for
             // array parameters) cost more than running them (queues-pg: 3.5k→3.9k/s).
