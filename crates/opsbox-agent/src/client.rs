@@ -20,7 +20,8 @@ use crate::executor::Executor;
 /// How an agent connects and what it offers.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Server base URLs (`http(s)://host:port`), tried in turn.
+    /// Server base URLs (`http(s)://host:port`, or `unix:/path` for a server's Unix
+    /// socket on the same machine), tried in turn.
     pub servers: Vec<String>,
     /// A node token (`obx_...`) or any token allowed to act as `node_id`.
     pub token: Option<String>,
@@ -41,7 +42,9 @@ pub struct AgentConfig {
 pub enum AgentError {
     #[error("no server URL given")]
     NoServer,
-    #[error("invalid server URL '{0}': use http://host:port or https://host:port")]
+    #[error(
+        "invalid server URL '{0}': use http://host:port, https://host:port or unix:/absolute/path"
+    )]
     BadUrl(String),
     #[error("the server refused this agent: {0}")]
     Refused(String),
@@ -59,10 +62,10 @@ pub async fn run(
     if config.servers.is_empty() {
         return Err(AgentError::NoServer);
     }
-    let urls: Vec<String> = config
+    let urls: Vec<Target> = config
         .servers
         .iter()
-        .map(|s| ws_url(s))
+        .map(|s| target(s))
         .collect::<Result<_, _>>()?;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMessage>();
     // Messages taken from the queue but not yet written when a connection died.
@@ -117,6 +120,43 @@ enum Ended {
 /// Longest wait, when the agent stops, for the ends of the tasks it killed to go out.
 const LEAVE_GRACE: Duration = Duration::from_secs(5);
 
+/// Where a session connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    /// The WebSocket URL asked for (over a Unix socket, its host is a placeholder).
+    url: String,
+    /// A server's Unix socket, reached instead of the URL's host.
+    socket: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.socket {
+            Some(path) => write!(f, "unix:{}", path.display()),
+            None => f.write_str(&self.url),
+        }
+    }
+}
+
+/// `http(s)://host:port[/]` → `ws(s)://host:port/v1/agent`; `unix:/path` (or
+/// `unix:///path`, as `--listen` and the CLI spell it) → that socket.
+fn target(server: &str) -> Result<Target, AgentError> {
+    if let Some(path) = server.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if !path.starts_with('/') {
+            return Err(AgentError::BadUrl(server.to_owned()));
+        }
+        return Ok(Target {
+            url: "ws://localhost/v1/agent".into(),
+            socket: Some(path.into()),
+        });
+    }
+    Ok(Target {
+        url: ws_url(server)?,
+        socket: None,
+    })
+}
+
 /// `http(s)://host:port[/]` → `ws(s)://host:port/v1/agent`.
 fn ws_url(server: &str) -> Result<String, AgentError> {
     let base = server.trim_end_matches('/');
@@ -132,33 +172,70 @@ fn ws_url(server: &str) -> Result<String, AgentError> {
     Ok(format!("{rest}/v1/agent"))
 }
 
+fn lost(e: &dyn std::fmt::Display) -> SessionError {
+    SessionError::Lost(e.to_string())
+}
+
 async fn session(
     config: &AgentConfig,
-    url: &str,
+    target: &Target,
     executor: &Executor,
     out_tx: &mpsc::UnboundedSender<AgentMessage>,
     out_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
     unsent: &mut Vec<AgentMessage>,
     shutdown: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) -> Result<Ended, SessionError> {
-    let lost = |e: &dyn std::fmt::Display| SessionError::Lost(e.to_string());
-    let mut request = url.into_client_request().map_err(|e| lost(&e))?;
+    let mut request = target
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| lost(&e))?;
     if let Some(token) = &config.token {
         let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| lost(&e))?;
         request.headers_mut().insert("Authorization", value);
+    }
+    let left = || {
+        executor.kill_all();
+        Ok(Ended::Left)
+    };
+    if let Some(path) = &target.socket {
+        let connecting = async {
+            let stream = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| lost(&format!("{}: {e}", path.display())))?;
+            tokio_tungstenite::client_async(request, stream)
+                .await
+                .map_err(|e| handshake_failed(e, config))
+        };
+        let (socket, _) = tokio::select! {
+            _ = &mut *shutdown => return left(),
+            c = connecting => c?,
+        };
+        return drive(
+            config, target, socket, executor, out_tx, out_rx, unsent, shutdown,
+        )
+        .await;
     }
     let connector = config.insecure.then(insecure_connector);
     // Nagle off: task output and ends are small messages that must not wait.
     let connecting =
         tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector);
-    let connected = tokio::select! {
-        _ = &mut *shutdown => {
-            executor.kill_all();
-            return Ok(Ended::Left);
-        }
-        c = connecting => c,
+    let (socket, _) = tokio::select! {
+        _ = &mut *shutdown => return left(),
+        c = connecting => c.map_err(|e| handshake_failed(e, config))?,
     };
-    let (socket, _) = connected.map_err(|e| match e {
+    drive(
+        config, target, socket, executor, out_tx, out_rx, unsent, shutdown,
+    )
+    .await
+}
+
+/// Why a WebSocket handshake failed: a refusal when the server said no to the token.
+fn handshake_failed(
+    e: tokio_tungstenite::tungstenite::Error,
+    config: &AgentConfig,
+) -> SessionError {
+    match e {
         tokio_tungstenite::tungstenite::Error::Http(response)
             if response.status().as_u16() == 401 || response.status().as_u16() == 403 =>
         {
@@ -169,7 +246,24 @@ async fn session(
             ))
         }
         e => lost(&e),
-    })?;
+    }
+}
+
+/// One connected session: hello, then tasks in and reports out until it ends.
+#[allow(clippy::too_many_arguments)]
+async fn drive<S>(
+    config: &AgentConfig,
+    target: &Target,
+    socket: tokio_tungstenite::WebSocketStream<S>,
+    executor: &Executor,
+    out_tx: &mpsc::UnboundedSender<AgentMessage>,
+    out_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    unsent: &mut Vec<AgentMessage>,
+    shutdown: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> Result<Ended, SessionError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let (mut sink, mut stream) = socket.split();
     let hello = AgentMessage::Hello {
         node_id: config.node_id.clone(),
@@ -200,7 +294,7 @@ async fn session(
             )))
         }
     };
-    tracing::info!(server = %url, node = %config.node_id, "connected");
+    tracing::info!(server = %target, node = %config.node_id, "connected");
     for message in unsent.drain(..) {
         send(&mut sink, &message).await.map_err(|e| lost(&e))?;
     }
@@ -375,4 +469,28 @@ fn instance() -> &'static str {
             .as_nanos();
         format!("{}-{started:x}", std::process::id())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn server_urls_become_websocket_targets() {
+        let tls = target("https://master:3000/").unwrap();
+        assert_eq!(
+            (tls.url.as_str(), tls.socket),
+            ("wss://master:3000/v1/agent", None)
+        );
+        assert_eq!(target("http://m:3000").unwrap().url, "ws://m:3000/v1/agent");
+        for spelled in ["unix:/run/opsbox.sock", "unix:///run/opsbox.sock"] {
+            let unix = target(spelled).unwrap();
+            assert_eq!(unix.socket.as_deref(), Some(Path::new("/run/opsbox.sock")));
+            assert_eq!(unix.to_string(), "unix:/run/opsbox.sock");
+        }
+        for bad in ["unix:run/opsbox.sock", "unix:", "ftp://m", "m:3000"] {
+            assert!(matches!(target(bad), Err(AgentError::BadUrl(_))), "{bad}");
+        }
+    }
 }

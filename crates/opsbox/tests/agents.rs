@@ -76,11 +76,14 @@ fn start_server(dir: &Path, port: u16) -> Proc {
     start_server_beating(dir, port, 2)
 }
 
-/// A server that waits `heartbeat` seconds before it gives up on a silent agent.
+/// A server that waits `heartbeat` seconds before it gives up on a silent agent. It
+/// also listens on `opsbox.sock` in `dir`.
 fn start_server_beating(dir: &Path, port: u16, heartbeat: u32) -> Proc {
     let heartbeat = heartbeat.to_string();
     let child = Command::new(env!("CARGO_BIN_EXE_opsbox"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--listen")
+        .arg(format!("unix:{}", dir.join("opsbox.sock").display()))
         .arg("--data")
         .arg(dir.join("data"))
         .arg("--scripts")
@@ -134,12 +137,14 @@ impl Cluster {
 
     /// Starts an agent and waits until the server lists it connected.
     async fn agent(&self, id: &str, labels: &str, slots: u32) -> Proc {
+        let server = format!("http://127.0.0.1:{}", self.port);
+        self.agent_of(&server, id, labels, slots).await
+    }
+
+    /// Starts an agent of `server` and waits until the server lists it connected.
+    async fn agent_of(&self, server: &str, id: &str, labels: &str, slots: u32) -> Proc {
         let child = Command::new(env!("CARGO_BIN_EXE_opsbox"))
-            .args([
-                "agent",
-                "--server",
-                &format!("http://127.0.0.1:{}", self.port),
-            ])
+            .args(["agent", "--server", server])
             .args(["--node-id", id, "--slots", &slots.to_string()])
             .args(["--labels", labels])
             .arg("--work-dir")
@@ -270,6 +275,32 @@ async fn fan_out_over_100_inputs_with_a_reduce_runs_only_on_labelled_nodes() {
     let nodes = cluster.client.nodes().await.unwrap();
     let web = nodes.iter().find(|n| n.id == "web-1").unwrap();
     assert_eq!(web.tasks_ok, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_the_servers_machine_connects_through_its_unix_socket() {
+    let cluster = Cluster::start().await;
+    let socket = cluster.dir.path().join("opsbox.sock");
+    let _local = cluster
+        .agent_of(&format!("unix:{}", socket.display()), "sock-1", "sock", 2)
+        .await;
+    let inputs: Vec<String> = (0..4).map(|i| vec!["w"; i + 1].join(" ")).collect();
+    let job = cluster
+        .submit("count", inputs, Some("sum"), &["sock"])
+        .await;
+    let done = cluster.finished(&job).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let tasks = cluster.client.tasks(&job).await.unwrap();
+    assert!(
+        tasks.iter().all(|t| t.node.as_deref() == Some("sock-1")),
+        "{tasks:?}"
+    );
+    let total = cluster
+        .client
+        .download_result(&job, "reduce-0/total")
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&total).trim(), "10");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
