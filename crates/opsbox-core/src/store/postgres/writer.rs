@@ -246,8 +246,8 @@ impl Writer {
     /// Makes sure the writer has a connection of its own (not the pool's: the pool
     /// checks a connection with a round trip at every acquire, one more per batch,
     /// [`Replan`] needs the same connection each time, and a connection belongs to
-    /// the runtime that opened it). One that sat idle is checked
-    /// first, as the pool would: the database may have closed it meanwhile.
+    /// the runtime that opened it). One that sat idle is checked first, as the pool
+    /// would: the database may have closed it meanwhile.
     async fn connect(&mut self) -> StoreResult<()> {
         if let Some(conn) = self.conn.as_mut() {
             if self.used.elapsed() >= IDLE_CHECK && conn.ping().await.is_err() {
@@ -269,31 +269,23 @@ impl Writer {
 
     /// Runs a batch in one transaction on the writer's connection. After a failure
     /// the connection is not used again: a failed commit leaves it in a state unknown.
-    //
-    // Boxed: spawning an unboxed future that calls the ops trips the compiler's
-    // higher-ranked `Send` check (rust-lang/rust#100013).
-    fn transaction(
-        &mut self,
-        works: Vec<Work>,
-    ) -> BoxFuture<'_, StoreResult<(Vec<Outcome>, Vec<Event>)>> {
-        Box::pin(async move {
-            self.connect().await?;
-            let begin = if self.replan.due() {
-                "DISCARD PLANS; BEGIN"
-            } else {
-                "BEGIN"
-            };
-            let conn = self
-                .conn
-                .as_mut()
-                .ok_or_else(|| StoreError::Failed("the store writer has no connection".into()))?;
-            let done = run(conn, begin, &self.channel, &self.instance, works).await;
-            self.used = Instant::now();
-            if done.is_err() {
-                self.conn = None;
-            }
-            done
-        })
+    async fn transaction(&mut self, works: Vec<Work>) -> StoreResult<(Vec<Outcome>, Vec<Event>)> {
+        self.connect().await?;
+        let begin = if self.replan.due() {
+            "DISCARD PLANS; BEGIN"
+        } else {
+            "BEGIN"
+        };
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| StoreError::Failed("the store writer has no connection".into()))?;
+        let done = run(conn, begin, &self.channel, &self.instance, works).await;
+        self.used = Instant::now();
+        if done.is_err() {
+            self.conn = None;
+        }
+        done
     }
 }
 
@@ -525,19 +517,14 @@ async fn ack(
 
 /// The writes waiting now (at least one, at most [`MAX_BATCH`]); `None` once every
 /// store handle is gone.
-fn next_batch(
-    requests: &mut mpsc::Receiver<WriteRequest>,
-) -> BoxFuture<'_, Option<Vec<WriteRequest>>> {
-    // Boxed for the same reason as `Writer::transaction`.
-    Box::pin(async move {
-        let first = requests.recv().await?;
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
+async fn next_batch(requests: &mut mpsc::Receiver<WriteRequest>) -> Option<Vec<WriteRequest>> {
+    let first = requests.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match requests.try_recv() {
+            Ok(request) => batch.push(request),
+            Err(_) => break,
         }
-        Some(batch)
-    })
+    }
+    Some(batch)
 }
