@@ -126,15 +126,14 @@ const GRACE: Duration = Duration::from_secs(5);
 /// - response header names title-cased (`Scirocco-Node-Source`): header names are
 ///   case-insensitive, but scirocco-pyclient matches them case-sensitively (HTTP/2 is
 ///   unaffected, its names are lowercase by definition);
-/// - a request head must arrive within `limits.header_read_timeout_secs`, else the
-///   connection is closed: without a timer hyper waits for a trickling client
-///   (slowloris) forever. The bytes before the head, which tell HTTP/1 from HTTP/2,
-///   get the same time ([`opening::OpeningDeadline`]);
+/// - a request head must arrive within `limits.header_read_timeout_secs` of the
+///   accept or of the previous exchange's end, else the connection is closed: without
+///   a deadline hyper waits for a trickling client (slowloris) forever. That deadline
+///   is [`opening::OpeningDeadline`]'s, for both HTTP versions; hyper's own
+///   `header_read_timeout` is off, as it arms a timer per request;
 /// - HTTP/2: a connection that receives nothing for that time is sent a PING, and
 ///   closed if the answer does not come within that time again: a client that stops
 ///   after the preface, or vanishes during a long request, does not hold it forever.
-///   A client that answers PINGs but sends no request is closed by
-///   [`opening::OpeningDeadline`] (hyper has no idle timeout for HTTP/2).
 fn http_settings(
     builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     limits: &Limits,
@@ -144,7 +143,7 @@ fn http_settings(
         .http1()
         .title_case_headers(true)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(timeout);
+        .header_read_timeout(None);
     if let Some(timeout) = timeout {
         builder
             .http2()

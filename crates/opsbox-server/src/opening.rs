@@ -1,33 +1,37 @@
-//! The opening of a connection: it must show which HTTP version it speaks within the
-//! header timeout; and, once it speaks HTTP/2, it may not stay without a request for
-//! longer than that.
+//! The opening of a connection and the pauses between its requests: a connection must
+//! show which HTTP version it speaks, and then send each request head, within the
+//! header timeout of its last exchange's end (or of the accept).
 //!
-//! hyper's `header_read_timeout` (set in [`crate::http_settings`]) runs only once a
-//! connection is known to be HTTP/1. Before that, the listener reads up to 24 bytes to
-//! tell HTTP/1 from HTTP/2's preface (`PRI * HTTP/2.0…`), with no time limit: a client
-//! that connects and sends nothing, or a few bytes of the preface, would hold the
-//! connection forever. [`OpeningDeadline`] gives those bytes the same time as a whole
-//! request head, and costs nothing once they are in.
+//! The listener first reads up to 24 bytes to tell HTTP/1 from HTTP/2's preface
+//! (`PRI * HTTP/2.0…`): a client that connects and sends nothing, or a few bytes of the
+//! preface, would hold the connection forever without a deadline there.
 //!
-//! HTTP/2 has no request head to time: after its preface a connection may stay open
-//! with no stream at all, and hyper has no idle timeout for it (its keep-alive PINGs,
-//! also set in [`crate::http_settings`], end only connections whose peer stops
-//! answering them; any HTTP/2 library answers them by itself). So, as hyper ends a
-//! kept-alive HTTP/1 connection that sends no next head in time, an HTTP/2 connection
-//! that has had no exchange open for the same time fails its reads, and hyper closes
-//! it. An exchange is open from its request to the end of its response body: a slow
-//! answer, a long poll or an event stream keeps its connection, however quiet.
+//! After that, a connection may not stay without an open exchange for longer than the
+//! timeout: an exchange is open from its request head to the end of its response body,
+//! so a slow answer, a long poll or an event stream keeps its connection, however
+//! quiet. For HTTP/1 this is the head timeout (a client that trickles a head, or keeps
+//! a connection alive and sends nothing, is cut off); HTTP/2 has no request head to
+//! time and hyper no idle timeout for it (its keep-alive PINGs, set in
+//! [`crate::http_settings`], end only connections whose peer stops answering them). A
+//! connection upgraded to another protocol (a WebSocket) is not timed any more.
+//!
+//! Why here and not hyper's `header_read_timeout`: hyper's runs only once a connection
+//! is known to be HTTP/1, and it arms a new timer for every request head (an
+//! allocation, a clock read, and an insert into and a removal from tokio's timer wheel
+//! per request, a few percent of a small request's CPU). Here one timer per connection
+//! is armed lazily: an exchange's end only records the time, and the timer, when it
+//! fires, moves itself to the deadline that time gives. So a connection is closed
+//! between the timeout and twice the timeout after its last exchange ended.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum_server::accept::Accept;
-use futures::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -35,9 +39,8 @@ use tokio::time::{Instant, Sleep};
 /// The bytes an HTTP/2 connection (prior knowledge or after ALPN) starts with.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// An acceptor whose connections fail their reads with `TimedOut` if the bytes that
-/// tell their HTTP version are not in within `timeout` of the accept, or, for HTTP/2,
-/// once no exchange has been open for `timeout`.
+/// An acceptor whose connections fail their reads with `TimedOut` once they have been
+/// for `timeout` without an open exchange (see the module docs).
 #[derive(Debug, Clone)]
 pub struct OpeningDeadline<A> {
     /// The acceptor whose streams are wrapped (TCP_NODELAY, TLS).
@@ -68,17 +71,12 @@ where
         let timeout = self.timeout;
         Box::pin(async move {
             let (stream, service) = accepted.await?;
-            let open = timeout.map(|_| Arc::new(Open::default()));
+            let open = timeout.map(|_| Arc::new(Open::new()));
             Ok((
                 Opening {
                     inner: stream,
-                    phase: match timeout {
-                        Some(timeout) => Phase::Telling {
-                            timer: Box::pin(tokio::time::sleep(timeout)),
-                            seen: 0,
-                        },
-                        None => Phase::Told,
-                    },
+                    telling: Some(0),
+                    timer: timeout.map(|timeout| Box::pin(tokio::time::sleep(timeout))),
                     timeout: timeout.unwrap_or_default(),
                     open: open.clone(),
                 },
@@ -91,14 +89,39 @@ where
     }
 }
 
-/// The exchanges open on one HTTP/2 connection, shared by its stream (which times
-/// the pauses) and its service (which opens and closes them).
-#[derive(Debug, Default)]
+/// The exchanges of one connection, shared by its stream (which times the pauses)
+/// and its service (which opens and closes them).
+#[derive(Debug)]
 struct Open {
     count: AtomicUsize,
-    /// The connection's reader, woken when the last exchange ends so that it starts
-    /// the idle timer (it may be waiting for bytes with none open).
-    reader: AtomicWaker,
+    /// When the last exchange ended (at first: the accept), in ms after `start`.
+    idle_since: AtomicU64,
+    start: Instant,
+    /// A response switched the connection to another protocol.
+    upgraded: AtomicBool,
+}
+
+impl Open {
+    fn new() -> Self {
+        Open {
+            count: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            start: Instant::now(),
+            upgraded: AtomicBool::new(false),
+        }
+    }
+
+    /// When the connection may be closed if no exchange opens before; `None` while
+    /// one is open.
+    fn deadline(&self, timeout: Duration) -> Option<Instant> {
+        // `Exchange::drop` records the time before it counts down: with no exchange
+        // counted, the time read next is that of the last end.
+        if self.count.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since.load(Ordering::SeqCst));
+        Some(self.start + since + timeout)
+    }
 }
 
 /// One open exchange, from its request to the drop of its response body.
@@ -114,28 +137,21 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.reader.wake();
-        }
+        let open = &self.0;
+        let now = u64::try_from(open.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        open.idle_since.fetch_max(now, Ordering::SeqCst);
+        open.count.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// Where a connection under an [`OpeningDeadline`] is.
-#[derive(Debug)]
-enum Phase {
-    /// Its version is not told yet: `seen` bytes of the HTTP/2 preface are in.
-    Telling { timer: Pin<Box<Sleep>>, seen: usize },
-    /// HTTP/2: the timer runs while no exchange is open (`idle`).
-    Http2 { timer: Pin<Box<Sleep>>, idle: bool },
-    /// HTTP/1, or no deadline: reads pass through.
-    Told,
 }
 
 /// A stream under an [`OpeningDeadline`].
 #[derive(Debug)]
 pub struct Opening<S> {
     inner: S,
-    phase: Phase,
+    /// While its version is not told: how many bytes of the HTTP/2 preface are in.
+    telling: Option<usize>,
+    /// `None` when there is no deadline, or once the connection is upgraded.
+    timer: Option<Pin<Box<Sleep>>>,
     timeout: Duration,
     /// `None` when there is no deadline.
     open: Option<Arc<Open>>,
@@ -146,40 +162,42 @@ impl<S> Opening<S> {
     /// told once the bytes stop matching the HTTP/2 preface (HTTP/1), or the whole
     /// preface is in (HTTP/2), or at the end.
     fn read(&mut self, new: &[u8]) {
-        let Phase::Telling { seen, .. } = &mut self.phase else {
+        let Some(seen) = &mut self.telling else {
             return;
         };
         let rest = &H2_PREFACE[*seen..];
         let n = new.len().min(rest.len());
-        if new.is_empty() || new[..n] != rest[..n] {
-            self.phase = Phase::Told;
-        } else if n == rest.len() {
-            let Phase::Telling { timer, .. } = std::mem::replace(&mut self.phase, Phase::Told)
-            else {
-                unreachable!()
-            };
-            self.phase = Phase::Http2 { timer, idle: false };
+        if new.is_empty() || new[..n] != rest[..n] || n == rest.len() {
+            self.telling = None;
         } else {
             *seen += n;
         }
     }
 
-    /// Whether an HTTP/2 connection has been without an open exchange for the
-    /// timeout; arranges to be polled again when that may change.
+    /// Whether the connection has been without an open exchange for the timeout;
+    /// arranges to be polled again when that may change.
     fn idle_too_long(&mut self, cx: &mut Context<'_>) -> bool {
-        let (Phase::Http2 { timer, idle }, Some(open)) = (&mut self.phase, &self.open) else {
+        let Some(open) = &self.open else {
             return false;
         };
-        open.reader.register(cx.waker());
-        if open.count.load(Ordering::SeqCst) > 0 {
-            *idle = false;
+        if open.upgraded.load(Ordering::SeqCst) {
+            self.timer = None;
             return false;
         }
-        if !*idle {
-            *idle = true;
-            timer.as_mut().reset(Instant::now() + self.timeout);
+        let Some(timer) = &mut self.timer else {
+            return false;
+        };
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let now = Instant::now();
+            let deadline = open.deadline(self.timeout).unwrap_or(now + self.timeout);
+            if deadline <= now {
+                return true;
+            }
+            timer.as_mut().reset(deadline);
         }
-        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -190,34 +208,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Opening<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match &mut this.phase {
-            Phase::Told => Pin::new(&mut this.inner).poll_read(cx, buf),
-            Phase::Http2 { .. } => {
-                if this.idle_too_long(cx) {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the HTTP/2 client sent no request in time",
-                    )));
-                }
-                Pin::new(&mut this.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.read(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
             }
-            Phase::Telling { timer, .. } => {
-                let before = buf.filled().len();
-                match Pin::new(&mut this.inner).poll_read(cx, buf) {
-                    Poll::Ready(Ok(())) => {
-                        this.read(&buf.filled()[before..]);
-                        Poll::Ready(Ok(()))
-                    }
-                    Poll::Pending => match timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "the client sent no request in time",
-                        ))),
-                        Poll::Pending => Poll::Pending,
-                    },
-                    error => error,
-                }
-            }
+            Poll::Pending if this.idle_too_long(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client sent no request in time",
+            ))),
+            other => other,
         }
     }
 }
@@ -253,7 +254,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Opening<S> {
 }
 
 /// The service of a connection under an [`OpeningDeadline`]: it keeps count of the
-/// HTTP/2 exchanges open on its connection (HTTP/1 requests pass uncounted).
+/// exchanges open on its connection, and notes when one switches protocols.
 #[derive(Debug, Clone)]
 pub struct Exchanges<S> {
     inner: S,
@@ -274,10 +275,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<R>) -> Self::Future {
-        let exchange = match &self.open {
-            Some(open) if request.version() == http::Version::HTTP_2 => Some(Exchange::open(open)),
-            _ => None,
-        };
+        let exchange = self.open.as_ref().map(Exchange::open);
         Answering {
             inner: self.inner.call(request),
             exchange,
@@ -306,6 +304,11 @@ where
         let answer = std::task::ready!(this.inner.poll(cx));
         let exchange = this.exchange.take();
         Poll::Ready(answer.map(|response| {
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(exchange) = &exchange {
+                    exchange.0.upgraded.store(true, Ordering::SeqCst);
+                }
+            }
             response.map(|body| Exchanging {
                 body,
                 _exchange: exchange,
@@ -347,69 +350,90 @@ impl<B: Body> Body for Exchanging<B> {
 mod tests {
     use super::*;
 
-    fn opening() -> Opening<()> {
+    fn opening(timeout: Duration) -> Opening<()> {
         Opening {
             inner: (),
-            phase: Phase::Telling {
-                timer: Box::pin(tokio::time::sleep(Duration::from_secs(60))),
-                seen: 0,
-            },
-            timeout: Duration::from_secs(60),
-            open: Some(Arc::default()),
+            telling: Some(0),
+            timer: Some(Box::pin(tokio::time::sleep(timeout))),
+            timeout,
+            open: Some(Arc::new(Open::new())),
         }
     }
 
-    fn is_http2(opening: &Opening<()>) -> bool {
-        matches!(opening.phase, Phase::Http2 { .. })
-    }
-
     fn is_told(opening: &Opening<()>) -> bool {
-        matches!(opening.phase, Phase::Told)
+        opening.telling.is_none()
     }
 
     #[tokio::test]
     async fn the_version_is_told_by_the_first_byte_that_is_not_the_preface() {
-        let mut http1 = opening();
+        let secs = Duration::from_secs(60);
+        let mut http1 = opening(secs);
         http1.read(b"G");
         assert!(is_told(&http1));
 
-        let mut trickled = opening();
+        let mut trickled = opening(secs);
         for byte in &H2_PREFACE[..23] {
             trickled.read(&[*byte]);
-            assert!(matches!(trickled.phase, Phase::Telling { .. }));
+            assert!(!is_told(&trickled));
         }
         trickled.read(&H2_PREFACE[23..]);
-        assert!(is_http2(&trickled));
+        assert!(is_told(&trickled));
 
-        let mut whole = opening();
+        let mut whole = opening(secs);
         whole.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
-        assert!(is_http2(&whole));
+        assert!(is_told(&whole));
 
-        let mut almost = opening();
+        let mut almost = opening(secs);
         almost.read(b"PRI * HTTP/1.1");
         assert!(is_told(&almost));
 
-        let mut ended = opening();
+        let mut ended = opening(secs);
         ended.read(b"PR");
+        assert!(!is_told(&ended));
         ended.read(b"");
         assert!(is_told(&ended));
     }
 
-    #[tokio::test]
-    async fn an_http2_connection_is_idle_only_with_no_exchange_open() {
-        let mut connection = opening();
-        connection.timeout = Duration::from_secs(1);
-        connection.read(H2_PREFACE);
-        let open = connection.open.clone().unwrap();
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_with_no_exchange_open() {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
+        let mut connection = opening(Duration::from_secs(1));
+        let open = connection.open.clone().unwrap();
         assert!(!connection.idle_too_long(&mut cx));
         let exchange = Exchange::open(&open);
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(!connection.idle_too_long(&mut cx), "an exchange is open");
         drop(exchange);
-        assert!(!connection.idle_too_long(&mut cx), "the timer starts now");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(!connection.idle_too_long(&mut cx), "idle for less than 1 s");
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(connection.idle_too_long(&mut cx));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_any_request_is_idle_from_its_accept() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut connection = opening(Duration::from_secs(1));
+        connection.read(b"GET / HTTP/1.1\r\n");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(!connection.idle_too_long(&mut cx));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(connection.idle_too_long(&mut cx));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upgraded_connection_is_never_idle() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut connection = opening(Duration::from_secs(1));
+        let open = connection.open.clone().unwrap();
+        let exchange = Exchange::open(&open);
+        open.upgraded.store(true, Ordering::SeqCst);
+        drop(exchange);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!connection.idle_too_long(&mut cx));
+        assert!(connection.timer.is_none());
     }
 }

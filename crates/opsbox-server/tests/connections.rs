@@ -152,6 +152,50 @@ async fn a_slow_answer_is_not_cut_off() {
     server.shutdown().await;
 }
 
+/// Kept-alive requests each get the whole timeout: a client that sends a request
+/// every 0.6 s on one connection (1 s timeout) is never cut off.
+#[tokio::test]
+async fn requests_in_time_keep_a_connection_open() {
+    let server = impatient().await;
+    let mut stream = connect(&server).await;
+    let mut buf = [0u8; 4096];
+    for _ in 0..5 {
+        stream
+            .write_all(b"GET /v1/info HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    closed_soon(&mut stream).await;
+    server.shutdown().await;
+}
+
+/// A connection upgraded to a WebSocket is not HTTP any more: quiet for longer than
+/// the head timeout, it stays open.
+#[tokio::test]
+async fn a_quiet_websocket_is_not_cut_off() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = impatient().await;
+    let url = format!("{}/rpc", server.base.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ws.send(Message::text(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("an answer")
+        .expect("the socket is open")
+        .unwrap();
+    assert!(answer.to_text().unwrap().contains("pong"), "{answer}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_body_that_stops_coming_is_refused() {
     let server = TestServer::start_with(|c| c.limits.body_read_timeout_secs = 1).await;
