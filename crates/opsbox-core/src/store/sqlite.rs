@@ -312,8 +312,11 @@ fn conflict(error: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError
 // Statements used inside write transactions
 // ---------------------------------------------------------------------------------------
 
+/// A value as JSON text. Also for a `serde_json::Value`: its `to_string()` goes
+/// through `fmt::Write` one token at a time, several times slower than writing into a
+/// buffer as this does.
 fn json<T: serde::Serialize>(value: &T) -> String {
-    // Serialising plain maps and vectors of strings cannot fail.
+    // Serialising plain maps, vectors of strings and JSON values cannot fail.
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
 }
 
@@ -339,7 +342,7 @@ fn write_job(
         &job.reason,
         json(&job.return_values),
         json(&job.results),
-        job.spec.to_string(),
+        json(&job.spec),
         job.pid.map(i64::from),
         &job.name,
     );

@@ -48,7 +48,7 @@ impl SqliteStore {
                         "INSERT INTO model (kind, id, data) VALUES (?, ?, ?)
                          ON CONFLICT (kind, id) DO UPDATE SET data = excluded.data",
                     )?
-                    .execute((&doc.kind, &doc.id, doc.data.to_string()))?;
+                    .execute((&doc.kind, &doc.id, super::json(&doc.data)))?;
             }
             for (kind, id) in &write.remove {
                 tx.conn

@@ -71,6 +71,12 @@ impl Tx {
         self.jobs.push((name.to_owned(), kept));
     }
 
+    /// Runs one statement of the group's frame (BEGIN, SAVEPOINT, RELEASE, COMMIT)
+    /// prepared once: `execute_batch` would parse it again each time, several per write.
+    fn run(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
+    }
+
     /// Inserts an event and answers it. Every event insert of the writer goes through
     /// here or [`Tx::note_event`], so that the group's events reach the tail.
     pub(super) fn insert_event(&mut self, event: NewEvent) -> StoreResult<Event> {
@@ -86,20 +92,18 @@ impl Tx {
     /// write's cost on the writer thread).
     pub(super) fn note_event(&mut self, event: NewEvent) -> StoreResult<()> {
         let at = Utc::now();
-        let rev: i64 = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO events (at, kind, subject, data) VALUES (?, ?, ?, ?) RETURNING rev",
-            )?
-            .query_row(
-                (
-                    super::time_text(at),
-                    &event.kind,
-                    &event.subject,
-                    event.data.to_string(),
-                ),
-                |row| row.get(0),
-            )?;
+        // `RETURNING rev` would cost SQLite an ephemeral table per insert (about half
+        // of an event's cost on this thread); the writer's connection is its own, so
+        // the last rowid is this insert's.
+        self.conn
+            .prepare_cached("INSERT INTO events (at, kind, subject, data) VALUES (?, ?, ?, ?)")?
+            .execute((
+                super::time_text(at),
+                &event.kind,
+                &event.subject,
+                super::json(&event.data),
+            ))?;
+        let rev = self.conn.last_insert_rowid();
         let event = Event {
             rev: rev as u64,
             at,
@@ -397,7 +401,7 @@ fn apply(op: &mut dyn Op, tx: &mut Tx) -> bool {
 /// a group of one needs no savepoint (its failure rolls the transaction back).
 fn commit_group(tx: &mut Tx, batch: &mut [Box<dyn Op>]) -> Result<(), String> {
     let text = |e: rusqlite::Error| e.to_string();
-    tx.conn.execute_batch("BEGIN IMMEDIATE").map_err(text)?;
+    tx.run("BEGIN IMMEDIATE").map_err(text)?;
     if let [op] = batch {
         let before = tx.mark();
         if !apply(op.as_mut(), tx) {
@@ -415,9 +419,9 @@ fn commit_group(tx: &mut Tx, batch: &mut [Box<dyn Op>]) -> Result<(), String> {
                 continue;
             }
             let before = tx.mark();
-            let step = tx.conn.execute_batch("SAVEPOINT op").and_then(|()| {
+            let step = tx.run("SAVEPOINT op").and_then(|()| {
                 if apply(op.as_mut(), tx) {
-                    tx.conn.execute_batch("RELEASE op")
+                    tx.run("RELEASE op")
                 } else {
                     tx.undo(before);
                     tx.conn.execute_batch("ROLLBACK TO op; RELEASE op")
@@ -429,7 +433,7 @@ fn commit_group(tx: &mut Tx, batch: &mut [Box<dyn Op>]) -> Result<(), String> {
             }
         }
     }
-    if let Err(e) = tx.conn.execute_batch("COMMIT") {
+    if let Err(e) = tx.run("COMMIT") {
         let _ = tx.conn.execute_batch("ROLLBACK");
         return Err(e.to_string());
     }
