@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 pub mod model;
 pub mod nodes;
 pub mod paths;
+pub mod time;
 
 pub use nodes::{
     AgentMessage, FanoutRequest, FileData, Node, NodeList, PhaseProgress, Placement, ServerMessage,
@@ -220,8 +221,11 @@ pub struct Job {
     pub node: Option<String>,
     /// Identity that submitted it; `None` when auth is off.
     pub submitted_by: Option<String>,
+    #[serde(with = "crate::time")]
     pub created_at: DateTime<Utc>,
+    #[serde(default, with = "crate::time::option")]
     pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::time::option")]
     pub finished_at: Option<DateTime<Utc>>,
     pub exit_code: Option<i32>,
     /// Signal that ended the process, if one did.
@@ -334,6 +338,7 @@ pub enum LogEvent {
 pub struct Event {
     /// Global, strictly increasing revision.
     pub rev: u64,
+    #[serde(with = "crate::time")]
     pub at: DateTime<Utc>,
     /// What happened: `job.created`, `job.started`, `job.finished`, `job.cleaned`,
     /// `scripts.reloaded`, `user.added`, `token.created`, ...
@@ -652,17 +657,38 @@ pub struct Message {
     /// Pulled this many times without an ack, it goes `dead` instead of again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tries: Option<u32>,
+    #[serde(with = "crate::time")]
     pub created_at: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::option"
+    )]
     pub updated_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::option"
+    )]
     pub scheduled_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::option"
+    )]
     pub processing_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::option"
+    )]
     pub processed_at: Option<DateTime<Utc>>,
     /// While `processing` under a lease: when it is delivered again if not acked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::option"
+    )]
     pub lease_until: Option<DateTime<Utc>>,
 }
 

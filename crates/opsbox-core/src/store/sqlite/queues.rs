@@ -14,7 +14,7 @@ use opsbox_api::{Event, MessageStatus, PayloadKind, QueueStats};
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, OptionalExtension};
 
-use super::{conflict, Columns, QueueAnswer, QueueWork, SqliteStore, Tx};
+use super::{column_names, conflict, Columns, Named, QueueAnswer, QueueWork, SqliteStore, Tx};
 use crate::store::millis as time;
 use crate::store::{
     fold_queue_stats, Claim, DeleteEvent, MessageEvent, MessageRecord, MessageSelector, NewEvent,
@@ -221,29 +221,31 @@ fn claim_one(tx: &mut Tx, claim: &Claim, event: MessageEvent) -> StoreResult<Vec
     // Expired leases (what = 0), then the oldest pending and due scheduled messages: the
     // candidates are sorted by creation below, so each part reads only as many as a
     // claim could take.
-    let rows: Vec<(bool, i64, MessageRecord)> = tx
-        .conn
-        .prepare_cached(
-            "SELECT * FROM (SELECT *, 0 AS what FROM messages
-                            WHERE destination = ?1 AND status = 'processing' AND due_at <= ?2
-                            ORDER BY due_at LIMIT ?3)
-             UNION ALL
-             SELECT * FROM (SELECT *, 1 AS what FROM messages
-                            WHERE destination = ?1 AND status = 'pending'
-                            ORDER BY due_at, seq LIMIT ?4)
-             UNION ALL
-             SELECT * FROM (SELECT *, 2 AS what FROM messages
-                            WHERE destination = ?1 AND status = 'scheduled' AND due_at <= ?2
-                            ORDER BY created_at, seq LIMIT ?4)",
-        )?
+    let mut select = tx.conn.prepare_cached(
+        "SELECT * FROM (SELECT *, 0 AS what FROM messages
+                        WHERE destination = ?1 AND status = 'processing' AND due_at <= ?2
+                        ORDER BY due_at LIMIT ?3)
+         UNION ALL
+         SELECT * FROM (SELECT *, 1 AS what FROM messages
+                        WHERE destination = ?1 AND status = 'pending'
+                        ORDER BY due_at, seq LIMIT ?4)
+         UNION ALL
+         SELECT * FROM (SELECT *, 2 AS what FROM messages
+                        WHERE destination = ?1 AND status = 'scheduled' AND due_at <= ?2
+                        ORDER BY created_at, seq LIMIT ?4)",
+    )?;
+    let names = column_names(&select);
+    let rows: Vec<(bool, i64, MessageRecord)> = select
         .query_and_then((&claim.destination, now, SETTLE_BATCH, max), |row| {
+            let row = Named { row, names: &names };
             Ok::<_, StoreError>((
-                row.get::<_, i64>("what")? == 0,
-                row.get("seq")?,
-                message_from_row(row)?,
+                row.col::<i64>("what")? == 0,
+                row.col("seq")?,
+                message_from_row(&row)?,
             ))
         })?
         .collect::<StoreResult<_>>()?;
+    drop(select);
     // (seq, the record as it will be), in the order the changes are made.
     let mut settled: Vec<(i64, MessageRecord)> = Vec::new();
     let mut candidates: Vec<(i64, MessageRecord)> = Vec::new();
@@ -329,22 +331,37 @@ pub(super) fn ack(tx: &mut Tx, acks: &[Ack]) -> StoreResult<Vec<Vec<MessageRecor
     let mut answers = Vec::with_capacity(acks.len());
     for a in acks {
         let acked = {
+            // Read, then written by `seq`, as a claim does: `UPDATE … RETURNING` would
+            // cost SQLite an ephemeral table per ack.
+            let mut select = tx.conn.prepare_cached(
+                "SELECT * FROM messages
+                 WHERE id = ?1 AND destination = ?2 AND status = 'processing'",
+            )?;
             let mut update = tx.conn.prepare_cached(
                 "UPDATE messages SET status = 'processed', processed_at = ?1,
                     updated_at = ?1, lease_until = NULL, due_at = NULL
-                 WHERE id = ?2 AND destination = ?3 AND status = 'processing'
-                 RETURNING *",
+                 WHERE seq = ?2",
             )?;
+            let names = column_names(&select);
+            let at = stored(a.at);
             let mut acked = Vec::with_capacity(a.ids.len());
             for id in &a.ids {
-                let found = update
-                    .query_row((ms(a.at), id, &a.destination), |row| {
-                        Ok(message_from_row(row))
+                let found = select
+                    .query_row((id, &a.destination), |row| {
+                        let row = Named { row, names: &names };
+                        Ok(row
+                            .col::<i64>("seq")
+                            .and_then(|seq| Ok((seq, message_from_row(&row)?))))
                     })
                     .optional()?;
-                if let Some(message) = found {
-                    acked.push(message?);
-                }
+                let Some(found) = found else { continue };
+                let (seq, mut message) = found?;
+                update.execute((ms(at), seq))?;
+                message.status = MessageStatus::Processed;
+                message.processed_at = Some(at);
+                message.updated_at = Some(at);
+                message.lease_until = None;
+                acked.push(message);
             }
             acked
         };
