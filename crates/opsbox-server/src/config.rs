@@ -175,13 +175,14 @@ pub struct Limits {
     pub kill_grace_secs: u64,
     /// Longest a wait request is held, in seconds.
     pub max_wait_secs: u64,
-    /// Seconds a client has to send a whole HTTP/1 request head, on a new connection
-    /// or between requests of a kept-alive one; a slower client is disconnected, so
-    /// that trickled headers cannot hold connections open forever. HTTP/2 has the
-    /// same time for its preface and between requests: a connection with no request
-    /// open for this long is closed; and one that sends nothing for this long is sent a
-    /// PING, and closed if the answer takes this long again (a request being answered
-    /// keeps its connection as long as the client answers PINGs). 0: no limit.
+    /// Seconds a connection may go with no request open: a client has this long to send
+    /// a whole request head, on a new connection or after its last answer (it is cut
+    /// off between this and twice this after that answer), so that trickled headers
+    /// cannot hold connections open forever; HTTP/2 the same for its preface and
+    /// between requests. An HTTP/2 connection that sends nothing for this long is also
+    /// sent a PING, and closed if the answer takes this long again (a request being
+    /// answered keeps its connection as long as the client answers PINGs). A connection
+    /// upgraded to a WebSocket is not timed. 0: no limit.
     pub header_read_timeout_secs: u64,
     /// Seconds a request body may go without new bytes before the request is refused
     /// (400): a body withheld after its head would hold a connection and its handler
