@@ -176,8 +176,8 @@ pub struct Limits {
     /// Longest a wait request is held, in seconds.
     pub max_wait_secs: u64,
     /// Seconds a connection may go with no request open: a client has this long to send
-    /// a whole request head, on a new connection or after its last answer (it is cut
-    /// off between this and twice this after that answer), so that trickled headers
+    /// a whole request head, on a new connection or after its last answer, else it is
+    /// cut off, so that trickled headers
     /// cannot hold connections open forever; HTTP/2 the same for its preface and
     /// between requests. An HTTP/2 connection that sends nothing for this long is also
     /// sent a PING, and closed if the answer takes this long again (a request being

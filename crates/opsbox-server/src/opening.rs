@@ -20,8 +20,10 @@
 //! allocation, a clock read, and an insert into and a removal from tokio's timer wheel
 //! per request, a few percent of a small request's CPU). Here one timer per connection
 //! is armed lazily: an exchange's end only records the time, and the timer, when it
-//! fires, moves itself to the deadline that time gives. So a connection is closed
-//! between the timeout and twice the timeout after its last exchange ended.
+//! fires, moves itself to the deadline that time gives. Its deadline is never later
+//! than that (it was set from an earlier end, or while an exchange was open), so an
+//! idle connection is still closed the timeout after its last exchange ended; the
+//! cost is at most one extra wake-up per timeout.
 
 use std::future::Future;
 use std::io;
