@@ -196,6 +196,41 @@ async fn a_quiet_websocket_is_not_cut_off() {
     server.shutdown().await;
 }
 
+/// A body over the limit is read to its end before the 413 goes out: a client still
+/// sending gets the answer, not a reset, and its connection stays usable.
+#[tokio::test]
+async fn an_over_limit_body_gets_its_413_and_keeps_the_connection() {
+    let server = TestServer::start().await;
+    let stream = connect(&server).await;
+    let (mut reader, mut writer) = stream.into_split();
+    let body = vec![b'x'; 3 * 1024 * 1024];
+    let sending = tokio::spawn(async move {
+        let head = format!(
+            "POST /rpc HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        writer.write_all(head.as_bytes()).await.unwrap();
+        writer.write_all(&body).await.unwrap();
+        writer
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = reader.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let mut writer = tokio::time::timeout(Duration::from_secs(10), sending)
+        .await
+        .expect("the whole body was taken")
+        .unwrap();
+    writer
+        .write_all(b"GET /v1/info HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let n = reader.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_body_that_stops_coming_is_refused() {
     let server = TestServer::start_with(|c| c.limits.body_read_timeout_secs = 1).await;
