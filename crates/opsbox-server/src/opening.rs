@@ -362,6 +362,12 @@ mod tests {
         }
     }
 
+    /// [`Opening::idle_too_long`], polled from a test with no task to wake.
+    fn idle(connection: &mut Opening<()>) -> bool {
+        let waker = futures::task::noop_waker();
+        connection.idle_too_long(&mut Context::from_waker(&waker))
+    }
+
     fn is_told(opening: &Opening<()>) -> bool {
         opening.telling.is_none()
     }
@@ -398,44 +404,38 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_is_idle_only_with_no_exchange_open() {
-        let waker = futures::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
         let mut connection = opening(Duration::from_secs(1));
         let open = connection.open.clone().unwrap();
-        assert!(!connection.idle_too_long(&mut cx));
+        assert!(!idle(&mut connection));
         let exchange = Exchange::open(&open);
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert!(!connection.idle_too_long(&mut cx), "an exchange is open");
+        assert!(!idle(&mut connection), "an exchange is open");
         drop(exchange);
         tokio::time::sleep(Duration::from_millis(900)).await;
-        assert!(!connection.idle_too_long(&mut cx), "idle for less than 1 s");
+        assert!(!idle(&mut connection), "idle for less than 1 s");
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        assert!(connection.idle_too_long(&mut cx));
+        assert!(idle(&mut connection));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_without_any_request_is_idle_from_its_accept() {
-        let waker = futures::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
         let mut connection = opening(Duration::from_secs(1));
         connection.read(b"GET / HTTP/1.1\r\n");
         tokio::time::sleep(Duration::from_millis(900)).await;
-        assert!(!connection.idle_too_long(&mut cx));
+        assert!(!idle(&mut connection));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(connection.idle_too_long(&mut cx));
+        assert!(idle(&mut connection));
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_upgraded_connection_is_never_idle() {
-        let waker = futures::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
         let mut connection = opening(Duration::from_secs(1));
         let open = connection.open.clone().unwrap();
         let exchange = Exchange::open(&open);
         open.upgraded.store(true, Ordering::SeqCst);
         drop(exchange);
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(!connection.idle_too_long(&mut cx));
+        assert!(!idle(&mut connection));
         assert!(connection.timer.is_none());
     }
 }
