@@ -1,7 +1,8 @@
 //! Reading request bodies: [`read`] takes a whole body against a limit and says why
 //! it could not ([`BodyError`]), so each face answers in its own error shape; and
 //! [`EndsWhenComplete`], a body that ends as soon as its whole declared length has
-//! arrived, and fails when it stalls (see below).
+//! arrived, fails when it stalls, and is read to its end when a handler answers
+//! without reading it all (see below).
 //!
 //! hyper hands an HTTP/1 request body to the handler through a channel, and closes the
 //! channel only once its connection task has gone round again and read the body's end.
@@ -30,10 +31,17 @@ use http_body::{Body as _, Frame, SizeHint};
 ///
 /// The timer starts only when a read has to wait: a body that is all there, the usual
 /// case, costs no timer. (tower-http's `TimeoutBody` arms one at every read.)
+///
+/// Dropped before its end (a handler refused it: too large for an extractor's
+/// `DefaultBodyLimit` or for [`read`], unauthenticated, not found), it reads the rest
+/// in the background ([`drain`]) so that the client gets the answer, not a reset, and
+/// keeps its connection. A body that stalled is not drained: its client is gone or
+/// hostile.
 pub struct EndsWhenComplete {
     body: Body,
     stall: Option<Duration>,
     waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: bool,
 }
 
 impl EndsWhenComplete {
@@ -44,6 +52,7 @@ impl EndsWhenComplete {
             body,
             stall,
             waiting: None,
+            stalled: false,
         })
     }
 }
@@ -71,13 +80,16 @@ impl http_body::Body for EndsWhenComplete {
             .waiting
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
         match waiting.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "the request body stalled: no bytes for {} s",
-                    stall.as_secs()
-                ),
-            ))))),
+            Poll::Ready(()) => {
+                this.stalled = true;
+                Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the request body stalled: no bytes for {} s",
+                        stall.as_secs()
+                    ),
+                )))))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -88,6 +100,18 @@ impl http_body::Body for EndsWhenComplete {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl Drop for EndsWhenComplete {
+    fn drop(&mut self) {
+        if self.stalled || self.body.is_end_stream() {
+            return;
+        }
+        // Outside a runtime (a test dropping a body by hand) there is no one to drain.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(drain(std::mem::take(&mut self.body)));
+        }
     }
 }
 
@@ -121,13 +145,15 @@ impl std::error::Error for BodyError {}
 const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(10);
 
-/// Reads the rest of an over-limit body, up to [`DRAIN_BYTES`] and [`DRAIN_TIME`], so
-/// that the answer can be read. A server that answers before the body is in must close
-/// the connection, and closing a socket with unread bytes resets it: a client still
+/// Reads the rest of a refused body, up to [`DRAIN_BYTES`] and [`DRAIN_TIME`], so that
+/// the answer can be read. A server that leaves a body unread must close the
+/// connection, and closing a socket with unread bytes resets it: a client still
 /// sending (urllib3, for scirocco-pyclient's 1.5 MB test push) then sees a reset
 /// instead of the 413, unless it happens to read first. Express, which the Scirocco
 /// clients were written against, read such bodies to the end as well. A body longer
-/// than the cap still gets the reset.
+/// than the cap still gets the reset. Run by [`EndsWhenComplete`] when it is dropped,
+/// beside the answer: hyper writes the answer while the drain takes the body, and the
+/// connection is kept once both are done.
 async fn drain(mut body: Body) {
     if body.size_hint().lower() > DRAIN_BYTES {
         return;
@@ -147,12 +173,11 @@ async fn drain(mut body: Body) {
 }
 
 /// Reads a whole request body of at most `limit` bytes. A body over the limit (by its
-/// declared length or by what arrives) is not kept; it is read to its end (see
-/// [`drain`]) before the error returns.
+/// declared length or by what arrives) is not kept; as the router's bodies are
+/// [`EndsWhenComplete`], its rest is read and thrown away beside the answer.
 pub async fn read(body: Body, limit: usize) -> Result<Bytes, BodyError> {
     let too_large = || BodyError::TooLarge { limit };
     if body.size_hint().lower() > limit as u64 {
-        drain(body).await;
         return Err(too_large());
     }
     let mut body = body;
@@ -167,7 +192,6 @@ pub async fn read(body: Body, limit: usize) -> Result<Bytes, BodyError> {
         };
         length = length.saturating_add(data.len());
         if length > limit {
-            drain(body).await;
             return Err(too_large());
         }
         match (&mut first, &mut more) {
