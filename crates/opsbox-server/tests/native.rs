@@ -619,6 +619,8 @@ async fn openapi_document_declares_what_the_handlers_answer() {
         .unwrap();
     assert_eq!(pull.status().as_u16(), 200, "a pull with no body is taken");
 
+    // Over the default body limit (1 MiB).
+    let big = format!(r#"{{"x": "{}"}}"#, "x".repeat(2 << 20));
     let cases: Vec<(&str, &str, String, Option<&str>, u16)> = vec![
         // 400: a query string, a body or a value the handler refuses.
         ("GET", "/v1/jobs", "/v1/jobs?state=nope".into(), None, 400),
@@ -679,6 +681,14 @@ async fn openapi_document_declares_what_the_handlers_answer() {
             "/v1/queues/{node}/ack",
             "/v1/queues/n1/ack".into(),
             Some("{"),
+            400,
+        ),
+        // The ids to ack are required: no body is not an ack of nothing.
+        (
+            "POST",
+            "/v1/queues/{node}/ack",
+            "/v1/queues/n1/ack".into(),
+            None,
             400,
         ),
         (
@@ -774,6 +784,42 @@ async fn openapi_document_declares_what_the_handlers_answer() {
             404,
         ),
         ("POST", "/v1/backups", "/v1/backups".into(), Some("{"), 400),
+        (
+            "GET",
+            "/v1/backups/{id}",
+            "/v1/backups/%20x".into(),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/v1/backups/{id}/file",
+            "/v1/backups/%20x/file".into(),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/v1/model/charms/{name}",
+            "/v1/model/charms/zz:bar".into(),
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/model/relations",
+            "/v1/model/relations".into(),
+            Some(r#"{"endpoints": ["nope", "nada"]}"#),
+            404,
+        ),
+        // 413: a body over the limit.
+        (
+            "POST",
+            "/v1/queues/{node}/messages",
+            "/v1/queues/n1/messages".into(),
+            Some(big.as_str()),
+            413,
+        ),
         // 409: the message was delivered already.
         (
             "PATCH",
@@ -817,6 +863,45 @@ async fn openapi_document_declares_what_the_handlers_answer() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 
+    // Every operation declares the auth check's answers, and every one that reads a
+    // body the body limit's.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let mut statuses = vec!["401", "403"];
+            if op.get("requestBody").is_some() {
+                statuses.extend(["400", "413"]);
+            }
+            for status in statuses {
+                assert_eq!(
+                    op["responses"][status]["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/ErrorBody",
+                    "{method} {path} {status}"
+                );
+            }
+        }
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    // Nothing is left null by the additions (a checker reads `content: null` as a map).
+    fn nulls(value: &serde_json::Value, at: &str, found: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Null => found.push(at.to_owned()),
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    nulls(value, &format!("{at}/{key}"), found);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, value) in items.iter().enumerate() {
+                    nulls(value, &format!("{at}/{i}"), found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    nulls(&doc, "", &mut found);
+    assert!(found.is_empty(), "null members: {found:#?}");
+
     // The follow endpoints stream text/event-stream, and say so.
     for (path, url) in [
         ("/v1/events", "/v1/events?follow=true".to_owned()),
@@ -837,6 +922,10 @@ async fn openapi_document_declares_what_the_handlers_answer() {
             content["text/event-stream"].is_object(),
             "{path} must declare text/event-stream: {content}"
         );
+        // Each message's `data` is the item as JSON.
+        let data = &content["text/event-stream"]["schema"]["properties"]["data"];
+        assert_eq!(data["contentMediaType"], "application/json", "{path}");
+        assert!(data["contentSchema"]["$ref"].is_string(), "{path}: {data}");
         assert!(
             content["application/json"].is_object(),
             "{path} still answers JSON without follow: {content}"

@@ -318,7 +318,8 @@ async fn resolved(
 }
 
 #[utoipa::path(post, path = "/v1/model/relations", request_body = RelateRequest,
-    responses((status = 201, body = Relation), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = Relation), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn relate(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -90,13 +90,123 @@ async fn info(
     }))
 }
 
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    let mut doc = ApiDoc::openapi();
-    doc.merge(crate::faces::queues::QueuesDoc::openapi());
-    doc.merge(crate::faces::nodes::NodesDoc::openapi());
-    doc.merge(crate::faces::model::ModelDoc::openapi());
-    doc.merge(crate::faces::backups::BackupsDoc::openapi());
-    Json(doc)
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document().clone(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document of `/v1`, built once: each face's part, merged, then
+/// [`common_answers`] and [`event_streams`] applied to every operation.
+pub fn document() -> &'static Bytes {
+    static DOCUMENT: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        let mut doc = ApiDoc::openapi();
+        doc.merge(crate::faces::queues::QueuesDoc::openapi());
+        doc.merge(crate::faces::nodes::NodesDoc::openapi());
+        doc.merge(crate::faces::model::ModelDoc::openapi());
+        doc.merge(crate::faces::backups::BackupsDoc::openapi());
+        let mut doc = serde_json::to_value(doc).unwrap_or_default();
+        common_answers(&mut doc);
+        event_streams(&mut doc);
+        Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
+    })
+}
+
+/// What every operation may answer besides its own results, said once here rather
+/// than on each handler: the auth check in front of all of `/v1` (401, 403), the
+/// parsing of parameters and bodies (400), the body limit (413). Also the two ways
+/// to give credentials.
+fn common_answers(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let error = |description: &str| {
+        json!({
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        })
+    };
+    doc["components"]["securitySchemes"] = json!({
+        "basic": {"type": "http", "scheme": "basic",
+                  "description": "A user's name and password (opsbox users add)."},
+        "bearer": {"type": "http", "scheme": "bearer",
+                   "description": "An API token (opsbox tokens create)."}
+    });
+    doc["security"] = json!([{"basic": []}, {"bearer": []}]);
+    if let Some(description) = doc["info"]["description"].as_str() {
+        doc["info"]["description"] = json!(format!(
+            "{description} A server with no users and no tokens (listening on loopback \
+             only, unless started with --insecure) takes requests without credentials."
+        ));
+    }
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for operation in paths.values_mut().filter_map(|p| p.as_object_mut()) {
+        for (_, operation) in operation.iter_mut() {
+            let reads_input = operation.get("requestBody").is_some()
+                || operation["parameters"]
+                    .as_array()
+                    .is_some_and(|p| !p.is_empty());
+            let reads_body = operation.get("requestBody").is_some();
+            let Some(responses) = operation
+                .get_mut("responses")
+                .and_then(|r| r.as_object_mut())
+            else {
+                continue;
+            };
+            let mut add = |status: &str, description: &str| {
+                responses
+                    .entry(status)
+                    .or_insert_with(|| error(description));
+            };
+            add(
+                "401",
+                "No credentials, or wrong ones, on a server with users or tokens.",
+            );
+            add("403", "The caller's role is too low for this operation.");
+            if reads_input {
+                add("400", "A parameter or the body is not valid.");
+            }
+            if reads_body {
+                add("413", "The body is larger than limits.max_body_bytes.");
+            }
+        }
+    }
+}
+
+/// A `text/event-stream` answer is described as what a client reads from it: one
+/// Server-Sent Events message per item, whose `data` holds the item as JSON (the
+/// layout OpenAPI 3.2 gives event streams; checkers such as schemathesis read it so).
+fn event_streams(doc: &mut serde_json::Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    let streams = paths
+        .values_mut()
+        .filter_map(|p| p.as_object_mut())
+        .flat_map(|p| p.values_mut())
+        .filter_map(|op| op.get_mut("responses")?.as_object_mut())
+        .flat_map(|r| r.values_mut())
+        .filter_map(|r| r.get_mut("content")?.get_mut("text/event-stream"));
+    for stream in streams {
+        let item = stream["schema"].take();
+        stream["schema"] = serde_json::json!({
+            "type": "object",
+            "description": "One Server-Sent Events message.",
+            "required": ["data"],
+            "properties": {
+                "event": {"type": "string"},
+                "id": {"type": "string"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": item
+                }
+            }
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ use opsbox_core::CoreError;
 use serde::Deserialize;
 
 use crate::auth::Caller;
-use crate::error::{json_body_or_default, ApiError, ApiResult};
+use crate::error::{json_body, json_body_or_default, ApiError, ApiResult};
 use crate::AppState;
 
 /// The queue routes, behind the native auth check.
@@ -195,7 +195,7 @@ async fn ack(
     body: Bytes,
 ) -> ApiResult<Json<AckResponse>> {
     act_as(&caller, &node, Role::Operator)?;
-    let request: AckRequest = json_body_or_default(&body)?;
+    let request: AckRequest = json_body(&body)?;
     let (acked, missing) = state.core.queues.ack(&node, request.ids).await?;
     Ok(Json(AckResponse {
         acked: acked.iter().map(queues::to_message).collect(),
