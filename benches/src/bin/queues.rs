@@ -133,6 +133,8 @@ struct Tally {
     latencies: Vec<Duration>,
     /// Server CPU seconds over the measured window, when known.
     cpu: Option<f64>,
+    /// This process's CPU seconds (the load: the clients) over the measured window.
+    load_cpu: Option<f64>,
     seconds: f64,
 }
 
@@ -161,6 +163,14 @@ impl Tally {
     /// Server CPU milliseconds per counted cycle.
     fn cpu_ms_per_cycle(&self) -> Option<f64> {
         self.cpu
+            .filter(|_| self.ok > 0)
+            .map(|c| c * 1000.0 / self.ok as f64)
+    }
+
+    /// The clients' CPU milliseconds per counted cycle: with servers and clients on the
+    /// same CPUs, what the load costs caps every system's rate too.
+    fn load_ms_per_cycle(&self) -> Option<f64> {
+        self.load_cpu
             .filter(|_| self.ok > 0)
             .map(|c| c * 1000.0 / self.ok as f64)
     }
@@ -206,17 +216,22 @@ async fn measure(
     tasks: Vec<tokio::task::JoinHandle<Tally>>,
 ) -> anyhow::Result<Tally> {
     let sampler = tokio::spawn(async move {
+        let own = |pid: Option<u32>| pid.and_then(|pid| cpu::CpuTimes::read(pid).map(|t| t.own));
+        let load = Some(std::process::id());
         tokio::time::sleep_until(window.measure_from.into()).await;
-        let before = server_pid.and_then(|pid| cpu::CpuTimes::read(pid).map(|t| t.own));
+        let before = (own(server_pid), own(load));
         tokio::time::sleep_until(window.end.into()).await;
-        let after = server_pid.and_then(|pid| cpu::CpuTimes::read(pid).map(|t| t.own));
-        before.zip(after).map(|(b, a)| a - b)
+        let after = (own(server_pid), own(load));
+        (
+            before.0.zip(after.0).map(|(b, a)| a - b),
+            before.1.zip(after.1).map(|(b, a)| a - b),
+        )
     });
     let mut total = Tally::default();
     for task in tasks {
         total.merge(task.await?);
     }
-    total.cpu = sampler.await?;
+    (total.cpu, total.load_cpu) = sampler.await?;
     total.seconds = (window.end - window.measure_from).as_secs_f64();
     total.latencies.sort();
     Ok(total)
@@ -500,6 +515,11 @@ fn cpu(t: &Tally) -> String {
         .map_or_else(|| "?".into(), |c| format!("{c:.2}"))
 }
 
+fn load_cpu(t: &Tally) -> String {
+    t.load_ms_per_cycle()
+        .map_or_else(|| "?".into(), |c| format!("{c:.2}"))
+}
+
 fn errors(name: &str, t: &Tally) {
     if let Some(error) = &t.first_error {
         eprintln!("  {name}: {} errors, first: {error}", t.errors);
@@ -589,9 +609,10 @@ async fn main() -> anyhow::Result<()> {
     writeln!(
         table,
         "| clients | opsbox c/s | beanstalkd c/s | JetStream c/s | opsbox/beanstalkd | \
-         opsbox/JetStream | p50 / p99 ms o · b · j | server CPU ms/cycle o · b · j | errors o/b/j |"
+         opsbox/JetStream | p50 / p99 ms o · b · j | server CPU ms/cycle o · b · j | \
+         clients' CPU ms/cycle o · b · j | errors o/b/j |"
     )?;
-    writeln!(table, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|")?;
+    writeln!(table, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")?;
     print!("{table}");
     for &clients in &args.concurrency {
         let o = opsbox_row(&args, &base, opsbox.pid(), clients).await?;
@@ -600,7 +621,7 @@ async fn main() -> anyhow::Result<()> {
         beanstalkd.check_alive()?;
         let j = nats_row(&args, &stream, nats_pid, clients).await?;
         let row = format!(
-            "| {clients} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1}/{:.1} · {:.1}/{:.1} · {:.1}/{:.1} | {} · {} · {} | {}/{}/{} |",
+            "| {clients} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1}/{:.1} · {:.1}/{:.1} · {:.1}/{:.1} | {} · {} · {} | {} · {} · {} | {}/{}/{} |",
             o.rate(),
             b.rate(),
             j.rate(),
@@ -615,6 +636,9 @@ async fn main() -> anyhow::Result<()> {
             cpu(&o),
             cpu(&b),
             cpu(&j),
+            load_cpu(&o),
+            load_cpu(&b),
+            load_cpu(&j),
             o.errors,
             b.errors,
             j.errors,
