@@ -901,6 +901,15 @@ async fn openapi_document_declares_what_the_handlers_answer() {
     let mut found = Vec::new();
     nulls(&doc, "", &mut found);
     assert!(found.is_empty(), "null members: {found:#?}");
+    // A u32 parameter takes values past 2^31 − 1: its format says so.
+    let limit = operation("GET", "/v1/jobs")["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .cloned()
+        .unwrap();
+    assert_eq!(limit["schema"]["format"], "uint32", "{limit}");
 
     // The follow endpoints stream text/event-stream, and say so.
     for (path, url) in [

@@ -111,6 +111,7 @@ pub fn document() -> &'static Bytes {
         let mut doc = serde_json::to_value(doc).unwrap_or_default();
         common_answers(&mut doc);
         event_streams(&mut doc);
+        unsigned_formats(&mut doc);
         Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
     })
 }
@@ -173,6 +174,29 @@ fn common_answers(doc: &mut serde_json::Value) {
                 add("413", "The body is larger than limits.max_body_bytes.");
             }
         }
+    }
+}
+
+/// utoipa writes a `u32` as `format: int32` and a `u64` as `int64` (with `minimum: 0`),
+/// which say the largest value is 2^31 − 1 or 2^63 − 1; the server takes up to 2^32 − 1
+/// and 2^64 − 1. The unsigned formats of the OpenAPI format registry say what it takes.
+fn unsigned_formats(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let unsigned = map.get("minimum").and_then(|m| m.as_f64()) == Some(0.0);
+            if unsigned {
+                if let Some(format) = map.get_mut("format") {
+                    match format.as_str() {
+                        Some("int32") => *format = "uint32".into(),
+                        Some("int64") => *format = "uint64".into(),
+                        _ => {}
+                    }
+                }
+            }
+            map.values_mut().for_each(unsigned_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(unsigned_formats),
+        _ => {}
     }
 }
 
