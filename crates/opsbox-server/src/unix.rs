@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum_server::accept::{Accept, DefaultAcceptor};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
@@ -30,7 +29,7 @@ use crate::opening::OpeningDeadline;
 pub(crate) async fn serve(
     listener: UnixListener,
     path: PathBuf,
-    app: Router,
+    app: crate::App,
     builder: Builder<TokioExecutor>,
     opening_timeout: Option<Duration>,
     mut stop: watch::Receiver<bool>,

@@ -324,6 +324,11 @@ async fn single(ctx: &Context<'_>, member: Member<'_>) -> Option<String> {
 
 /// `/rpc`: POST a call; GET with an upgrade for the WebSocket; anything else 405.
 async fn rpc_endpoint(State(state): State<AppState>, request: Request) -> Response {
+    endpoint(state, request).await
+}
+
+/// What `/rpc` answers, for the route and for [`crate::App`]'s shortcut to it.
+pub(crate) async fn endpoint(state: AppState, request: Request) -> Response {
     let (mut parts, body) = request.into_parts();
     let upgrade = parts
         .headers
