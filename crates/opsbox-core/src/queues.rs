@@ -679,6 +679,40 @@ mod tests {
         assert_eq!((acked.len(), missing.len()), (3, 0));
     }
 
+    /// A scheduled message that has come due takes its place by creation among the
+    /// pending ones (the claim reads the two kinds with different statements).
+    #[tokio::test]
+    async fn due_scheduled_messages_are_taken_in_creation_order_with_pending_ones() {
+        let (q, _, _dir) = queues().await;
+        let soon = Utc::now() + chrono::Duration::milliseconds(300);
+        let mut first = text("a", "b", "scheduled first");
+        first.schedule = Schedule::At(soon);
+        q.push(vec![first]).await.unwrap();
+        q.push(vec![text("a", "b", "pending second")])
+            .await
+            .unwrap();
+        let mut third = text("a", "b", "scheduled third");
+        third.schedule = Schedule::At(soon);
+        q.push(vec![third]).await.unwrap();
+        tokio::time::sleep_until(
+            tokio::time::Instant::now() + (soon - Utc::now()).to_std().unwrap_or_default(),
+        )
+        .await;
+        let got = q
+            .pull(
+                "b",
+                PullOptions {
+                    max: 2,
+                    ..PullOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(bodies(&got), ["scheduled first", "pending second"]);
+        let rest = q.pull("b", PullOptions::default()).await.unwrap();
+        assert_eq!(bodies(&rest), ["scheduled third"]);
+    }
+
     #[tokio::test]
     async fn scheduled_messages_wait_for_their_time_and_past_times_are_refused() {
         let (q, _, _dir) = queues().await;

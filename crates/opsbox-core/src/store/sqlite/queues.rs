@@ -221,31 +221,38 @@ fn claim_one(tx: &mut Tx, claim: &Claim, event: MessageEvent) -> StoreResult<Vec
     // Expired leases (what = 0), then the oldest pending and due scheduled messages: the
     // candidates are sorted by creation below, so each part reads only as many as a
     // claim could take.
-    let mut select = tx.conn.prepare_cached(
+    let mut rows = candidates_of(
+        tx,
         "SELECT * FROM (SELECT *, 0 AS what FROM messages
                         WHERE destination = ?1 AND status = 'processing' AND due_at <= ?2
                         ORDER BY due_at LIMIT ?3)
          UNION ALL
          SELECT * FROM (SELECT *, 1 AS what FROM messages
                         WHERE destination = ?1 AND status = 'pending'
-                        ORDER BY due_at, seq LIMIT ?4)
-         UNION ALL
-         SELECT * FROM (SELECT *, 2 AS what FROM messages
-                        WHERE destination = ?1 AND status = 'scheduled' AND due_at <= ?2
-                        ORDER BY created_at, seq LIMIT ?4)",
+                        ORDER BY due_at, seq LIMIT ?4)",
+        (&claim.destination, now, SETTLE_BATCH, max),
     )?;
-    let names = column_names(&select);
-    let rows: Vec<(bool, i64, MessageRecord)> = select
-        .query_and_then((&claim.destination, now, SETTLE_BATCH, max), |row| {
-            let row = Named { row, names: &names };
-            Ok::<_, StoreError>((
-                row.col::<i64>("what")? == 0,
-                row.col("seq")?,
-                message_from_row(&row)?,
-            ))
-        })?
-        .collect::<StoreResult<_>>()?;
-    drop(select);
+    // The due scheduled messages in creation order: the index gives them by due time,
+    // so SQLite sorts them in a temporary B-tree, which it opens (a page cache, a
+    // file handle) whether or not any row comes: ~15k instructions per claim, a twentieth
+    // of a queue cycle. A probe of the index first skips that when none is due, the
+    // usual case.
+    let due: bool = tx
+        .conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM messages
+                            WHERE destination = ?1 AND status = 'scheduled' AND due_at <= ?2)",
+        )?
+        .query_row((&claim.destination, now), |row| row.get(0))?;
+    if due {
+        rows.extend(candidates_of(
+            tx,
+            "SELECT *, 2 AS what FROM messages
+             WHERE destination = ?1 AND status = 'scheduled' AND due_at <= ?2
+             ORDER BY created_at, seq LIMIT ?3",
+            (&claim.destination, now, max),
+        )?);
+    }
     // (seq, the record as it will be), in the order the changes are made.
     let mut settled: Vec<(i64, MessageRecord)> = Vec::new();
     let mut candidates: Vec<(i64, MessageRecord)> = Vec::new();
@@ -314,6 +321,28 @@ fn claim_one(tx: &mut Tx, claim: &Claim, event: MessageEvent) -> StoreResult<Vec
         tx.note_event(e)?;
     }
     Ok(claimed.into_iter().map(|(_, m)| m).collect())
+}
+
+/// Runs a claim's candidate query: (expired, seq, message) for each row, `what` 0 being
+/// an expired lease.
+fn candidates_of(
+    tx: &mut Tx,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> StoreResult<Vec<(bool, i64, MessageRecord)>> {
+    let mut select = tx.conn.prepare_cached(sql)?;
+    let names = column_names(&select);
+    let rows = select
+        .query_and_then(params, |row| {
+            let row = Named { row, names: &names };
+            Ok::<_, StoreError>((
+                row.col::<i64>("what")? == 0,
+                row.col("seq")?,
+                message_from_row(&row)?,
+            ))
+        })?
+        .collect::<StoreResult<_>>()?;
+    Ok(rows)
 }
 
 /// One ack: ids of messages in `destination`'s queue.
