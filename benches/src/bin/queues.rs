@@ -160,17 +160,11 @@ impl Tally {
         self.latencies[i - 1].as_secs_f64() * 1000.0
     }
 
-    /// Server CPU milliseconds per counted cycle.
-    fn cpu_ms_per_cycle(&self) -> Option<f64> {
-        self.cpu
-            .filter(|_| self.ok > 0)
-            .map(|c| c * 1000.0 / self.ok as f64)
-    }
-
-    /// The clients' CPU milliseconds per counted cycle: with servers and clients on the
-    /// same CPUs, what the load costs caps every system's rate too.
-    fn load_ms_per_cycle(&self) -> Option<f64> {
-        self.load_cpu
+    /// CPU milliseconds per counted cycle of `seconds` (the server's `cpu` or the
+    /// clients' `load_cpu`: with servers and clients on the same CPUs, what the load costs
+    /// caps every system's rate too).
+    fn ms_per_cycle(&self, seconds: Option<f64>) -> Option<f64> {
+        seconds
             .filter(|_| self.ok > 0)
             .map(|c| c * 1000.0 / self.ok as f64)
     }
@@ -510,13 +504,9 @@ fn ratio(ours: &Tally, theirs: &Tally, target: f64) -> String {
     format!("{r:.2}x {mark} {target}x")
 }
 
-fn cpu(t: &Tally) -> String {
-    t.cpu_ms_per_cycle()
-        .map_or_else(|| "?".into(), |c| format!("{c:.2}"))
-}
-
-fn load_cpu(t: &Tally) -> String {
-    t.load_ms_per_cycle()
+/// CPU ms per cycle, "?" when unknown.
+fn per_cycle(t: &Tally, seconds: Option<f64>) -> String {
+    t.ms_per_cycle(seconds)
         .map_or_else(|| "?".into(), |c| format!("{c:.2}"))
 }
 
@@ -633,12 +623,12 @@ async fn main() -> anyhow::Result<()> {
             b.percentile_ms(0.99),
             j.percentile_ms(0.5),
             j.percentile_ms(0.99),
-            cpu(&o),
-            cpu(&b),
-            cpu(&j),
-            load_cpu(&o),
-            load_cpu(&b),
-            load_cpu(&j),
+            per_cycle(&o, o.cpu),
+            per_cycle(&b, b.cpu),
+            per_cycle(&j, j.cpu),
+            per_cycle(&o, o.load_cpu),
+            per_cycle(&b, b.load_cpu),
+            per_cycle(&j, j.load_cpu),
             o.errors,
             b.errors,
             j.errors,
