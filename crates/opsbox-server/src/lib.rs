@@ -17,9 +17,10 @@ pub mod config;
 pub mod embed;
 pub mod error;
 pub mod faces;
+mod listen;
 pub mod opening;
+mod self_wake;
 pub mod tls;
-mod unix;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -506,7 +507,6 @@ impl Server {
     ) -> Result<(), ServerError> {
         let main_app = App::new(self.state.clone());
         let jrpc_app = App::plain(faces::jrpc::dedicated(self.state.clone()));
-        let handle = axum_server::Handle::new();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         let opening_timeout = header_read_timeout(&self.state.config.limits);
@@ -514,64 +514,50 @@ impl Server {
             let jrpc_only = match &bound {
                 Bound::Tcp { jrpc_only, .. } | Bound::Unix(_, _, jrpc_only) => *jrpc_only,
             };
-            let app = if jrpc_only {
-                jrpc_app.clone()
-            } else {
-                main_app.clone()
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            http_settings(&mut builder, &self.state.config.limits);
+            let mut serving = listen::Serving {
+                app: if jrpc_only {
+                    jrpc_app.clone()
+                } else {
+                    main_app.clone()
+                },
+                builder,
+                stop: stop_rx.clone(),
+                grace: GRACE,
+                socket_file: None,
             };
+            // TCP_NODELAY: small writes (WebSocket frames to agents and watchers,
+            // streamed answers) go out at once, not after the peer's delayed ACK.
+            let no_delay = axum_server::accept::NoDelayAcceptor::new();
             match bound {
-                Bound::Tcp {
-                    listener,
-                    tls: false,
-                    ..
-                } => {
-                    // TCP_NODELAY: small writes (WebSocket frames to agents and
-                    // watchers, streamed answers) go out at once, not after the peer's
-                    // delayed ACK.
-                    let mut server = axum_server::from_tcp(listener)
-                        .acceptor(opening::OpeningDeadline::new(
-                            axum_server::accept::NoDelayAcceptor::new(),
+                Bound::Tcp { listener, tls, .. } => {
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).map_err(ServerError::Serve)?;
+                    if tls {
+                        let config = axum_server::tls_rustls::RustlsConfig::from_config(
+                            self.tls
+                                .clone()
+                                .ok_or_else(|| ServerError::Tls("no TLS configuration".into()))?,
+                        );
+                        let acceptor = opening::OpeningDeadline::new(
+                            axum_server::tls_rustls::RustlsAcceptor::new(config).acceptor(no_delay),
                             opening_timeout,
-                        ))
-                        .handle(handle.clone());
-                    http_settings(server.http_builder(), &self.state.config.limits);
-                    tasks.spawn(async move { server.serve(tower::make::Shared::new(app)).await });
-                }
-                Bound::Tcp {
-                    listener,
-                    tls: true,
-                    ..
-                } => {
-                    let config = axum_server::tls_rustls::RustlsConfig::from_config(
-                        self.tls
-                            .clone()
-                            .ok_or_else(|| ServerError::Tls("no TLS configuration".into()))?,
-                    );
-                    let mut server = axum_server::from_tcp_rustls(listener, config)
-                        .map(|tls| {
-                            opening::OpeningDeadline::new(
-                                tls.acceptor(axum_server::accept::NoDelayAcceptor::new()),
-                                opening_timeout,
-                            )
-                        })
-                        .handle(handle.clone());
-                    http_settings(server.http_builder(), &self.state.config.limits);
-                    tasks.spawn(async move { server.serve(tower::make::Shared::new(app)).await });
+                        );
+                        tasks.spawn(listen::serve(listener, acceptor, serving));
+                    } else {
+                        let acceptor = opening::OpeningDeadline::new(no_delay, opening_timeout);
+                        tasks.spawn(listen::serve(listener, acceptor, serving));
+                    }
                 }
                 Bound::Unix(listener, path, _) => {
-                    let mut builder = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    http_settings(&mut builder, &self.state.config.limits);
-                    tasks.spawn(unix::serve(
-                        listener,
-                        path,
-                        app,
-                        builder,
+                    serving.socket_file = Some(path);
+                    let acceptor = opening::OpeningDeadline::new(
+                        axum_server::accept::DefaultAcceptor::new(),
                         opening_timeout,
-                        stop_rx.clone(),
-                        GRACE,
-                    ));
+                    );
+                    tasks.spawn(listen::serve(listener, acceptor, serving));
                 }
             }
         }
@@ -589,7 +575,6 @@ impl Server {
             }
         }
         tracing::info!("shutting down: stopping running jobs");
-        handle.graceful_shutdown(Some(GRACE));
         let _ = stop_tx.send(true);
         core.shutdown().await;
         let _ = tokio::time::timeout(GRACE + Duration::from_secs(1), async {
