@@ -3,9 +3,11 @@
 //! exposes the same `ping`. Each server is its own process (`opsbox serve`, the binary
 //! users run, and this binary re-run with `--serve-jsonrpsee`), on loopback; the load
 //! is generated in this process, on the same CPUs, so figures are comparable with each
-//! other, not absolute. Each server's CPU per call comes from `/proc/PID/stat`.
+//! other, not absolute. Each server's CPU per call comes from `/proc/PID/stat`, and so
+//! does the load's (this process's).
 //!
-//! - HTTP keep-alive, 1, 16 and 64 connections, each sending one call at a time;
+//! - HTTP keep-alive, 1, 16 and 64 connections (hyper client connections), each
+//!   sending one call at a time;
 //! - WebSocket, one connection, batches of 100 calls, one batch at a time.
 //!
 //! `cargo build --release -p opsbox -p opsbox-bench && target/release/rpc --secs 3`
@@ -17,7 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
 use jsonrpsee::server::{RpcModule, Server as JsonrpseeServer};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -36,36 +40,47 @@ enum Request {
     Get,
 }
 
-/// Calls per second over `connections` keep-alive connections for `secs`.
+/// Calls per second over `connections` keep-alive connections for `secs`, each
+/// connection sending one call at a time and checking every answer (200, and the
+/// `pong` of the call's result).
+///
+/// Each connection is one of hyper's client connections, not reqwest's: reqwest's pool,
+/// URL handling and request builder cost the load ~2× a server's CPU per call, so on
+/// two CPUs shared with the server the rows measured mostly the load itself.
 async fn http(url: &str, request: Request, connections: usize, secs: f64) -> anyhow::Result<f64> {
+    let uri: hyper::Uri = url.parse()?;
+    let authority = uri
+        .authority()
+        .context("the URL has no host:port")?
+        .to_string();
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(1)
-            .http1_only()
-            .build()?;
-        let (url, done) = (url.to_owned(), done.clone());
+        let stream = tokio::net::TcpStream::connect(&authority).await?;
+        stream.set_nodelay(true)?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let (uri, authority, done) = (uri.clone(), authority.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                let sent = match request {
-                    Request::Post => {
-                        client
-                            .post(&url)
-                            .header("content-type", "application/json")
-                            .body(CALL)
-                            .send()
-                            .await
-                    }
-                    Request::Get => client.get(&url).send().await,
+                sender.ready().await?;
+                let builder = hyper::Request::builder()
+                    .uri(uri.path())
+                    .header(hyper::header::HOST, &authority);
+                let call = match request {
+                    Request::Post => builder
+                        .method(hyper::Method::POST)
+                        .header(hyper::header::CONTENT_TYPE, "application/json")
+                        .body(Full::new(Bytes::from_static(CALL.as_bytes())))?,
+                    Request::Get => builder.body(Full::new(Bytes::new()))?,
                 };
-                let ok = match sent {
-                    Ok(response) => response.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
-                if !ok {
-                    return Err(anyhow::anyhow!("a call to {url} failed"));
+                let response = sender.send_request(call).await?;
+                let status = response.status();
+                let body = response.into_body().collect().await?.to_bytes();
+                if status != hyper::StatusCode::OK || !body.windows(4).any(|w| w == b"pong") {
+                    bail!("a call to {uri} answered {status}: {body:?}");
                 }
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -140,6 +155,8 @@ struct Cell {
     calls: f64,
     secs: f64,
     cpu: f64,
+    /// This process's CPU over the same slices: the load generator's.
+    load_cpu: f64,
 }
 
 impl Cell {
@@ -151,6 +168,10 @@ impl Cell {
         self.cpu * 1e6 / self.calls
     }
 
+    fn load_cpu_us(&self) -> f64 {
+        self.load_cpu * 1e6 / self.calls
+    }
+
     /// Runs one slice of load (calls/s over `secs`) and reads `pid`'s CPU around it.
     async fn add(
         &mut self,
@@ -158,14 +179,20 @@ impl Cell {
         secs: f64,
         load: impl std::future::Future<Output = anyhow::Result<f64>>,
     ) -> anyhow::Result<()> {
+        let me = std::process::id();
         let before = CpuTimes::read(pid).context("the server's /proc entry")?;
+        let before_load = CpuTimes::read(me).context("this process's /proc entry")?;
         let rate = load.await?;
         let spent = CpuTimes::read(pid)
             .context("the server's /proc entry")?
             .since(before);
+        let spent_load = CpuTimes::read(me)
+            .context("this process's /proc entry")?
+            .since(before_load);
         self.calls += rate * secs;
         self.secs += secs;
         self.cpu += spent.own;
+        self.load_cpu += spent_load.own;
         Ok(())
     }
 }
@@ -185,14 +212,23 @@ fn row(load: &str, ours: Cell, jrpc: Cell, theirs: Cell) {
             "-".to_owned()
         }
     };
+    let load_cpu = |c: &Cell| {
+        if c.calls > 0.0 {
+            format!("{:.1}", c.load_cpu_us())
+        } else {
+            "-".to_owned()
+        }
+    };
     println!(
-        "{load:<34} {:>12} {:>12} {:>12} {:>7.2}x {:>10} / {}",
+        "{load:<34} {:>12} {:>12} {:>12} {:>7.2}x {:>10} / {:<6} {:>8} / {}",
         show(&ours, ours.rate()),
         show(&jrpc, jrpc.rate()),
         show(&theirs, theirs.rate()),
         ours.rate() / theirs.rate(),
         cpu(&ours),
-        cpu(&theirs)
+        cpu(&theirs),
+        load_cpu(&ours),
+        load_cpu(&theirs)
     );
 }
 
@@ -255,8 +291,14 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("ratio = opsbox /rpc ÷ jsonrpsee (higher is better for opsbox)");
     println!(
-        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>17}",
-        "load", "opsbox /rpc", "opsbox jrpc", "jsonrpsee", "ratio", "CPU µs/call o / j"
+        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>19} {:>19}",
+        "load",
+        "opsbox /rpc",
+        "opsbox jrpc",
+        "jsonrpsee",
+        "ratio",
+        "server µs/call o / j",
+        "load µs/call o / j"
     );
     for connections in connections.iter().filter_map(|c| c.parse::<usize>().ok()) {
         let (mut ours, mut jrpc, mut theirs) = (Cell::default(), Cell::default(), Cell::default());
