@@ -110,6 +110,51 @@ async fn a_prompt_request_is_answered() {
     server.shutdown().await;
 }
 
+/// Requests with bodies pipelined on one connection, written in one go: hyper reads
+/// several at once and goes round its loop for each, which wakes the connection task
+/// from inside its own poll many times in a row (the second of each run of self-wakes
+/// goes through the scheduler, see `self_wake.rs`): every one is answered, in order.
+#[tokio::test]
+async fn pipelined_posts_on_one_connection_are_all_answered_in_order() {
+    let server = TestServer::start().await;
+    let mut stream = connect(&server).await;
+    let calls = 60;
+    let mut requests = Vec::new();
+    for id in 0..calls {
+        let body = format!(r#"{{"jsonrpc":"2.0","method":"ping","id":{id}}}"#);
+        requests.extend_from_slice(
+            format!(
+                "POST /rpc HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    stream.write_all(&requests).await.unwrap();
+    let mut answers = String::new();
+    let mut buf = [0u8; 8192];
+    while answers.matches("HTTP/1.1 200").count() < calls
+        || !answers.ends_with(&format!(r#""id":{}}}"#, calls - 1))
+    {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("every pipelined call answered within 10 s")
+            .unwrap();
+        assert!(n > 0, "the connection closed after: {answers}");
+        answers.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+    let ids: Vec<usize> = answers
+        .match_indices(r#""id":"#)
+        .map(|(at, _)| {
+            let rest = &answers[at + 5..];
+            rest[..rest.find('}').unwrap()].parse().unwrap()
+        })
+        .collect();
+    assert_eq!(ids, (0..calls).collect::<Vec<_>>());
+    server.shutdown().await;
+}
+
 /// The timeout also ends a kept-alive connection that sends no next request: HTTP
 /// clients' pools (urllib3, reqwest) see it closed and open a new one.
 #[tokio::test]
