@@ -94,21 +94,21 @@ impl<F: Future> Future for SelfWakes<F> {
         // the state already back to IDLE must reach this task.
         this.shared.task.register(cx.waker());
         let mut inner_cx = Context::from_waker(&this.waker);
-        for round in 0..=INLINE_REPOLLS {
+        let mut repolls = 0;
+        loop {
             this.shared.state.store(POLLING, Ordering::Release);
             let result = this.inner.as_mut().poll(&mut inner_cx);
             let woken = this.shared.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
             match result {
                 Poll::Ready(output) => return Poll::Ready(output),
                 Poll::Pending if !woken => return Poll::Pending,
-                Poll::Pending if round == INLINE_REPOLLS => {
+                Poll::Pending if repolls == INLINE_REPOLLS => {
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
-                Poll::Pending => continue,
+                Poll::Pending => repolls += 1,
             }
         }
-        Poll::Pending
     }
 }
 
